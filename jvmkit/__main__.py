@@ -1,0 +1,5 @@
+"""`python -m jvmkit` runs the CLI."""
+
+from jvmkit.cli import main
+
+main()

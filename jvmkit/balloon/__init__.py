@@ -1,0 +1,1 @@
+"""The JVM-aware memory balloon: guest agent sources, agent build, host agent."""

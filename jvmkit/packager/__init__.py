@@ -1,0 +1,1 @@
+"""Packaging: jar analysis, runtime trimming, image writers."""
