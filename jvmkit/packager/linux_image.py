@@ -1,0 +1,156 @@
+"""The `linux` target: a Debian cloud kernel plus an initramfs that runs the app as the only program.
+
+The initramfs (cpio newc, zstd) holds a static busybox, the decompressed virtio modules, the trimmed
+runtime at /jvm, the app under /app, the guest agent under /jvmkit, /dev/console, and `/init`.
+`/init` mounts proc/sys/dev, loads the modules, sets a host name and brings up `lo` and the network
+that QEMU user networking offers, copies the per-run seed from fw_cfg, runs java with its output on
+the second serial port (ttyS1, the runner's stdout), reports java's exit status on the console
+(ttyS0) as `jvmkit-exit=N`, and powers off.
+
+The bundle stores the kernel (uncompressed vmlinux with a PVH note, so QEMU boots it directly) and
+the initramfs zstd-compressed; `jvmkit run` unpacks both once into the cache, keyed by digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from pathlib import Path
+
+import zstandard
+
+from jvmkit import ui
+from jvmkit.packager import bundle
+from jvmkit.packager.cpio import CpioWriter
+
+EXIT_MARKER = "jvmkit-exit="
+ARGS_FW_CFG = "opt/io.jvmkit/args"
+SEED_FW_CFG = "opt/io.jvmkit/seed"
+GUEST_SEED = "/run/jvmkit/seed"
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.nopnp"
+ZSTD_LEVEL = 10
+
+
+def init_script(java_argv: list[str], app_args: list[str], modules: list[str]) -> str:
+    """The guest's /init (pure): a busybox sh script that runs `java_argv` and reports its status.
+
+    `app_args` are the default arguments; `jvmkit run IMAGE -- ARGS` replaces them through fw_cfg
+    (shell-quoted by the runner, like a container's CMD)."""
+    argv = shlex.join(java_argv)
+    default_args = shlex.join(app_args)
+    insmods = "\n".join(f"insmod /lib/modules/{shlex.quote(m)} 2>/dev/null || log \"module {m} not loaded\""
+                        for m in modules)
+    return f"""#!/bin/busybox sh
+# jvmkit guest init: run one Java application, report its exit status, power off.
+/bin/busybox --install -s /bin
+export PATH=/jvm/bin:/bin HOME=/root JAVA_HOME=/jvm LANG=C.UTF-8
+log() {{ echo "jvmkit-init: $*" > /dev/console; }}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /run/jvmkit /tmp /root && chmod 700 /run/jvmkit && chmod 1777 /tmp
+{insmods}
+hostname jvmkit
+printf '127.0.0.1 localhost jvmkit\\n::1 localhost\\n' > /etc/hosts
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2
+  echo 'nameserver 10.0.2.3' > /etc/resolv.conf
+fi
+fwcfg=/sys/firmware/qemu_fw_cfg/by_name
+if [ -r $fwcfg/{SEED_FW_CFG}/raw ]; then
+  (umask 077; cat $fwcfg/{SEED_FW_CFG}/raw > {GUEST_SEED})
+fi
+set -- {argv}
+if [ -r $fwcfg/{ARGS_FW_CFG}/raw ]; then
+  eval "set -- \\"\\$@\\" $(cat $fwcfg/{ARGS_FW_CFG}/raw)"
+else
+  set -- "$@" {default_args}
+fi
+out=/dev/ttyS1
+[ -c $out ] || out=/dev/console
+stty -F $out raw -echo 2>/dev/null
+log "starting java"
+cd /app
+"$@" < $out > $out 2>&1
+rc=$?
+echo "{EXIT_MARKER}$rc" > /dev/console
+sync
+poweroff -f
+"""
+
+
+def write_initramfs(dest: Path, *, init: str, busybox: Path, modules: list[Path], runtime: Path,
+                    app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int) -> dict:
+    """Write the zstd-compressed initramfs; returns its record (digests of both forms, sizes)."""
+    raw_digest = hashlib.sha256()
+    raw_size = 0
+
+    class _Hashing:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def write(self, data: bytes) -> int:
+            nonlocal raw_size
+            raw_digest.update(data)
+            raw_size += len(data)
+            return self.inner.write(data)
+
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+    with open(dest, "wb") as out, compressor.stream_writer(out, closefd=False) as zout:
+        cpio = CpioWriter(_Hashing(zout), mtime=mtime)
+        for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "root", "run", "sys", "tmp"):
+            cpio.add_dir(d)
+        cpio.add_char_device("dev/console", 5, 1)
+        cpio.add_char_device("dev/null", 1, 3, mode=0o666)
+        cpio.add_file("bin/busybox", busybox, mode=0o755)
+        for module in modules:
+            cpio.add_file(f"lib/modules/{module.name}", module, mode=0o644)
+        cpio.add_bytes("init", init.encode(), mode=0o755)
+        cpio.add_dir("app")
+        for guest, host in app_files:
+            parts = guest.strip("/").split("/")
+            for i in range(2, len(parts)):
+                cpio.add_dir("/".join(parts[:i]))
+            cpio.add_file(guest, host, mode=0o644)
+        cpio.add_tree(runtime, "jvm")
+        cpio.add_dir("jvmkit")
+        cpio.add_file("jvmkit/agent.jar", agent_jar, mode=0o644)
+        cpio.close()
+    return {"raw_sha256": raw_digest.hexdigest(), "raw_size": raw_size}
+
+
+def compress_file(source: Path, dest: Path) -> dict:
+    """zstd-compress a file (the kernel) deterministically; returns digests of the raw form."""
+    digest = hashlib.sha256()
+    size = 0
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+    with open(source, "rb") as src, open(dest, "wb") as out, compressor.stream_writer(out, closefd=False) as zout:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            zout.write(chunk)
+    return {"raw_sha256": digest.hexdigest(), "raw_size": size}
+
+
+def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[str], runtime: Path,
+                 app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int) -> dict:
+    """Fill `staging` with the linux bundle's files; returns the manifest's `files` and boot data."""
+    console = ui.current()
+    modules = list(kernel.modules)
+    init = init_script(java_argv, app_args, [m.name for m in modules])
+    with console.step("initramfs: busybox, modules, runtime, app (cpio + zstd)"):
+        initrd = write_initramfs(staging / "initramfs.cpio.zst", init=init, busybox=kernel.busybox,
+                                 modules=modules, runtime=runtime, app_files=app_files,
+                                 agent_jar=agent_jar, mtime=mtime)
+    with console.step(f"kernel: Linux {kernel.version} (zstd)"):
+        kern = compress_file(kernel.vmlinux, staging / "vmlinux.zst")
+    files = {
+        "kernel": {"path": "vmlinux.zst", "compression": "zstd", **kern,
+                   **bundle.file_record(staging / "vmlinux.zst")},
+        "initramfs": {"path": "initramfs.cpio.zst", "compression": "zstd", **initrd,
+                      **bundle.file_record(staging / "initramfs.cpio.zst")},
+    }
+    boot = {"kernel_cmdline": KERNEL_CMDLINE, "exit_marker": EXIT_MARKER, "app_console": "ttyS1",
+            "seed_fw_cfg": SEED_FW_CFG, "args_fw_cfg": ARGS_FW_CFG, "machine": "pc"}
+    return {"files": files, "boot": boot}

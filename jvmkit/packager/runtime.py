@@ -1,0 +1,140 @@
+"""The trimmed Java runtime: jlink over the build JDK's jmods, plus a default CDS archive.
+
+A runtime is keyed by the JDK's exact release, its location, the module set and the jlink options,
+and cached under `runtimes/<key>/` (see jvmkit.cache), so a warm `pack` reuses it. The decisions
+(which options, which key) are pure functions; `ensure_runtime` does the I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from jvmkit import cache, ui
+from jvmkit.errors import JvmkitError
+
+RUNTIME_FORMAT = 1  # bump when the way runtimes are built changes
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What to build: pure data, hashed into the cache key."""
+
+    jdk_home: str
+    jdk_version: str          # the full release string, e.g. 17.0.15+6
+    jdk_release: int          # the feature release, e.g. 17
+    modules: tuple[str, ...]  # sorted; ("ALL-MODULE-PATH",) for every module
+    compress: str             # "zip" or "none"
+    strip_debug: bool
+    cds: bool = True
+
+    def key(self) -> str:
+        payload = json.dumps({"format": RUNTIME_FORMAT, **self.__dict__}, sort_keys=True)
+        return f"jdk{self.jdk_release}-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    path: Path
+    spec: RuntimeSpec
+    modules: tuple[str, ...]  # the modules actually in the runtime (from its `release` file)
+    size: int
+    cds_archive: str | None   # relative path of the default CDS archive, if any
+    built_now: bool
+
+
+def jlink_args(spec: RuntimeSpec, jmods: Path, output: Path) -> list[str]:
+    """The jlink argument list for a spec (pure)."""
+    if spec.jdk_release >= 21:
+        compress = "zip-6" if spec.compress == "zip" else "zip-0"
+    else:
+        compress = "2" if spec.compress == "zip" else "0"
+    args = [
+        "--module-path", str(jmods),
+        "--add-modules", ",".join(spec.modules),
+        "--output", str(output),
+        "--no-header-files",
+        "--no-man-pages",
+        f"--compress={compress}",
+    ]
+    if spec.strip_debug:
+        args.append("--strip-debug")
+    return args
+
+
+def explain_jlink_failure(output: str) -> str:
+    """Turn jlink's output into one line for the user (pure)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("Error:"):
+            return line[len("Error:"):].strip()
+    for line in lines:
+        if "Exception" in line or "error" in line.lower():
+            return line
+    return lines[-1] if lines else "jlink failed without a message"
+
+
+def _read_release_modules(runtime: Path) -> tuple[str, ...]:
+    try:
+        for line in (runtime / "release").read_text().splitlines():
+            if line.startswith("MODULES="):
+                return tuple(sorted(line.split("=", 1)[1].strip().strip('"').split()))
+    except OSError:
+        pass
+    return ()
+
+
+def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as exc:
+        raise JvmkitError(f"could not run {what} ({cmd[0]}): {exc.strerror}") from None
+
+
+def _build(spec: RuntimeSpec, jlink: Path, jmods: Path, dest: Path) -> None:
+    console = ui.current()
+    out = dest / "runtime"
+    with console.step(f"jlink: {len(spec.modules)} module(s) from JDK {spec.jdk_version}"):
+        proc = _run([str(jlink), *jlink_args(spec, jmods, out)], "jlink")
+    if proc.returncode != 0:
+        if "No space left" in proc.stdout:
+            raise JvmkitError(f"no space left on the device that holds {dest}",
+                              hint="free space, or point JVMKIT_CACHE at a larger disk")
+        raise JvmkitError(f"jlink failed: {explain_jlink_failure(proc.stdout)}")
+    if spec.cds:
+        java = out / "bin" / "java"
+        with console.step("CDS: default class data sharing archive"):
+            proc = _run([str(java), "-Xshare:dump", "-XX:+UseG1GC"], "java -Xshare:dump")
+        if proc.returncode != 0:
+            raise JvmkitError(f"creating the CDS archive failed: {explain_jlink_failure(proc.stdout)}")
+
+
+def ensure_runtime(spec: RuntimeSpec, jlink: Path, jmods: Path) -> Runtime:
+    """Return the cached runtime for `spec`, building it (jlink + CDS) if needed."""
+    try:
+        entry, built = cache.ensure_entry("runtimes", spec.key(), lambda tmp: _build(spec, jlink, jmods, tmp),
+                                          jdk=spec.jdk_version, modules=list(spec.modules))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise JvmkitError(f"no space left on the device that holds {cache.cache_root()}",
+                              hint="free space, or point JVMKIT_CACHE at a larger disk") from None
+        raise
+    path = entry / "runtime"
+    jsa = next(iter(sorted(path.glob("lib/server/*.jsa"))), None)
+    return Runtime(
+        path=path,
+        spec=spec,
+        modules=_read_release_modules(path) or spec.modules,
+        size=cache.dir_size(path),
+        cds_archive=str(jsa.relative_to(path)) if jsa else None,
+        built_now=built,
+    )
+
+
+def runtime_exists(path: Path) -> bool:
+    return os.access(path / "bin" / "java", os.X_OK)

@@ -1,0 +1,109 @@
+"""The QEMU command line, built in one place from a frozen `VmConfig`.
+
+Nothing else in jvmkit assembles QEMU arguments. `qemu_argv(config)` is a pure function, so the
+exact command line for every combination of target, accelerator and options is unit-tested.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jvmkit.errors import JvmkitError
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+    def hostfwd(self) -> str:
+        return f"hostfwd=tcp:{self.host_addr}:{self.host_port}-:{self.guest_port}"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    name: str
+    kernel: Path
+    append: str
+    memory_mib: int
+    cpus: int
+    accel: str                                   # "kvm" or "tcg"
+    qmp_socket: Path
+    console_log: Path                            # ttyS0: kernel and init messages
+    initrd: Path | None = None                   # linux target
+    disk: Path | None = None                     # osv target: ROFS disk on virtio-blk
+    app_serial: bool = True                      # ttyS1 → QEMU's stdout (the app's output)
+    ports: tuple[PortForward, ...] = ()
+    network: bool = True
+    balloon: bool = True
+    free_page_reporting: bool = True
+    rng: bool = True
+    fw_cfg: tuple[tuple[str, Path], ...] = ()    # (name, file): the file's path, never its content, is on the argv
+    qemu: str = QEMU
+    tcg_tb_mib: int = 64
+    extra: tuple[str, ...] = field(default=())
+
+
+def qemu_argv(c: VmConfig) -> list[str]:
+    """The full QEMU argv for a VM (pure)."""
+    if c.accel == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    elif c.accel == "tcg":
+        thread = "multi" if c.cpus > 1 else "single"
+        accel = ["-accel", f"tcg,thread={thread},tb-size={c.tcg_tb_mib}", "-cpu", "max"]
+    else:
+        raise ValueError(f"unknown accelerator {c.accel!r}")
+    argv = [
+        c.qemu, "-name", c.name,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", "pc", *accel,
+        "-smp", str(c.cpus), "-m", f"{c.memory_mib}M",
+        "-kernel", str(c.kernel), "-append", c.append,
+    ]
+    if c.initrd is not None:
+        argv += ["-initrd", str(c.initrd)]
+    if c.disk is not None:
+        argv += ["-drive", f"file={c.disk},if=none,id=rootfs,format=raw,readonly=on,cache=unsafe",
+                 "-device", "virtio-blk-pci,drive=rootfs"]
+    argv += ["-chardev", f"file,id=console,path={c.console_log}", "-serial", "chardev:console"]
+    if c.app_serial:
+        argv += ["-chardev", "stdio,id=app,signal=off", "-serial", "chardev:app"]
+    argv += ["-qmp", f"unix:{c.qmp_socket},server=on,wait=off"]
+    if c.network:
+        netdev = ",".join(["user", "id=net0", *(p.hostfwd() for p in c.ports)])
+        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
+    if c.balloon:
+        fpr = "on" if c.free_page_reporting else "off"
+        argv += ["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting={fpr}"]
+    if c.rng:
+        argv += ["-device", "virtio-rng-pci"]
+    for name, path in c.fw_cfg:
+        argv += ["-fw_cfg", f"name={name},file={path}"]
+    argv += list(c.extra)
+    return argv
+
+
+def find_qemu(binary: str = QEMU) -> str:
+    path = shutil.which(binary)
+    if not path:
+        raise JvmkitError(f"{binary} not found on PATH",
+                          hint="install QEMU: apt-get install -y qemu-system-x86 qemu-utils")
+    return path
+
+
+def qemu_version(binary: str = QEMU) -> str | None:
+    path = shutil.which(binary)
+    if not path:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.splitlines()[0] if out else ""
+    return first.split("version", 1)[1].strip().split()[0] if "version" in first else first or None
