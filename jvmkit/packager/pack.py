@@ -1,0 +1,203 @@
+"""`jvmkit pack`: jar analysis → trimmed runtime → guest agent → the target's image writer.
+
+`PackRequest` is everything the CLI (or a jvmkit.toml) says; `pack()` does the work and returns a
+`PackResult`. The guest command line is decided by the pure `guest_java_argv()`. The bundle is
+written to a staging directory beside the output and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jvmkit import __version__, cache, ui
+from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.packager import bundle as bundles
+
+TARGETS = ("osv", "linux")
+DEFAULT_TARGET = "osv"
+GUEST_RUNTIME = "/jvm"
+GUEST_AGENT = "/jvmkit/agent.jar"
+GUEST_SEED = "/run/jvmkit/seed"
+LAUNCHER_MAIN = "io.jvmkit.agent.Launcher"
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    jar: Path
+    main: str | None = None
+    libs: tuple[Path, ...] = ()
+    add_modules: tuple[str, ...] = ()
+    jvm_args: tuple[str, ...] = ()
+    app_args: tuple[str, ...] = ()
+    profile: str | None = None
+    jdk: Path | None = None
+    target: str = DEFAULT_TARGET
+    memory_mib: int = 512
+    cpus: int = 1
+    output: Path | None = None
+    force: bool = False
+    kernel: Path | None = None
+    appcds: bool = False
+    train_timeout: float = 60.0
+    suite: str | None = None
+    mirror: str | None = None
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PackResult:
+    output: Path
+    manifest: dict
+    size: int
+    seconds: float
+    runtime_built: bool
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        from jvmkit.units import human
+
+        jdk = self.manifest["jdk"]
+        return (f"{self.output}  {human(self.size)}  target={self.manifest['target']}  "
+                f"java={jdk['release']} modules={len(jdk['modules'])}  {self.seconds:.1f}s")
+
+    def to_dict(self) -> dict:
+        return {"image": str(self.output), "size": self.size, "target": self.manifest["target"],
+                "modules": self.manifest["jdk"]["modules"], "seconds": round(self.seconds, 3),
+                "runtime_built": self.runtime_built, "timings": self.timings,
+                "manifest": self.manifest}
+
+
+def source_date_epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds") from None
+
+
+def guest_java_argv(*, main_class: str, guest_class_path: list[str], profile_flags: list[str],
+                    manifest_flags: list[str], user_jvm_args: list[str], launcher: bool,
+                    appcds_archive: str | None = None) -> list[str]:
+    """The java command line inside the guest, without the app's arguments (pure)."""
+    argv = [f"{GUEST_RUNTIME}/bin/java", *profile_flags, *manifest_flags]
+    if appcds_archive:
+        argv.append(f"-XX:SharedArchiveFile={appcds_archive}")
+    argv += [*user_jvm_args, f"-Djvmkit.seed={GUEST_SEED}", f"-javaagent:{GUEST_AGENT}",
+             "-cp", ":".join(guest_class_path)]
+    if launcher:
+        argv.append(LAUNCHER_MAIN)
+    argv.append(main_class)
+    return argv
+
+
+def image_name(jar: Path) -> str:
+    name = jar.name.removesuffix(".jar")
+    return name or "app"
+
+
+def pack(req: PackRequest) -> PackResult:
+    from jvmkit import jdk as jdks
+    from jvmkit.balloon import agent_build
+    from jvmkit.packager import jar as jars
+    from jvmkit.packager.runtime import RuntimeSpec, ensure_runtime
+    from jvmkit.profiles import load_profile
+
+    console = ui.current()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        now = time.monotonic()
+        timings[name] = round(now - t0, 3)
+        return now
+
+    if req.target not in TARGETS:
+        raise UsageError(f"--target {req.target!r} is not one of {', '.join(TARGETS)}")
+    output = req.output or bundles.default_output(image_name(req.jar))
+    if output.exists() and not req.force:
+        raise UsageError(f"output {output} already exists", hint="use --force to replace it, or -o to choose another path")
+    profile = load_profile(req.profile)
+    jdk = jdks.find_jdk(req.jdk)
+    jdk.require_jmods()
+    t = time.monotonic()
+    console.info(f"jvmkit: packing {req.jar} for target {req.target} (profile {profile.name}, JDK {jdk.version})")
+    app = jars.analyze(req.jar, main=req.main, libs=list(req.libs), add_modules=list(req.add_modules),
+                       jvm_args=list(req.jvm_args), app_args=list(req.app_args), jdk=jdk)
+    t = lap("analyze", t)
+    if profile.all_modules:
+        modules = ("ALL-MODULE-PATH",)
+    else:
+        modules = jars.required_modules(app.jdeps_modules if profile.add_jdeps_modules else (),
+                                        list(req.add_modules), list(agent_build.AGENT_MODULES),
+                                        list(profile.modules))
+    console.info(f"  main class {app.main_class}; JDK modules: {', '.join(modules)}")
+    spec = RuntimeSpec(jdk_home=str(jdk.home), jdk_version=jdk.version, jdk_release=jdk.release,
+                       modules=tuple(modules), compress=profile.compress, strip_debug=profile.strip_debug)
+    runtime = ensure_runtime(spec, jdk.jlink, jdk.jmods)
+    if not runtime.built_now:
+        console.info(f"  runtime: reused from cache ({runtime.path.parent.name})")
+    t = lap("runtime", t)
+    agent = agent_build.build_agent(jdk.javac, jdk.release)
+    t = lap("agent", t)
+    argv = guest_java_argv(main_class=app.main_class, guest_class_path=list(app.guest_class_path),
+                           profile_flags=profile.jvm_flags(), manifest_flags=list(app.manifest_jvm_flags),
+                           user_jvm_args=list(req.jvm_args), launcher=req.target == "osv")
+    app_files = sorted(zip(app.guest_class_path, app.class_path), key=lambda pair: pair[0])
+    mtime = source_date_epoch()
+
+    staging = bundles.staging_dir(output, req.force)
+    try:
+        if req.target == "linux":
+            from jvmkit.packager import linux_image, kernels
+
+            kernel = kernels.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
+            t = lap("kernel", t)
+            written = linux_image.write_bundle(staging, kernel=kernel, java_argv=argv, app_args=list(req.app_args),
+                                               runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
+                                               agent_jar=agent.agent_jar, mtime=mtime)
+            kernel_info = kernel.describe()
+        else:
+            from jvmkit.packager import osv_image
+
+            kernel = osv_image.resolve_osv_kernel(req.kernel)
+            t = lap("kernel", t)
+            written = osv_image.write_bundle(staging, kernel=kernel, java_argv=argv, app_args=list(req.app_args),
+                                             runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
+                                             agent_jar=agent.agent_jar, mtime=mtime)
+            kernel_info = kernel.describe()
+        t = lap("image", t)
+        manifest = {
+            "name": output.name.removesuffix(bundles.SUFFIX),
+            "target": req.target,
+            "created_by": f"jvmkit {__version__}",
+            "source_date_epoch": mtime,
+            "app": {**app.to_dict(), "jar_sha256": bundles.sha256_file(req.jar), "args": list(req.app_args)},
+            "jdk": {"version": jdk.version, "release": jdk.release, "modules": list(runtime.modules),
+                    "profile": profile.to_dict(), "cds": runtime.cds_archive is not None,
+                    "runtime_size": runtime.size, "runtime_key": spec.key()},
+            "agent": {"path": GUEST_AGENT, "key": agent.key},
+            "kernel": kernel_info,
+            "command": {"java": argv, "args": list(req.app_args)},
+            "defaults": {"memory_mib": req.memory_mib, "cpus": req.cpus},
+            "guest": {"ports": list(req.ports), "jmx_port": 7091},
+            **written,
+        }
+        bundles.write_manifest(staging, manifest)
+        size = cache.dir_size(staging)
+        bundles.publish(staging, output)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise JvmkitError(f"no space left on the device while writing {output}",
+                              hint="free space or choose another -o/--output") from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PackResult(output=output, manifest=manifest, size=size, seconds=time.monotonic() - started,
+                      runtime_built=runtime.built_now, timings=timings)
