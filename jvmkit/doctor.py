@@ -1,0 +1,86 @@
+"""`jvmkit doctor`: what jvmkit needs, and what it found on this machine.
+
+`report()` gathers facts (each check: name, ok, detail, and a fix when not ok); `render()` turns
+them into lines for humans. `ok` is false only for what `pack` or `run` cannot do without.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from jvmkit import __version__, cache, kvm
+from jvmkit.errors import JvmkitError
+from jvmkit.qemu import QEMU, qemu_version
+from jvmkit.units import human
+
+
+def _check(name: str, ok: bool, detail: str, fix: str | None = None, required: bool = True) -> dict:
+    return {"name": name, "ok": ok, "detail": detail, "fix": None if ok else fix, "required": required}
+
+
+def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
+    from jvmkit import jdk as jdks
+
+    checks = [_check("jvmkit", True, f"{__version__} on Python {platform.python_version()} ({sys.executable})")]
+    try:
+        jdk = jdks.find_jdk(jdk_path)
+        has_jmods = jdk.jmods is not None
+        checks.append(_check("jdk", True, f"{jdk.version} at {jdk.home}"))
+        fix = f"apt-get install openjdk-{jdk.release}-jmods, or --jdk PATH to a JDK with jmods"
+        checks.append(_check("jmods", has_jmods, str(jdk.jmods) if has_jmods else "missing (jlink cannot trim a runtime)", fix))
+        for tool in ("jlink", "jdeps", "javac"):
+            path = getattr(jdk, tool, None)
+            present = bool(path) and Path(path).exists()
+            checks.append(_check(tool, present, str(path) if present else "missing", "install a full JDK (not a JRE)"))
+    except JvmkitError as exc:
+        checks.append(_check("jdk", False, exc.message, exc.hint or "install a JDK with jmods or pass --jdk"))
+    qv = qemu_version(QEMU)
+    checks.append(_check("qemu", qv is not None, f"{QEMU} {qv} at {shutil.which(QEMU)}" if qv else f"{QEMU} not found",
+                         "apt-get install -y qemu-system-x86 qemu-utils"))
+    img = shutil.which("qemu-img")
+    checks.append(_check("qemu-img", img is not None, img or "not found (needed only for `export --format qcow2`)",
+                         "apt-get install -y qemu-utils", required=False))
+    if qv is not None:
+        verdict = kvm.kvm_verdict(QEMU, refresh=True) if probe_kvm else kvm.cached_verdict(QEMU)
+        if verdict is None:
+            checks.append(_check("kvm", True, "not probed yet (the first `jvmkit run` probes; or `doctor --probe-kvm`)",
+                                 required=False))
+        else:
+            detail = ("usable: " if verdict.usable else "not usable, runs use TCG: ") + verdict.reason
+            checks.append(_check("kvm", verdict.usable, detail, "guests run under TCG (slower)", required=False))
+    try:
+        import jpype  # noqa: F401
+
+        checks.append(_check("jpype", True, f"JPype {jpype.__version__} (for the balloon's JMX client)", required=False))
+    except ImportError:
+        checks.append(_check("jpype", False, "not importable", "pip install jpype1", required=False))
+    entries = cache.list_entries()
+    by_kind: dict[str, int] = {}
+    for e in entries:
+        by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())) or "empty"
+    checks.append(_check("cache", True, f"{cache.cache_root()} ({summary}; {human(sum(e.size for e in entries))})"))
+    try:
+        from jvmkit.packager import kernels
+
+        ks = kernels.list_kernels()
+        detail = ", ".join(f"{k['target']} {k['version']}" for k in ks) or "none cached (pack pulls one on first use)"
+        checks.append(_check("kernels", True, detail, required=False))
+    except Exception as exc:  # a doctor never dies on a broken cache
+        checks.append(_check("kernels", False, f"cannot list: {exc}", "jvmkit cache prune --all", required=False))
+    ok = all(c["ok"] for c in checks if c["required"])
+    return {"ok": ok, "checks": checks}
+
+
+def render(data: dict) -> str:
+    lines = []
+    for c in data["checks"]:
+        mark = "ok " if c["ok"] else ("-- " if not c["required"] else "!! ")
+        lines.append(f"{mark} {c['name']:<9} {c['detail']}")
+        if c["fix"]:
+            lines.append(f"{'':13}fix: {c['fix']}")
+    lines.append("jvmkit is ready" if data["ok"] else "jvmkit is not ready: fix the lines marked !!")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The QEMU argv, port publishing, exit-status parsing and accelerator choice (no VM needed)."""
+
+from pathlib import Path
+
+import pytest
+
+from jvmkit import kvm
+from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.qemu import PortForward, VmConfig, qemu_argv
+from jvmkit.runner import choose_accel, diagnose, parse_exit, parse_publish
+
+
+def config(**kw):
+    base = dict(name="hello-1", kernel=Path("/k/vmlinux"), initrd=Path("/k/initrd"), append="console=ttyS0",
+                memory_mib=512, cpus=1, accel="tcg", qmp_socket=Path("/run/q.sock"), console_log=Path("/run/c.log"))
+    base.update(kw)
+    return VmConfig(**base)
+
+
+def test_argv_tcg_linux():
+    argv = qemu_argv(config(ports=(PortForward("127.0.0.1", 8080, 80),), fw_cfg=(("opt/io.jvmkit/seed", Path("/r/seed")),)))
+    joined = " ".join(argv)
+    assert argv[argv.index("-accel") + 1].startswith("tcg,thread=single")
+    assert "-kernel /k/vmlinux" in joined and "-initrd /k/initrd" in joined
+    assert "hostfwd=tcp:127.0.0.1:8080-:80" in joined
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in joined
+    assert "name=opt/io.jvmkit/seed,file=/r/seed" in joined
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+    assert argv[argv.index("-m") + 1] == "512M"
+
+
+def test_argv_kvm_multi_cpu_and_osv_disk():
+    argv = qemu_argv(config(accel="kvm", cpus=2, initrd=None, disk=Path("/d/rofs.img")))
+    assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
+    assert "-initrd" not in argv
+    assert any("file=/d/rofs.img" in a and "readonly=on" in a for a in argv)
+    assert "virtio-blk-pci,drive=rootfs" in argv
+    tcg2 = qemu_argv(config(cpus=2))
+    assert tcg2[tcg2.index("-accel") + 1].startswith("tcg,thread=multi")
+
+
+def test_secrets_never_on_argv(tmp_path):
+    seed = tmp_path / "seed"
+    seed.write_text("jmx.password=s3cret\n")
+    argv = qemu_argv(config(fw_cfg=(("opt/io.jvmkit/seed", seed),)))
+    assert not any("s3cret" in a for a in argv)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("8080", PortForward("127.0.0.1", 8080, 8080)),
+    ("9000:80", PortForward("127.0.0.1", 9000, 80)),
+    ("0.0.0.0:9000:80", PortForward("0.0.0.0", 9000, 80)),
+])
+def test_parse_publish(spec, expected):
+    assert parse_publish(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["x", "1:2:3:4", "70000:80", "80:0", ""])
+def test_parse_publish_rejects(spec):
+    with pytest.raises(UsageError):
+        parse_publish(spec)
+
+
+def test_parse_exit_takes_last_marker():
+    text = "boot\r\njvmkit-exit=3\r\nmore\njvmkit-exit=7\n"
+    assert parse_exit(text, "jvmkit-exit=") == 7
+    assert parse_exit("no marker here", "jvmkit-exit=") is None
+    assert parse_exit("jvmkit-exit=256", "jvmkit-exit=") == 0
+
+
+def test_diagnose():
+    assert "panicked" in diagnose("[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs", "", 0)
+    failed = diagnose("", "qemu-system-x86_64: warning: x\nqemu-system-x86_64: -netdev user: Could not set up host forwarding rule", 1)
+    assert failed.startswith("QEMU failed:") and "Could not set up host forwarding rule" in failed and "warning" not in failed
+    assert "without reporting" in diagnose("", "", 0)
+
+
+def verdict(usable):
+    return lambda: kvm.KvmVerdict(usable, "ok" if usable else "emulation failure", "h", 0.0)
+
+
+def test_choose_accel():
+    assert choose_accel("auto", verdict(True))[0] == "kvm"
+    accel, note = choose_accel("auto", verdict(False))
+    assert accel == "tcg" and "KVM is not usable" in note and "TCG" in note
+    assert choose_accel("tcg", verdict(True))[0] == "tcg"
+    with pytest.raises(JvmkitError):
+        choose_accel("kvm", verdict(False))
+    with pytest.raises(UsageError):
+        choose_accel("hvf", verdict(True))
+
+
+def test_kvm_probe_interpretation():
+    assert kvm.interpret(kvm.EXPECTED_STATUS, "")[0]
+    usable, reason = kvm.interpret(1, "KVM internal error. Suberror: 1\nemulation failure")
+    assert not usable and "cannot run guests" in reason
+    assert not kvm.interpret(None, "")[0]
+    assert len(kvm.BOOT_SECTOR) == 512 and kvm.BOOT_SECTOR.endswith(b"\x55\xaa")

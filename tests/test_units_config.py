@@ -1,0 +1,109 @@
+"""Sizes, jvmkit.toml validation, profiles and the cache's atomic entries (no VM, no JDK)."""
+
+import os
+import time
+
+import pytest
+
+from jvmkit import cache, config, profiles
+from jvmkit.errors import UsageError
+from jvmkit.units import parse_mib, parse_size
+
+
+@pytest.mark.parametrize("text,expected", [("512M", 512 * 2**20), ("1G", 2**30), ("2048", 2048 * 2**20),
+                                           ("1.5GiB", 3 * 2**29), ("300MB", 300 * 2**20), ("4k", 4096)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "12Q"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError):
+        parse_size(text, "--memory")
+
+
+def test_parse_mib():
+    assert parse_mib("1G") == 1024
+
+
+def write(tmp_path, text):
+    path = tmp_path / "jvmkit.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_unknown_key_names_file_and_line(tmp_path):
+    path = write(tmp_path, 'main = "a.B"\n\nmemroy = "1G"\n')
+    with pytest.raises(UsageError) as err:
+        config.load_config(path)
+    assert f"{path}:3" in err.value.message and "memroy" in err.value.message
+
+
+def test_config_wrong_type_and_balloon_table(tmp_path):
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, 'cpus = "two"\n'))
+    assert ":1" in err.value.message and "whole number" in err.value.message
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, 'cpus = 1\n[balloon]\nfloor = "1G"\n'))
+    assert ":3" in err.value.message and "balloon.floor" in err.value.message
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, 'ports = [8080, "x"]\n'))
+    assert "ports" in err.value.message
+
+
+def test_config_merge_flags_override(tmp_path, monkeypatch):
+    write(tmp_path, 'jar = "build/app.jar"\nmain = "a.Main"\nmemory = "1G"\ntarget = "linux"\nargs = ["x"]\n')
+    monkeypatch.chdir(tmp_path)
+    req = config.pack_request(None, {"memory_mib": 256}, None)
+    assert req.jar == tmp_path / "build/app.jar" and req.main == "a.Main"
+    assert req.memory_mib == 256 and req.target == "linux" and req.app_args == ("x",)
+
+
+def test_config_not_toml(tmp_path):
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, "main = \n"))
+    assert "not valid TOML" in err.value.message
+
+
+def test_profiles_bundled_and_valid():
+    names = set(profiles.available_profiles())
+    assert {"minimal", "server", "full", "auto"} <= names
+    for name in names:
+        p = profiles.load_profile(name)
+        assert p.jvm_flags()[0].startswith("-XX:+Use")
+    assert profiles.load_profile("full").all_modules
+    assert profiles.load_profile("minimal").modules == ("java.base",)
+
+
+def test_profile_errors(tmp_path):
+    with pytest.raises(UsageError) as err:
+        profiles.load_profile("tiny")
+    assert "unknown profile 'tiny'" in err.value.message and "minimal" in err.value.message
+    bad = tmp_path / "p.toml"
+    bad.write_text('modules = ["java.base"]\n[jvm]\ngc = "epsilon"\n')
+    with pytest.raises(UsageError) as err:
+        profiles.load_profile(str(bad))
+    assert "epsilon" in err.value.message
+
+
+def test_cache_entry_is_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "c"))
+
+    def failing(tmp):
+        (tmp / "half").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.ensure_entry("runtimes", "k1", failing)
+    assert not (tmp_path / "c" / "runtimes" / "k1").exists()
+    assert [p.name for p in (tmp_path / "c" / "runtimes").iterdir() if not p.name.startswith(".k1.lock")] == []
+    calls = []
+    path, built = cache.ensure_entry("runtimes", "k1", lambda tmp: calls.append((tmp / "f").write_text("y")))
+    assert built and (path / "f").read_text() == "y"
+    path2, built2 = cache.ensure_entry("runtimes", "k1", lambda tmp: calls.append(1))
+    assert path2 == path and not built2 and len(calls) == 1
+    entries = cache.list_entries()
+    assert [e.key for e in entries] == ["k1"]
+    assert cache.prune(30) == []
+    removed = cache.prune(0, now=time.time() + 1)
+    assert [e.key for e in removed] == ["k1"] and not path.exists()
