@@ -1,0 +1,72 @@
+"""The balloon policy as a table: sensor readings in, decisions out (pure, no VM)."""
+
+import pytest
+
+from jvmkit.balloon.policy import MIB, Inputs, Settings, decide, default_floor_mib, on_lost_contact
+
+S = Settings(memory_mib=1024, min_memory_mib=256)
+
+
+def inputs(**kw):
+    base = dict(heap_used=50 * MIB, heap_committed=600 * MIB, heap_max=700 * MIB, gc_time_delta_ms=0,
+                interval_s=2.0, balloon_actual_mib=1024, guest_total=1000 * MIB, guest_available=300 * MIB,
+                host_total=24 * 1024 * MIB, host_available=20 * 1024 * MIB, host_psi_some_avg10=0.0)
+    base.update(kw)
+    return Inputs(**base)
+
+
+CASES = [
+    # name, inputs, expected action, check
+    ("idle heap is reclaimed", inputs(), "shrink",
+     lambda d: d.heap_target < 600 * MIB and 256 <= d.balloon_target_mib < 1024),
+    ("never below the floor", inputs(heap_used=5 * MIB, guest_available=900 * MIB, heap_committed=10 * MIB), "shrink",
+     lambda d: d.balloon_target_mib == 256),
+    ("GC overhead grows to the ceiling", inputs(gc_time_delta_ms=600, balloon_actual_mib=512), "grow",
+     lambda d: d.balloon_target_mib == 1024 and d.heap_target == 700 * MIB),
+    ("heap used near committed grows when ballooned", inputs(heap_used=290 * MIB, heap_committed=300 * MIB,
+                                                            balloon_actual_mib=500), "grow",
+     lambda d: d.balloon_target_mib == 1024),
+    ("guest nearly out of memory grows", inputs(guest_available=10 * MIB, balloon_actual_mib=400), "grow",
+     lambda d: d.balloon_target_mib == 1024),
+    ("small change is held", inputs(heap_used=500 * MIB, heap_committed=560 * MIB, guest_available=100 * MIB,
+                                    balloon_actual_mib=1024), "hold", lambda d: d.balloon_target_mib == 1024),
+    ("never above the ceiling", inputs(heap_used=650 * MIB, heap_committed=700 * MIB, guest_available=40 * MIB,
+                                       balloon_actual_mib=1024, gc_time_delta_ms=0), "hold",
+     lambda d: d.balloon_target_mib <= 1024),
+]
+
+
+@pytest.mark.parametrize("name,i,action,check", CASES, ids=[c[0] for c in CASES])
+def test_policy_table(name, i, action, check):
+    d = decide(i, S)
+    assert d.action == action, d.reason
+    assert check(d), d
+    assert S.min_memory_mib <= d.balloon_target_mib <= S.memory_mib
+    assert d.heap_target >= min(i.heap_used, i.heap_max) or d.action == "grow"
+
+
+def test_host_pressure_shrinks_further():
+    calm = decide(inputs(heap_used=200 * MIB), S)
+    pressed = decide(inputs(heap_used=200 * MIB, host_available=1 * 1024 * MIB), S)
+    assert pressed.host_pressure and not calm.host_pressure
+    assert pressed.heap_target < calm.heap_target
+    assert pressed.balloon_target_mib <= calm.balloon_target_mib
+    psi = decide(inputs(heap_used=200 * MIB, host_psi_some_avg10=25.0), S)
+    assert psi.host_pressure
+
+
+def test_heap_target_keeps_headroom_above_live_heap():
+    d = decide(inputs(heap_used=100 * MIB), S)
+    assert d.heap_target >= 100 * MIB + S.min_headroom_mib * MIB
+
+
+def test_lost_contact_deflates_and_backs_off():
+    d, wait = on_lost_contact(S, 1, "the guest agent")
+    assert d.action == "grow" and d.balloon_target_mib == S.memory_mib and wait == 2
+    assert on_lost_contact(S, 10, "QMP")[1] == 30
+
+
+def test_default_floor():
+    assert default_floor_mib(1024) == 256
+    assert default_floor_mib(256) == 128
+    assert default_floor_mib(100) == 100
