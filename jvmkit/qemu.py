@@ -80,7 +80,7 @@ def qemu_argv(c: VmConfig) -> list[str]:
         argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
     if c.balloon:
         fpr = "on" if c.free_page_reporting else "off"
-        argv += ["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting={fpr}"]
+        argv += ["-device", f"virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={fpr}"]
     if c.rng:
         argv += ["-device", "virtio-rng-pci"]
     for name, path in c.fw_cfg:

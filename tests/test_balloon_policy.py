@@ -70,3 +70,17 @@ def test_default_floor():
     assert default_floor_mib(1024) == 256
     assert default_floor_mib(256) == 128
     assert default_floor_mib(100) == 100
+
+
+def test_manual_request_stops_at_the_safe_floor():
+    from jvmkit.balloon.policy import safe_floor_mib, with_manual_ceiling
+
+    i = inputs(heap_used=300 * MIB, heap_committed=400 * MIB)
+    floor = safe_floor_mib(i, S)
+    assert floor > 300
+    settings, ceiling = with_manual_ceiling(i, S, 100)
+    assert ceiling == floor and settings.memory_mib == floor
+    d = decide(i, settings)
+    assert d.balloon_target_mib >= floor and d.heap_target >= 300 * MIB
+    assert with_manual_ceiling(i, S, 900)[1] == 900
+    assert with_manual_ceiling(i, S, 5000)[1] == S.memory_mib

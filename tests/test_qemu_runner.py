@@ -23,7 +23,7 @@ def test_argv_tcg_linux():
     assert argv[argv.index("-accel") + 1].startswith("tcg,thread=single")
     assert "-kernel /k/vmlinux" in joined and "-initrd /k/initrd" in joined
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in joined
-    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in joined
+    assert "virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting=on" in joined
     assert "name=opt/io.jvmkit/seed,file=/r/seed" in joined
     assert "-no-reboot" in argv and "-nodefaults" in argv
     assert argv[argv.index("-m") + 1] == "512M"

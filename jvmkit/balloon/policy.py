@@ -80,6 +80,30 @@ def clamp_mib(value_mib: float, s: Settings) -> int:
     return int(max(floor, min(s.memory_mib, value_mib)))
 
 
+def non_heap_bytes(i: Inputs, s: Settings) -> int:
+    """What the guest uses besides the heap: kernel, runtime files in RAM, metaspace, threads."""
+    if i.guest_total is not None and i.guest_available is not None:
+        # Pages the balloon holds count as used inside the guest: take them out.
+        inflated = max(0, s.memory_mib - i.balloon_actual_mib) * MIB
+        guest_used = i.guest_total - i.guest_available - inflated
+        return max(0, guest_used - i.heap_committed)
+    return s.guest_reserve_mib * MIB * 2
+
+
+def safe_floor_mib(i: Inputs, s: Settings) -> int:
+    """The least guest memory that still holds the live heap with minimal headroom (pure)."""
+    live = i.heap_used * (1 + s.pressure_headroom) + s.min_headroom_mib * MIB // 2
+    return clamp_mib((non_heap_bytes(i, s) + live) / MIB + s.guest_reserve_mib, s)
+
+
+def with_manual_ceiling(i: Inputs, s: Settings, requested_mib: int) -> tuple[Settings, int]:
+    """Settings for a `balloon set` request: the request becomes the ceiling, but never below the
+    safe floor for the live heap nor the configured floor (pure). Returns (settings, ceiling)."""
+    ceiling = max(requested_mib, safe_floor_mib(i, s), s.min_memory_mib)
+    ceiling = min(ceiling, s.memory_mib)
+    return Settings(**{**s.__dict__, "memory_mib": ceiling}), ceiling
+
+
 def decide(i: Inputs, s: Settings) -> Decision:
     pressure = host_under_pressure(i, s)
     gc_overhead = (i.gc_time_delta_ms / 1000.0) / i.interval_s if i.interval_s > 0 else 0.0
@@ -103,12 +127,7 @@ def decide(i: Inputs, s: Settings) -> Decision:
     headroom = s.pressure_headroom if pressure else s.headroom
     heap_target = max(int(i.heap_used * (1 + headroom)), i.heap_used + s.min_headroom_mib * MIB)
     heap_target = min(heap_target, i.heap_max)
-    # What the guest uses besides the heap (kernel, runtime files in RAM, metaspace, threads).
-    if i.guest_total is not None and i.guest_available is not None:
-        guest_used = i.guest_total - i.guest_available
-        non_heap = max(0, guest_used - i.heap_committed)
-    else:
-        non_heap = s.guest_reserve_mib * MIB * 2
+    non_heap = non_heap_bytes(i, s)
     numbers["non_heap_mib"] = round(non_heap / MIB, 1)
     numbers["heap_target_mib"] = round(heap_target / MIB, 1)
     wanted_mib = (non_heap + heap_target) / MIB + s.guest_reserve_mib
