@@ -358,6 +358,53 @@ def kernel_ls():
     ui.current().result("\n".join(lines) if rows else "no kernels cached (see `jvmkit kernel pull`)", {"kernels": rows})
 
 
+# ---- balloon -----------------------------------------------------------------------------------------
+
+@cli.group(context_settings=CONTEXT)
+def balloon():
+    """Look at and steer the memory balloon of running VMs."""
+
+
+@balloon.command("status")
+@click.argument("name", required=False)
+@output_options()
+def balloon_status(name):
+    """Show memory, balloon, heap and the last balloon decision of running VMs."""
+    from jvmkit.balloon.control import status_rows
+
+    rows = status_rows(name)
+    lines = [f"{'NAME':<28} {'MEMORY':>7} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10}  LAST DECISION"]
+    for r in rows:
+        lines.append(f"{r['name']:<28} {r['memory_mib']:>6}M {_mib(r.get('guest_mib')):>8} "
+                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10}  "
+                     f"{r.get('last') or ('no balloon (run with --balloon)' if not r.get('controlled') else 'waiting for the guest agent')}")
+    ui.current().result("\n".join(lines) if rows else "no VMs are running", {"vms": rows})
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{float(value):.0f}M"
+
+
+@balloon.command("set")
+@click.argument("name")
+@click.argument("size")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the result.")
+@output_options()
+def balloon_set(name, size, timeout):
+    """Set the memory VM NAME may use to SIZE (e.g. 384M).
+
+    With --balloon running, the guest's heap is shrunk first and the balloon never goes below the
+    floor that keeps the live heap safe; the result says where it stopped.
+    """
+    from jvmkit.balloon.control import set_target
+
+    result = set_target(name, parse_mib(size, "SIZE"), timeout)
+    line = f"{name}: guest memory target {result['target_mib']}M"
+    if result.get("floor_limited"):
+        line += f" (asked {result['requested_mib']}M; stopped at the floor that keeps the live heap)"
+    ui.current().result(line, result)
+
+
 # ---- entry point -------------------------------------------------------------------------------------
 
 def main() -> None:

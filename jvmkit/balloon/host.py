@@ -152,7 +152,6 @@ class Controller:
 
     # -- one step --
     def step(self) -> None:
-        request = self._take_request()
         if self.client is None and not self._connect_jmx():
             if self.connected_once:
                 self._lost("the guest agent (JMX)")
@@ -178,6 +177,7 @@ class Controller:
             heap_max=int(stats["HeapMax"]), gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
             host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"])
+        request = self._take_request()
         settings = self.settings
         if self.manual_mib is not None:
             settings, _ceiling = policy.with_manual_ceiling(inputs, settings, self.manual_mib)
