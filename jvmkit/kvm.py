@@ -1,9 +1,15 @@
 """The KVM probe: use KVM only after a real guest has run on it.
 
 `/dev/kvm` existing proves nothing (some sandboxes expose a KVM that cannot run ordinary guests).
-The probe boots a 512-byte boot sector under `-accel kvm` that writes a value to QEMU's
-isa-debug-exit port; only when QEMU exits with the matching status is KVM usable. The verdict is
-cached per host kernel, QEMU version and /dev/kvm identity in the cache's `kvm-probe.json`.
+Two depths of probe:
+- kernel: boots the guest kernel jvmkit is about to run (no root filesystem) under `-accel kvm`; KVM
+  is usable when the kernel gets to the end of its boot (a Linux "Kernel panic ... VFS" for lack of
+  a root, or OSv's banner) and QEMU ends by itself. A KVM that cannot run ordinary guests hangs or
+  reports "emulation failure" here, even when a boot sector runs.
+- boot sector: with no kernel at hand (`jvmkit doctor --probe-kvm`), a 512-byte boot sector that
+  writes to QEMU's isa-debug-exit port. It proves less, so its verdict is marked as such and a
+  kernel probe replaces it at the next `jvmkit run`.
+Verdicts are cached per host kernel, QEMU version and /dev/kvm identity in `kvm-probe.json`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class KvmVerdict:
     reason: str
     host: str            # what the verdict is keyed by
     probed_at: float
+    depth: str = "kernel"  # "kernel" or "boot-sector"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,10 +77,68 @@ def interpret(returncode: int | None, output: str) -> tuple[bool, str]:
     return False, f"the KVM test guest failed (QEMU exit {returncode}: {text[:160] or 'no message'})"
 
 
-def run_probe(qemu: str = QEMU) -> KvmVerdict:
+KERNEL_OK = ("Kernel panic", "VFS: Unable to mount root", "OSv v")
+KERNEL_PROBE_TIMEOUT = 20.0
+KERNEL_SILENCE_LIMIT = 6.0
+
+
+def interpret_kernel(console: str, qemu_output: str, ended: bool) -> tuple[bool, str]:
+    """Judge a kernel probe (pure): the kernel must reach the end of its boot under KVM."""
+    text = " ".join(qemu_output.split())
+    if "emulation failure" in text or "internal error" in text.lower():
+        return False, "/dev/kvm exists but cannot run guests (KVM internal error: emulation failure)"
+    if any(mark in console for mark in KERNEL_OK):
+        return True, "a test boot of the guest kernel ran under KVM"
+    errors = [l.split(": ", 1)[-1] for l in qemu_output.splitlines() if l.strip() and "warning" not in l]
+    if ended and errors:
+        return False, f"/dev/kvm exists but a test guest failed under KVM (QEMU: {errors[0][:160]})"
+    if not console.strip():
+        return False, "/dev/kvm exists but a test guest kernel printed nothing under KVM (it cannot run guests)"
+    if not ended:
+        return False, "a test guest kernel started under KVM but did not finish booting in time"
+    return False, f"a test guest kernel failed under KVM: {text[:160] or 'no message'}"
+
+
+def run_kernel_probe(qemu: str, kernel: Path) -> KvmVerdict:
+    host = host_identity(qemu)
+    with tempfile.TemporaryDirectory(prefix="jvmkit-kvm-probe.") as tmp:
+        log = Path(tmp) / "console.log"
+        argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "128M",
+                "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
+                "-serial", f"file:{log}"]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        except OSError as exc:
+            return KvmVerdict(False, f"could not start {qemu}: {exc.strerror}", host, time.time())
+        start = time.monotonic()
+        ended = False
+        while True:
+            if proc.poll() is not None:
+                ended = True
+                break
+            elapsed = time.monotonic() - start
+            console = log.read_text(errors="replace") if log.exists() else ""
+            if elapsed > KERNEL_PROBE_TIMEOUT or (elapsed > KERNEL_SILENCE_LIMIT and not console.strip()):
+                break
+            if any(mark in console for mark in KERNEL_OK):
+                break
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0] or ""
+        console = log.read_text(errors="replace") if log.exists() else ""
+    usable, reason = interpret_kernel(console, output, ended)
+    return KvmVerdict(usable, reason, host, time.time(), depth="kernel")
+
+
+def run_probe(qemu: str = QEMU, kernel: Path | None = None) -> KvmVerdict:
     host = host_identity(qemu)
     if not os.path.exists("/dev/kvm"):
         return KvmVerdict(False, "/dev/kvm does not exist", host, time.time())
+    if kernel is not None:
+        return run_kernel_probe(qemu, kernel)
     with tempfile.TemporaryDirectory(prefix="jvmkit-kvm-probe.") as tmp:
         image = Path(tmp) / "probe.img"
         image.write_bytes(BOOT_SECTOR)
@@ -85,7 +150,9 @@ def run_probe(qemu: str = QEMU) -> KvmVerdict:
             usable, reason = interpret(None, "")
         except OSError as exc:
             usable, reason = False, f"could not start {qemu}: {exc.strerror}"
-    return KvmVerdict(usable, reason, host, time.time())
+    if usable:
+        reason += " (a boot-sector test only; the first `jvmkit run` tests a real kernel)"
+    return KvmVerdict(usable, reason, host, time.time(), depth="boot-sector")
 
 
 def _verdict_path() -> Path:
@@ -101,12 +168,14 @@ def cached_verdict(qemu: str = QEMU) -> KvmVerdict | None:
     return verdict if verdict.host == host_identity(qemu) else None
 
 
-def kvm_verdict(qemu: str = QEMU, refresh: bool = False) -> KvmVerdict:
-    """The cached verdict for this host, probing (once) when there is none."""
+def kvm_verdict(qemu: str = QEMU, refresh: bool = False, kernel: Path | None = None) -> KvmVerdict:
+    """The cached verdict for this host, probing (once) when there is none.
+
+    A boot-sector verdict that said "usable" is probed again with a kernel once one is given."""
     if not refresh:
         verdict = cached_verdict(qemu)
-        if verdict is not None:
+        if verdict is not None and (verdict.depth == "kernel" or kernel is None or not verdict.usable):
             return verdict
-    verdict = run_probe(qemu)
+    verdict = run_probe(qemu, kernel)
     cache.atomic_write_bytes(_verdict_path(), json.dumps(verdict.to_dict(), indent=2).encode())
     return verdict

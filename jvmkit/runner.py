@@ -244,9 +244,9 @@ def run(image_path: Path, options: RunOptions,
         raise UsageError(f"--memory {memory}M is too small for a JVM guest (at least 64M)")
     if not 1 <= cpus <= 64:
         raise UsageError(f"--cpus {cpus} is out of range (1-64)")
-    accel, accel_note = choose_accel(options.accel, lambda: kvm.kvm_verdict(qemu))
-    console.info(f"jvmkit: {accel_note}")
     files = prepare_boot_files(image)
+    accel, accel_note = choose_accel(options.accel, lambda: kvm.kvm_verdict(qemu, kernel=files["kernel"]))
+    console.info(f"jvmkit: {accel_note}")
 
     run = rundir.create(options.name or image.name, explicit=options.name is not None)
     try:

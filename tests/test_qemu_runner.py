@@ -96,3 +96,14 @@ def test_kvm_probe_interpretation():
     assert not usable and "cannot run guests" in reason
     assert not kvm.interpret(None, "")[0]
     assert len(kvm.BOOT_SECTOR) == 512 and kvm.BOOT_SECTOR.endswith(b"\x55\xaa")
+
+
+def test_kvm_kernel_probe_interpretation():
+    ok, _ = kvm.interpret_kernel("[0.5] Kernel panic - not syncing: VFS: Unable to mount root fs", "", True)
+    assert ok
+    ok, reason = kvm.interpret_kernel("", "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n", True)
+    assert not ok and "failed to set MSR" in reason
+    ok, reason = kvm.interpret_kernel("", "qemu-system-x86_64: warning: host doesn't support pni\n", False)
+    assert not ok and "printed nothing" in reason
+    assert not kvm.interpret_kernel("Linux version 6.1", "", False)[0]
+    assert not kvm.interpret_kernel("", "KVM internal error. Suberror: 1\nemulation failure", True)[0]
