@@ -1,0 +1,107 @@
+package io.jvmkit.agent;
+
+import io.jvmkit.Shrinker;
+import java.lang.management.GarbageCollectorMXBean;
+import java.lang.management.ManagementFactory;
+import java.util.List;
+import java.util.Locale;
+import javax.management.InstanceAlreadyExistsException;
+import javax.management.MBeanServer;
+import javax.management.ObjectName;
+
+/**
+ * The MXBean implementation: heap and GC statistics, and shrink/grow operations that combine the
+ * app's shrinker hooks ({@link Shrinker}) with {@link HeapSteering}. Operations run one at a time.
+ */
+public final class Balloon implements BalloonMXBean {
+    private final HeapSteering steering;
+    private final List<GarbageCollectorMXBean> counted;
+    private volatile String lastShrink = "none";
+
+    Balloon() {
+        List<GarbageCollectorMXBean> beans = ManagementFactory.getGarbageCollectorMXBeans();
+        this.counted = GcKind.counted(beans);
+        this.steering = new HeapSteering(GcKind.detect(beans));
+    }
+
+    /** Create the balloon and register it in the platform MBean server (once per JVM). */
+    static Balloon register() throws Exception {
+        Balloon balloon = new Balloon();
+        MBeanServer server = ManagementFactory.getPlatformMBeanServer();
+        try {
+            server.registerMBean(balloon, new ObjectName(OBJECT_NAME));
+        } catch (InstanceAlreadyExistsException e) {
+            Log.info(OBJECT_NAME + " is already registered (agent loaded twice?); keeping the first");
+        }
+        return balloon;
+    }
+
+    @Override
+    public long getHeapUsed() {
+        return steering.heapUsed();
+    }
+
+    @Override
+    public long getHeapCommitted() {
+        return steering.heapCommitted();
+    }
+
+    @Override
+    public long getHeapMax() {
+        return steering.heapMax();
+    }
+
+    @Override
+    public String getGcName() {
+        return steering.gc().displayName;
+    }
+
+    @Override
+    public long getSoftTarget() {
+        return steering.softTarget();
+    }
+
+    @Override
+    public long getGcCount() {
+        long total = 0;
+        for (GarbageCollectorMXBean bean : counted) {
+            total += Math.max(0, bean.getCollectionCount());
+        }
+        return total;
+    }
+
+    @Override
+    public long getGcTimeMillis() {
+        long total = 0;
+        for (GarbageCollectorMXBean bean : counted) {
+            total += Math.max(0, bean.getCollectionTime());
+        }
+        return total;
+    }
+
+    @Override
+    public String getLastShrink() {
+        return lastShrink;
+    }
+
+    @Override
+    public synchronized long shrinkTo(long targetCommittedBytes) {
+        long started = System.nanoTime();
+        long wanted = steering.heapUsed() - targetCommittedBytes;
+        Shrinker.Report hooks = wanted > 0 && targetCommittedBytes > 0
+                ? Shrinker.runHooks(wanted) : new Shrinker.Report(0, List.of());
+        HeapSteering.Result result = steering.shrinkTo(targetCommittedBytes);
+        double seconds = (System.nanoTime() - started) / 1e9;
+        lastShrink = String.format(Locale.ROOT, "target %s: committed %s -> %s, live %s, %s, %d GCs; hooks %s; %.1f s%s",
+                Log.mib(targetCommittedBytes), Log.mib(result.committedBefore()),
+                Log.mib(result.committedAfter()), Log.mib(result.liveAfter()), result.how(),
+                result.collections(), hooks.summary(), seconds,
+                result.note().isEmpty() ? "" : "; " + result.note());
+        return result.committedAfter();
+    }
+
+    @Override
+    public synchronized long growTo(long targetBytes) {
+        return steering.growTo(targetBytes).committedAfter();
+    }
+}

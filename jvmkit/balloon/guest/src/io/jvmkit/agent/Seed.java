@@ -1,0 +1,79 @@
+package io.jvmkit.agent;
+
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.HashMap;
+import java.util.Map;
+
+/**
+ * The per-run seed the host hands to the guest: a file of {@code key=value} lines (blank lines and
+ * {@code #} comments ignored) whose path is in system property {@code jvmkit.seed}.
+ * <pre>
+ * jmx.port=7091                 the guest port the connector listens on (all interfaces)
+ * jmx.advertise=127.0.0.1:43211 the host:port clients use (stubs point there); default 127.0.0.1:jmx.port
+ * jmx.user=...                  required
+ * jmx.password=...              required
+ * </pre>
+ */
+record Seed(int listenPort, String advertiseHost, int advertisePort, String user, String password) {
+    static final String PROPERTY = "jvmkit.seed";
+
+    static Seed load(Path path) throws IOException {
+        Map<String, String> values = new HashMap<>();
+        for (String raw : Files.readAllLines(path, StandardCharsets.UTF_8)) {
+            String line = raw.strip();
+            if (line.isEmpty() || line.startsWith("#")) {
+                continue;
+            }
+            int eq = line.indexOf('=');
+            if (eq <= 0) {
+                throw new IllegalArgumentException("seed line without key=value: " + abbreviate(line));
+            }
+            values.put(line.substring(0, eq).strip(), line.substring(eq + 1).strip());
+        }
+        return parse(values);
+    }
+
+    static Seed parse(Map<String, String> values) {
+        int listen = port(values.get("jmx.port"), "jmx.port");
+        String advertise = values.getOrDefault("jmx.advertise", "127.0.0.1:" + listen);
+        int colon = advertise.lastIndexOf(':');
+        if (colon <= 0) {
+            throw new IllegalArgumentException("jmx.advertise must be host:port, got " + abbreviate(advertise));
+        }
+        String host = advertise.substring(0, colon);
+        if (host.startsWith("[") && host.endsWith("]")) {
+            host = host.substring(1, host.length() - 1);
+        }
+        int port = port(advertise.substring(colon + 1), "jmx.advertise port");
+        String user = values.get("jmx.user");
+        String password = values.get("jmx.password");
+        if (user == null || user.isEmpty() || password == null || password.isEmpty()) {
+            throw new IllegalArgumentException("jmx.user and jmx.password are required");
+        }
+        return new Seed(listen, host, port, user, password);
+    }
+
+    private static int port(String value, String what) {
+        try {
+            int port = Integer.parseInt(value == null ? "" : value.strip());
+            if (port > 0 && port < 65536) {
+                return port;
+            }
+        } catch (NumberFormatException e) {
+            // reported below
+        }
+        throw new IllegalArgumentException(what + " must be a port number 1-65535, got " + abbreviate(value));
+    }
+
+    private static String abbreviate(String s) {
+        return s == null ? "nothing" : s.length() > 40 ? s.substring(0, 40) + "..." : s;
+    }
+
+    @Override
+    public String toString() { // never print the password
+        return "Seed[listen=" + listenPort + ", advertise=" + advertiseHost + ":" + advertisePort + ", user=" + user + "]";
+    }
+}
