@@ -38,7 +38,10 @@ class Profile:
 
     def jvm_flags(self) -> list[str]:
         """The JVM flags this profile puts on the guest command line."""
-        return [GCS[self.gc], f"-XX:MaxRAMPercentage={self.max_ram_percentage:g}", *self.flags]
+        flags = [GCS[self.gc], f"-XX:MaxRAMPercentage={self.max_ram_percentage:g}"]
+        if self.gc == "z":  # ZGC gives memory back only after ZUncommitDelay (300 s by default)
+            flags.append("-XX:ZUncommitDelay=1")
+        return [*flags, *self.flags]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "modules": list(self.modules), "gc": self.gc,

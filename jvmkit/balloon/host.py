@@ -168,13 +168,13 @@ class Controller:
             self._lost(f"QMP ({exc})")
             return
         now = time.monotonic()
-        gc_ms = float(stats["GcTimeMillis"])
+        gc_ms = float(stats.gc_time_millis)
         delta = 0.0 if self.last_gc_ms is None else max(0.0, gc_ms - self.last_gc_ms)
         interval, self.last_gc_ms, self.last_time = now - self.last_time, gc_ms, now
         host = read_host_memory()
         inputs = policy.Inputs(
-            heap_used=int(stats["HeapUsed"]), heap_committed=int(stats["HeapCommitted"]),
-            heap_max=int(stats["HeapMax"]), gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
+            heap_used=stats.heap_used, heap_committed=stats.heap_committed,
+            heap_max=stats.heap_max, gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
             host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"])
         request = self._take_request()

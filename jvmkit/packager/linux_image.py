@@ -20,7 +20,7 @@ from pathlib import Path
 import zstandard
 
 from jvmkit import ui
-from jvmkit.packager import bundle
+from jvmkit.packager import bundle, native_libs
 from jvmkit.packager.cpio import CpioWriter
 
 EXIT_MARKER = "jvmkit-exit="
@@ -31,19 +31,20 @@ KERNEL_CMDLINE = "console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_chec
 ZSTD_LEVEL = 10
 
 
-def init_script(java_argv: list[str], app_args: list[str], modules: list[str]) -> str:
+def init_script(java_argv: list[str], app_args: list[str], modules: list[str], lib_dirs: list[str] = ()) -> str:
     """The guest's /init (pure): a busybox sh script that runs `java_argv` and reports its status.
 
     `app_args` are the default arguments; `jvmkit run IMAGE -- ARGS` replaces them through fw_cfg
     (shell-quoted by the runner, like a container's CMD)."""
     argv = shlex.join(java_argv)
     default_args = shlex.join(app_args)
+    ld_path = f" LD_LIBRARY_PATH={':'.join(lib_dirs)}" if lib_dirs else ""
     insmods = "\n".join(f"insmod /lib/modules/{shlex.quote(m)} 2>/dev/null || log \"module {m} not loaded\""
                         for m in modules)
     return f"""#!/bin/busybox sh
 # jvmkit guest init: run one Java application, report its exit status, power off.
 /bin/busybox --install -s /bin
-export PATH=/jvm/bin:/bin HOME=/root JAVA_HOME=/jvm LANG=C.UTF-8
+export PATH=/jvm/bin:/bin HOME=/root JAVA_HOME=/jvm LANG=C.UTF-8{ld_path}
 log() {{ echo "jvmkit-init: $*" > /dev/console; }}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -81,7 +82,8 @@ poweroff -f
 
 
 def write_initramfs(dest: Path, *, init: str, busybox: Path, modules: list[Path], runtime: Path,
-                    app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int) -> dict:
+                    app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int,
+                    libs: list[tuple[str, Path]] = ()) -> dict:
     """Write the zstd-compressed initramfs; returns its record (digests of both forms, sizes)."""
     raw_digest = hashlib.sha256()
     raw_size = 0
@@ -107,12 +109,16 @@ def write_initramfs(dest: Path, *, init: str, busybox: Path, modules: list[Path]
         for module in modules:
             cpio.add_file(f"lib/modules/{module.name}", module, mode=0o644)
         cpio.add_bytes("init", init.encode(), mode=0o755)
+        made = {"app", "lib", "bin", "dev", "etc", "lib/modules", "proc", "root", "run", "sys", "tmp"}
         cpio.add_dir("app")
-        for guest, host in app_files:
+        for guest, host, mode in [*((g, h, 0o755) for g, h in libs), *((g, h, 0o644) for g, h in app_files)]:
             parts = guest.strip("/").split("/")
-            for i in range(2, len(parts)):
-                cpio.add_dir("/".join(parts[:i]))
-            cpio.add_file(guest, host, mode=0o644)
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                if parent not in made:
+                    cpio.add_dir(parent)
+                    made.add(parent)
+            cpio.add_file(guest, host, mode=mode)
         cpio.add_tree(runtime, "jvm")
         cpio.add_dir("jvmkit")
         cpio.add_file("jvmkit/agent.jar", agent_jar, mode=0o644)
@@ -138,11 +144,12 @@ def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[
     """Fill `staging` with the linux bundle's files; returns the manifest's `files` and boot data."""
     console = ui.current()
     modules = list(kernel.modules)
-    init = init_script(java_argv, app_args, [m.name for m in modules])
+    libs = native_libs.runtime_native_deps(runtime)
+    init = init_script(java_argv, app_args, [m.name for m in modules], native_libs.library_dirs(libs))
     with console.step("initramfs: busybox, modules, runtime, app (cpio + zstd)"):
         initrd = write_initramfs(staging / "initramfs.cpio.zst", init=init, busybox=kernel.busybox,
                                  modules=modules, runtime=runtime, app_files=app_files,
-                                 agent_jar=agent_jar, mtime=mtime)
+                                 agent_jar=agent_jar, mtime=mtime, libs=libs)
     with console.step(f"kernel: Linux {kernel.version} (zstd)"):
         kern = compress_file(kernel.vmlinux, staging / "vmlinux.zst")
     files = {
