@@ -233,7 +233,7 @@ def describe_manifest(b) -> str:
         f"image      {b.path}  ({human(size)}, format {m['format']}, {m.get('created_by', '?')})",
         f"target     {m['target']}",
         f"app        {Path(app.get('jar', '?')).name}  main {app.get('main_class')}",
-        f"class path {':'.join(app.get('guest_class_path', []))}",
+        f"class path {':'.join(app.get('class_path', []))}",
         f"jdk        {jdk['version']}  profile {jdk['profile']['name']}  CDS {'yes' if jdk.get('cds') else 'no'}"
         f"  runtime {human(jdk.get('runtime_size', 0))}",
         f"modules    {', '.join(jdk['modules'])}",

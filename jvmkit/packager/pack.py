@@ -95,6 +95,18 @@ def guest_java_argv(*, main_class: str, guest_class_path: list[str], profile_fla
     return argv
 
 
+HOST_SPECIFIC = frozenset({"path", "url", "last_used", "created"})
+
+
+def portable(info):
+    """Drop host-specific fields (cache paths, download URLs, times) so manifests are reproducible."""
+    if isinstance(info, dict):
+        return {k: portable(v) for k, v in info.items() if k not in HOST_SPECIFIC}
+    if isinstance(info, list):
+        return [portable(v) for v in info]
+    return info
+
+
 def image_name(jar: Path) -> str:
     name = jar.name.removesuffix(".jar")
     return name or "app"
@@ -160,7 +172,7 @@ def pack(req: PackRequest) -> PackResult:
             written = linux_image.write_bundle(staging, kernel=kernel, java_argv=argv, app_args=list(req.app_args),
                                                runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
                                                agent_jar=agent.agent_jar, mtime=mtime)
-            kernel_info = kernel.describe()
+            kernel_info = portable(kernel.describe())
         else:
             from jvmkit.packager import osv_image
 
@@ -169,7 +181,7 @@ def pack(req: PackRequest) -> PackResult:
             written = osv_image.write_bundle(staging, kernel=kernel, java_argv=argv, app_args=list(req.app_args),
                                              runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
                                              agent_jar=agent.agent_jar, mtime=mtime)
-            kernel_info = kernel.describe()
+            kernel_info = portable(kernel.describe())
         t = lap("image", t)
         manifest = {
             "name": output.name.removesuffix(bundles.SUFFIX),
