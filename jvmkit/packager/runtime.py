@@ -48,14 +48,14 @@ class Runtime:
     built_now: bool
 
 
-def jlink_args(spec: RuntimeSpec, jmods: Path, output: Path) -> list[str]:
+def jlink_args(spec: RuntimeSpec, jmods: Path | None, output: Path) -> list[str]:
     """The jlink argument list for a spec (pure)."""
     if spec.jdk_release >= 21:
         compress = "zip-6" if spec.compress == "zip" else "zip-0"
     else:
         compress = "2" if spec.compress == "zip" else "0"
-    args = [
-        "--module-path", str(jmods),
+    args = ["--module-path", str(jmods)] if jmods else []  # JDK 24+ may link from its own image
+    args += [
         "--add-modules", ",".join(spec.modules),
         "--output", str(output),
         "--no-header-files",

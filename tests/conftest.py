@@ -1,0 +1,53 @@
+"""Shared pytest fixtures.
+
+- `jvmkit_cache` (session, autouse): points JVMKIT_CACHE at a session-wide temporary directory so
+  no test reads or writes the user's ~/.cache/jvmkit. Set JVMKIT_TEST_CACHE=DIR to use (and keep)
+  a directory of your own instead, e.g. to reuse downloaded kernels across test runs.
+- `samples` (session): the sample apps built once from samples/ with the build JDK's javac;
+  {"hello": .../hello.jar, "httpd": .../httpd.jar, "multijar": .../multijar/app.jar}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_samples_build():
+    """samples/build.py as a module. Loaded by path under its own name: a module called "build"
+    on sys.path would shadow PyPA's `build` package."""
+    name = "jvmkit_samples_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "samples" / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jvmkit_cache(tmp_path_factory) -> Path:
+    chosen = os.environ.get("JVMKIT_TEST_CACHE")
+    path = Path(chosen) if chosen else tmp_path_factory.mktemp("jvmkit-cache")
+    path.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JVMKIT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory) -> dict[str, Path]:
+    build = _load_samples_build()
+    out = tmp_path_factory.mktemp("samples")
+    try:
+        return build.build_samples(out)
+    except build.BuildError as exc:
+        if "no javac" in str(exc):
+            pytest.skip(f"cannot build the samples: {exc}")
+        raise
