@@ -157,8 +157,13 @@ def run(image, args, memory_mib, cpus, publish, accel, timeout, verbose, name, b
     if balloon:
         from jvmkit.balloon.host import run_with_balloon
 
-        sys.exit(run_with_balloon(image, options, min_memory_mib=min_memory_mib, interval=balloon_interval,
-                                  log_path=balloon_log))
+        status = run_with_balloon(image, options, min_memory_mib=min_memory_mib, interval=balloon_interval,
+                                  log_path=balloon_log)
+        # The JMX client's JVM lives in this process (JPype); threads still blocked in a Java call
+        # would abort a normal interpreter shutdown, so leave directly once everything is flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(do_run(image, options))
 
 

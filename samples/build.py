@@ -47,6 +47,7 @@ class JarSpec:
 SAMPLES: dict[str, tuple[JarSpec, ...]] = {
     "hello": (JarSpec("hello.jar", "hello/src", main="hello.Hello"),),
     "httpd": (JarSpec("httpd.jar", "httpd/src", main="httpd.Httpd"),),
+    "phases": (JarSpec("phases.jar", "phases/src", main="phases.Phases"),),
     "multijar": (
         JarSpec("multijar/lib/textutil.jar", "multijar/textutil/src"),
         JarSpec("multijar/lib/jsonish.jar", "multijar/jsonish/src"),

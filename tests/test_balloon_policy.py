@@ -72,15 +72,31 @@ def test_default_floor():
     assert default_floor_mib(100) == 100
 
 
-def test_manual_request_stops_at_the_safe_floor():
-    from jvmkit.balloon.policy import safe_floor_mib, with_manual_ceiling
+def test_manual_request_asks_hooks_then_stops_at_the_safe_floor():
+    from jvmkit.balloon.policy import final_balloon_target, safe_floor_mib, with_manual_ceiling
 
     i = inputs(heap_used=300 * MIB, heap_committed=400 * MIB)
-    floor = safe_floor_mib(i, S)
-    assert floor > 300
-    settings, ceiling = with_manual_ceiling(i, S, 100)
-    assert ceiling == floor and settings.memory_mib == floor
+    settings = with_manual_ceiling(S, 100)
+    assert settings.ceiling == S.min_memory_mib and settings.memory_mib == S.memory_mib
     d = decide(i, settings)
-    assert d.balloon_target_mib >= floor and d.heap_target >= 300 * MIB
-    assert with_manual_ceiling(i, S, 900)[1] == 900
-    assert with_manual_ceiling(i, S, 5000)[1] == S.memory_mib
+    assert d.action == "shrink"
+    assert d.heap_target < 300 * MIB  # below the used heap: the shrinker hooks are asked
+    assert d.heap_target >= 150 * MIB  # but never more than max_release of it at once
+    # the hooks freed nothing: the guest keeps what the live heap needs
+    assert final_balloon_target(d, i, S) == safe_floor_mib(i, S) > 300
+    # the hooks freed most of it: the request's ceiling holds
+    freed = inputs(heap_used=20 * MIB, heap_committed=40 * MIB)
+    assert final_balloon_target(d, freed, S) == max(d.balloon_target_mib, safe_floor_mib(freed, S))
+    assert with_manual_ceiling(S, 5000).ceiling == S.memory_mib
+
+
+def test_host_pressure_asks_shrinker_hooks():
+    d = decide(inputs(heap_used=200 * MIB, host_available=1 * 1024 * MIB), S)
+    assert d.heap_target < 200 * MIB
+
+
+def test_stale_guest_stats_never_shrink():
+    d = decide(inputs(stats_fresh=False), S)
+    assert d.action == "hold" and "guest stats" in d.reason
+    grow = decide(inputs(stats_fresh=False, gc_time_delta_ms=600, balloon_actual_mib=512), S)
+    assert grow.action == "grow"

@@ -11,6 +11,7 @@ Requests from `jvmkit balloon set` arrive as `balloon-request.json` in the run d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -30,6 +31,19 @@ BALLOON_QOM = "/machine/peripheral/balloon0"
 
 
 # ---- sensors ----------------------------------------------------------------------------------
+
+def process_rss(pid: int | None) -> int | None:
+    """Resident memory of a host process (QEMU) in bytes, or None."""
+    if not pid:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
 
 def read_host_memory(meminfo: str | None = None, pressure: str | None = None) -> dict:
     """MemTotal/MemAvailable (bytes) and memory PSI some avg10 from /proc (or given texts)."""
@@ -72,20 +86,29 @@ class QmpBalloon:
                     pass
                 self._polling = True
             actual = qmp.execute("query-balloon")["actual"]
-            stats = {}
+            stats, updated = {}, 0
             try:
-                stats = qmp.execute("qom-get", path=BALLOON_QOM, property="guest-stats").get("stats", {})
+                reply = qmp.execute("qom-get", path=BALLOON_QOM, property="guest-stats")
+                stats, updated = reply.get("stats", {}), int(reply.get("last-update", 0))
             except QmpError:
                 pass
         def stat(name):
             value = stats.get(name)
             return None if value is None or value < 0 else int(value)
-        return {"actual": int(actual), "total": stat("stat-total-memory"),
+        return {"actual": int(actual), "updated": updated, "total": stat("stat-total-memory"),
                 "available": stat("stat-available-memory"), "free": stat("stat-free-memory")}
 
     def set(self, target_bytes: int) -> None:
         with self._client() as qmp:
             qmp.execute("balloon", value=int(target_bytes))
+        self.changed_at = time.time()
+
+    changed_at = 0.0
+    settle_s = 3.0  # the guest needs a moment to move pages, and stats are polled every 2 s
+
+    def fresh(self, guest: dict) -> bool:
+        """Guest stats taken after the last balloon change had time to settle."""
+        return guest.get("total") is None or guest.get("updated", 0) >= self.changed_at + self.settle_s
 
 
 # ---- the controller -------------------------------------------------------------------------------
@@ -99,6 +122,7 @@ class Controller:
     settings: policy.Settings
     interval: float = 2.0
     log_path: Path | None = None
+    qemu_pid: int | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     decisions: list = field(default_factory=list)
 
@@ -115,6 +139,9 @@ class Controller:
     # -- logging --
     def log(self, event: str, **data) -> None:
         record = {"time": round(time.time(), 3), "vm": self.name, "event": event, **data}
+        rss = process_rss(self.qemu_pid)
+        if rss is not None:
+            record["qemu_rss_mib"] = round(rss / MIB, 1)
         self.decisions.append(record)
         if self._log:
             self._log.write(json.dumps(record, sort_keys=True) + "\n")
@@ -155,7 +182,9 @@ class Controller:
         if self.client is None and not self._connect_jmx():
             if self.connected_once:
                 self._lost("the guest agent (JMX)")
-            return  # not up yet: the balloon stays deflated, which never starves the guest
+            else:  # not up yet: the balloon stays deflated, which never starves the guest
+                self.log("waiting", reason="waiting for the guest agent's JMX connector")
+            return
         try:
             stats = self.client.balloon_stats()
         except JvmkitError as exc:
@@ -176,23 +205,33 @@ class Controller:
             heap_used=stats.heap_used, heap_committed=stats.heap_committed,
             heap_max=stats.heap_max, gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
-            host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"])
+            host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"],
+            stats_fresh=self.balloon.fresh(guest))
         request = self._take_request()
         settings = self.settings
         if self.manual_mib is not None:
-            settings, _ceiling = policy.with_manual_ceiling(inputs, settings, self.manual_mib)
+            settings = policy.with_manual_ceiling(settings, self.manual_mib)
         decision = policy.decide(inputs, settings)
-        achieved = self.apply(decision)
+        achieved = self.apply(decision, inputs, settings)
         self.failures = 0
         self.log("decision", **decision.to_dict(), achieved=achieved, request_mib=request)
         if request is not None:
             self._write_result(request, decision, achieved)
 
-    def apply(self, d: policy.Decision) -> dict:
+    def apply(self, d: policy.Decision, before: policy.Inputs, settings: policy.Settings) -> dict:
         achieved: dict = {}
         if d.action == "shrink":
             achieved["heap_committed"] = int(self.client.shrink_to(d.heap_target))
-            self.balloon.set(d.balloon_target_mib * MIB)
+            after_stats = self.client.balloon_stats()
+            # The collections the shrink ran are ours, not the app's: don't count them as GC overhead.
+            self.last_gc_ms = float(after_stats.gc_time_millis)
+            after = dataclasses.replace(before, heap_used=after_stats.heap_used,
+                                        heap_committed=after_stats.heap_committed)
+            target = policy.final_balloon_target(d, after, settings)
+            achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target)
+            if target < before.balloon_actual_mib:
+                self.balloon.set(target * MIB)
+            return achieved
         elif d.action == "grow":
             self.balloon.set(d.balloon_target_mib * MIB)
             achieved["heap_committed"] = int(self.client.grow_to(d.heap_target))
@@ -221,8 +260,9 @@ class Controller:
         return self.manual_mib
 
     def _write_result(self, requested: int, d: policy.Decision, achieved: dict) -> None:
-        result = {"requested_mib": requested, "target_mib": d.balloon_target_mib, "action": d.action,
-                  "reason": d.reason, "floor_limited": d.balloon_target_mib > requested, **achieved}
+        target = achieved.get("balloon_target_mib", d.balloon_target_mib)
+        result = {"requested_mib": requested, "target_mib": target, "action": d.action,
+                  "reason": d.reason, "floor_limited": target > requested, **achieved}
         tmp = self.run_dir / (RESULT_FILE + ".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(self.run_dir / RESULT_FILE)
@@ -255,7 +295,8 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
             ui.current().warn(f"--min-memory {floor}M is above --memory {vm.memory_mib}M; using {vm.memory_mib}M")
             floor = vm.memory_mib
         settings = policy.Settings(memory_mib=vm.memory_mib, min_memory_mib=floor)
-        controller = Controller(vm.name, vm.run.path, vm.config.qmp_socket, vm.jmx, settings, interval, log_path)
+        controller = Controller(vm.name, vm.run.path, vm.config.qmp_socket, vm.jmx, settings, interval, log_path,
+                                qemu_pid=vm.process.pid)
         state["controller"] = controller
         thread = threading.Thread(target=controller.run, name=f"balloon-{vm.name}", daemon=True)
         state["thread"] = thread

@@ -123,10 +123,11 @@ def ensure_jvm(java_home: Path | None = None) -> None:
         if not jpype.isJVMStarted():
             libjvm = find_libjvm(java_home)
             options = [f"-D{k}={v}" for k, v in RMI_PROPERTIES.items()]
-            options += ["-Xss1m", "-XX:+UseSerialGC", "-Xmx64m", "-Xshare:auto"]
+            # -Xrs: the JVM must not take SIGTERM/SIGINT from jvmkit (its exit codes and clean stop)
+            options += ["-Xrs", "-Xss1m", "-XX:+UseSerialGC", "-Xmx64m", "-Xshare:auto"]
             jpype.config.destroy_jvm = False  # never wait for Java threads at interpreter exit
             try:
-                jpype.startJVM(str(libjvm), *options, convertStrings=False)
+                jpype.startJVM(str(libjvm), *options, convertStrings=False, interrupt=False)
             except Exception as exc:
                 raise JmxError(f"cannot start the JVM for the JMX client from {libjvm}: {exc}") from exc
         else:  # someone else started it: the properties still apply if RMI has not loaded yet

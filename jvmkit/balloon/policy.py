@@ -27,11 +27,14 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class Settings:
-    memory_mib: int                 # the ceiling: the guest's configured memory
+    memory_mib: int                 # the guest's configured memory (the ceiling unless ceiling_mib is set)
     min_memory_mib: int             # the floor: never shrink the guest below this
+    ceiling_mib: int | None = None  # a lower ceiling, from `jvmkit balloon set`
     headroom: float = 0.25          # heap target = used * (1 + headroom)
     min_headroom_mib: int = 32
     pressure_headroom: float = 0.10
+    pressure_release: float = 0.15  # under host pressure, ask the app's shrinker hooks for this share of the heap
+    max_release: float = 0.5        # a shrink never asks for more than this share of the used heap
     guest_reserve_mib: int = 48     # kept free in the guest besides the heap target
     gc_overhead_grow: float = 0.10  # share of wall time spent in GC that means "grow"
     grow_used_ratio: float = 0.90
@@ -39,6 +42,11 @@ class Settings:
     host_low_ratio: float = 0.10
     host_psi_high: float = 10.0
     hysteresis_mib: int = 32
+
+
+    @property
+    def ceiling(self) -> int:
+        return min(self.memory_mib, self.ceiling_mib or self.memory_mib)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Inputs:
     host_total: int | None = None   # bytes (MemTotal)
     host_available: int | None = None  # bytes (MemAvailable)
     host_psi_some_avg10: float | None = None
+    stats_fresh: bool = True        # guest stats were read after the last balloon change settled
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,8 @@ def host_under_pressure(i: Inputs, s: Settings) -> bool:
 
 
 def clamp_mib(value_mib: float, s: Settings) -> int:
-    floor = min(s.min_memory_mib, s.memory_mib)
-    return int(max(floor, min(s.memory_mib, value_mib)))
+    floor = min(s.min_memory_mib, s.ceiling)
+    return int(max(floor, min(s.ceiling, value_mib)))
 
 
 def non_heap_bytes(i: Inputs, s: Settings) -> int:
@@ -90,18 +99,31 @@ def non_heap_bytes(i: Inputs, s: Settings) -> int:
     return s.guest_reserve_mib * MIB * 2
 
 
+def kernel_reserved_bytes(i: Inputs, s: Settings) -> int:
+    """Guest RAM the kernel keeps for itself (configured memory minus MemTotal)."""
+    if i.guest_total is None:
+        return 0
+    return max(0, s.memory_mib * MIB - i.guest_total)
+
+
 def safe_floor_mib(i: Inputs, s: Settings) -> int:
     """The least guest memory that still holds the live heap with minimal headroom (pure)."""
     live = i.heap_used * (1 + s.pressure_headroom) + s.min_headroom_mib * MIB // 2
-    return clamp_mib((non_heap_bytes(i, s) + live) / MIB + s.guest_reserve_mib, s)
+    needed = kernel_reserved_bytes(i, s) + non_heap_bytes(i, s) + live
+    return clamp_mib(needed / MIB + s.guest_reserve_mib, s)
 
 
-def with_manual_ceiling(i: Inputs, s: Settings, requested_mib: int) -> tuple[Settings, int]:
-    """Settings for a `balloon set` request: the request becomes the ceiling, but never below the
-    safe floor for the live heap nor the configured floor (pure). Returns (settings, ceiling)."""
-    ceiling = max(requested_mib, safe_floor_mib(i, s), s.min_memory_mib)
-    ceiling = min(ceiling, s.memory_mib)
-    return Settings(**{**s.__dict__, "memory_mib": ceiling}), ceiling
+def with_manual_ceiling(s: Settings, requested_mib: int) -> Settings:
+    """Settings for a `balloon set` request: the request becomes the ceiling, never below the
+    configured floor (pure). The live heap's safe floor is applied after the shrink."""
+    ceiling = min(max(requested_mib, s.min_memory_mib), s.memory_mib)
+    return Settings(**{**s.__dict__, "ceiling_mib": ceiling})
+
+
+def final_balloon_target(d: "Decision", after: Inputs, s: Settings) -> int:
+    """The balloon target once the heap shrink is done (pure): the decision's target, raised to
+    the safe floor for the heap that is still live, so the guest is never starved."""
+    return min(s.memory_mib, max(d.balloon_target_mib, safe_floor_mib(after, s)))
 
 
 def decide(i: Inputs, s: Settings) -> Decision:
@@ -112,38 +134,46 @@ def decide(i: Inputs, s: Settings) -> Decision:
                "balloon_actual_mib": i.balloon_actual_mib,
                "guest_available_mib": None if i.guest_available is None else round(i.guest_available / MIB, 1),
                "host_available_mib": None if i.host_available is None else round(i.host_available / MIB, 1),
-               "host_psi_some_avg10": i.host_psi_some_avg10, "floor_mib": s.min_memory_mib, "ceiling_mib": s.memory_mib}
+               "host_psi_some_avg10": i.host_psi_some_avg10, "floor_mib": s.min_memory_mib, "ceiling_mib": s.ceiling}
 
     guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
     heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
-    if gc_overhead > s.gc_overhead_grow or guest_low or (heap_tight and i.balloon_actual_mib < s.memory_mib):
+    if gc_overhead > s.gc_overhead_grow or guest_low or (heap_tight and i.balloon_actual_mib < s.ceiling):
         why = ("GC overhead %.0f%%" % (100 * gc_overhead) if gc_overhead > s.gc_overhead_grow
                else "guest memory nearly exhausted" if guest_low else "heap used near committed")
-        if i.balloon_actual_mib >= s.memory_mib and not heap_tight and not guest_low:
-            return Decision("hold", i.heap_committed, s.memory_mib, f"{why}, already at the ceiling", pressure, numbers)
-        return Decision("grow", i.heap_max, s.memory_mib, f"{why}: deflate to the ceiling, let the heap grow",
+        if i.balloon_actual_mib >= s.ceiling and not heap_tight and not guest_low:
+            return Decision("hold", i.heap_committed, s.ceiling, f"{why}, already at the ceiling", pressure, numbers)
+        return Decision("grow", i.heap_max, s.ceiling, f"{why}: deflate to the ceiling, let the heap grow",
                         pressure, numbers)
 
-    headroom = s.pressure_headroom if pressure else s.headroom
-    heap_target = max(int(i.heap_used * (1 + headroom)), i.heap_used + s.min_headroom_mib * MIB)
+    if pressure:  # ask the app's shrinker hooks to give some of the used heap back
+        heap_target = int(i.heap_used * (1 - s.pressure_release))
+    else:
+        heap_target = max(int(i.heap_used * (1 + s.headroom)), i.heap_used + s.min_headroom_mib * MIB)
     heap_target = min(heap_target, i.heap_max)
     non_heap = non_heap_bytes(i, s)
+    reserved = kernel_reserved_bytes(i, s)
     numbers["non_heap_mib"] = round(non_heap / MIB, 1)
+    numbers["kernel_reserved_mib"] = round(reserved / MIB, 1)
     numbers["heap_target_mib"] = round(heap_target / MIB, 1)
-    wanted_mib = (non_heap + heap_target) / MIB + s.guest_reserve_mib
+    wanted_mib = (reserved + non_heap + heap_target) / MIB + s.guest_reserve_mib
     target = clamp_mib(wanted_mib, s)
     numbers["wanted_mib"] = round(wanted_mib, 1)
     if target < wanted_mib:
-        # The floor or the ceiling bound us: the heap may keep only what fits above the non-heap part.
-        heap_target = max(i.heap_used + s.min_headroom_mib * MIB // 2,
-                          int((target - s.guest_reserve_mib) * MIB - non_heap))
-        heap_target = min(heap_target, i.heap_max)
+        # The ceiling binds: the heap may keep only what fits above the non-heap part. Below the
+        # used heap this asks the app's shrinker hooks; what they can't free, the safe floor keeps
+        # (see final_balloon_target, applied after the shrink).
+        fits = int((target - s.guest_reserve_mib) * MIB - non_heap - reserved)
+        heap_target = min(max(fits, int(i.heap_used * (1 - s.max_release))), i.heap_max)
     delta = target - i.balloon_actual_mib
+    if delta < 0 and not i.stats_fresh:
+        return Decision("hold", i.heap_committed, i.balloon_actual_mib,
+                        "waiting for guest stats newer than the last balloon change", pressure, numbers)
     if abs(delta) < s.hysteresis_mib:
         return Decision("hold", heap_target, i.balloon_actual_mib,
                         f"change of {delta:+d} MiB is below the hysteresis ({s.hysteresis_mib} MiB)", pressure, numbers)
     if delta < 0:
-        why = "host under memory pressure" if pressure else "idle heap"
+        why = "host under memory pressure" if pressure else "unused guest memory"
         return Decision("shrink", heap_target, target,
                         f"{why}: heap target {heap_target / MIB:.0f} MiB, guest {i.balloon_actual_mib} -> {target} MiB",
                         pressure, numbers)

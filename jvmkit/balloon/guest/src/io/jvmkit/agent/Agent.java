@@ -62,8 +62,7 @@ public final class Agent {
         try {
             Path path = Path.of(seedPath);
             if (!Files.isReadable(path)) {
-                Log.info("seed file " + seedPath + " is missing or unreadable; JMX connector not started");
-                return;
+                return;  // no seed: this run did not ask for JMX (no --balloon); nothing to say
             }
             seed = Seed.load(path);
         } catch (Exception e) {

@@ -1,0 +1,412 @@
+"""The osv target without a VM: bundle files and manifest, ROFS contents as OSv reads them,
+determinism, the boot command line and its run-time rebuild, the console filter, the seed disk,
+and the classic disk export."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import stat
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import zstandard
+
+from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.packager import bundle as bundles
+from jvmkit.packager import osv_image
+from jvmkit.packager.osv_disk import (
+    CMDLINE_MAX, LOADER_OFFSET, parse_cmdline, read_cmdline, read_disk_rofs, read_partitions,
+)
+from jvmkit.packager.osv_image import ConsoleFilter
+
+
+# ---- fixtures: a fake runtime, host libraries and kernel ------------------------------------------------
+
+def make_elf(needed: list[str] = (), soname: str | None = None, payload: bytes = b"") -> bytes:
+    """A minimal little-endian ELF64 shared object: PT_LOAD over the file, PT_DYNAMIC with DT_NEEDED."""
+    strtab = b"\0"
+    offsets = []
+    for name in [*needed, *([soname] if soname else [])]:
+        offsets.append(len(strtab))
+        strtab += name.encode() + b"\0"
+    phnum = 2
+    head = 64 + 56 * phnum
+    strtab_off = head
+    dyn_off = (strtab_off + len(strtab) + 7) & ~7
+    dyn = b"".join(struct.pack("<qQ", 1, off) for off in offsets[:len(needed)])
+    if soname:
+        dyn += struct.pack("<qQ", 14, offsets[-1])
+    dyn += struct.pack("<qQ", 5, strtab_off) + struct.pack("<qQ", 0, 0)
+    body_end = dyn_off + len(dyn)
+    total = body_end + len(payload)
+    ehdr = (b"\x7fELF\x02\x01\x01" + b"\0" * 9
+            + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 64, 0, 0, 64, 56, phnum, 64, 0, 0))
+    load = struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, total, total, 0x1000)
+    dynamic = struct.pack("<IIQQQQQQ", 2, 6, dyn_off, dyn_off, dyn_off, len(dyn), len(dyn), 8)
+    data = bytearray(ehdr + load + dynamic)
+    data += strtab
+    data += b"\0" * (dyn_off - len(data))
+    data += dyn + payload
+    return bytes(data)
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A fake jlink'd runtime, app jars, agent, host library dir and kernel."""
+    rt = tmp_path / "runtime"
+    _write(rt / "release", b'JAVA_VERSION="17.0.15"\nMODULES="java.base"\n')
+    _write(rt / "bin/java", make_elf(["libjli.so", "libz.so.1", "libc.so.6"]), 0o755)
+    _write(rt / "lib/libjli.so", make_elf(["libc.so.6", "libdl.so.2"], soname="libjli.so"))
+    _write(rt / "lib/libzip.so", make_elf(["libz.so.1"], soname="libzip.so"))
+    _write(rt / "lib/server/libjvm.so", make_elf(["libstdc++.so.6", "libm.so.6"], soname="libjvm.so",
+                                                  payload=b"J" * 5000))
+    _write(rt / "lib/modules", bytes(range(256)) * 40)
+    _write(rt / "lib/server/classes.jsa", b"\x01" * 513)
+    _write(rt / "conf/security/java.security", b"# empty\n")
+    (rt / "legal/java.logging").mkdir(parents=True)
+    _write(rt / "legal/java.base/LICENSE", b"GPLv2+CE\n")
+    (rt / "legal/java.logging/LICENSE").symlink_to("../java.base/LICENSE")
+    host = tmp_path / "hostlib"
+    _write(host / "libz.so.1.2.13", make_elf(["libc.so.6"], soname="libz.so.1"))
+    (host / "libz.so.1").symlink_to("libz.so.1.2.13")
+    _write(host / "libstdc++.so.6", make_elf(["libgcc_s.so.1", "libm.so.6", "libc.so.6"], soname="libstdc++.so.6"))
+    _write(host / "libgcc_s.so.1", make_elf(["libc.so.6"], soname="libgcc_s.so.1"))
+    app = _write(tmp_path / "in/app.jar", b"PK\x03\x04 the app")
+    lib = _write(tmp_path / "in/lib.jar", b"PK\x03\x04 a lib")
+    agent = _write(tmp_path / "in/agent.jar", b"PK\x03\x04 the agent")
+    elf = _write(tmp_path / "kernel/loader-stripped.elf", make_elf(payload=b"OSv v0.57.0-test\n" * 100))
+    kernel = SimpleNamespace(elf=elf, version="v0.57.0-test", describe=lambda: {"name": "osv", "sha256": "x"})
+    return SimpleNamespace(runtime=rt, host=host, app=app, lib=lib, agent=agent, kernel=kernel, root=tmp_path)
+
+
+JAVA_ARGV = ["/jvm/bin/java", "-XX:+UseSerialGC", "-XX:MaxRAMPercentage=75", "-Djvmkit.seed=/run/jvmkit/seed",
+             "-javaagent:/jvmkit/agent.jar", "-cp", "/app/app.jar:/app/lib/lib.jar", "io.jvmkit.agent.Launcher",
+             "com.example.Main"]
+
+
+def write(tree, dest: Path, java_argv=JAVA_ARGV, app_args=("--port", "8080")) -> dict:
+    dest.mkdir(parents=True, exist_ok=True)
+    return osv_image.write_bundle(dest, kernel=tree.kernel, java_argv=list(java_argv), app_args=list(app_args),
+                                  runtime=tree.runtime, app_files=[("/app/app.jar", tree.app), ("/app/lib/lib.jar", tree.lib)],
+                                  agent_jar=tree.agent, mtime=0, lib_dirs=[str(tree.host)])
+
+
+def unzstd(path: Path) -> bytes:
+    return zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
+
+
+# ---- the bundle --------------------------------------------------------------------------------------
+
+def test_bundle_files_and_records(tree):
+    out = tree.root / "b"
+    written = write(tree, out)
+    files = written["files"]
+    assert sorted(files) == ["disk", "kernel"]
+    assert sorted(p.name for p in out.iterdir()) == ["disk.img.zst", "kernel.zst"]  # no temp files left
+    for role, record in files.items():
+        f = out / record["path"]
+        assert record["compression"] == "zstd"
+        assert record["size"] == f.stat().st_size and record["sha256"] == bundles.sha256_file(f)
+        raw = unzstd(f)
+        assert len(raw) == record["raw_size"]
+        assert __import__("hashlib").sha256(raw).hexdigest() == record["raw_sha256"]
+    assert unzstd(out / "kernel.zst") == tree.kernel.elf.read_bytes()
+    disk = tree.root / "disk.img"
+    disk.write_bytes(unzstd(out / "disk.img.zst"))
+    (part,) = [p for p in read_partitions(disk)]
+    assert part.index == 1 and part.device == "vblk0.1"
+    assert files["disk"]["rofs_offset"] == part.offset == 2 << 20
+    assert files["disk"]["rofs_size"] == part.size
+
+
+def test_bundle_loads_with_a_manifest(tree):
+    out = tree.root / "img.jvmkit"
+    written = write(tree, out)
+    bundles.write_manifest(out, {"target": "osv", "kernel": {"name": "osv"}, **written})
+    image = bundles.load(out)
+    assert image.target == "osv" and image.file("disk").name == "disk.img.zst"
+
+
+def test_rofs_contents(tree):
+    out = tree.root / "b"
+    written = write(tree, out)
+    disk = tree.root / "disk.img"
+    disk.write_bytes(unzstd(out / "disk.img.zst"))
+    with read_disk_rofs(disk) as fs:
+        entries = fs.entries()
+        assert fs.read_bytes("/jvm/bin/java") == (tree.runtime / "bin/java").read_bytes()
+        assert entries["/jvm/bin/java"].mode == 0o755
+        assert fs.read_bytes("/jvm/lib/server/libjvm.so") == (tree.runtime / "lib/server/libjvm.so").read_bytes()
+        assert fs.read_bytes("/jvm/lib/modules") == (tree.runtime / "lib/modules").read_bytes()
+        assert fs.readlink("/jvm/legal/java.logging/LICENSE") == "../java.base/LICENSE"
+        assert fs.read_bytes("/app/app.jar") == tree.app.read_bytes()
+        assert fs.read_bytes("/app/lib/lib.jar") == tree.lib.read_bytes()
+        assert fs.read_bytes("/jvmkit/agent.jar") == tree.agent.read_bytes()
+        # host libraries: the closure, minus the runtime's own and what OSv supplies, all in /usr/lib
+        assert fs.listdir("/usr/lib") == ["libgcc_s.so.1", "libstdc++.so.6", "libz.so.1", "libzip.so"]
+        assert fs.read_bytes("/usr/lib/libz.so.1") == (tree.host / "libz.so.1.2.13").read_bytes()
+        assert entries["/usr/lib/libz.so.1"].kind == "file"  # the host symlink was resolved
+        assert fs.readlink("/usr/lib/libzip.so") == "/jvm/lib/libzip.so"
+        assert written["boot"]["libraries"] == ["libgcc_s.so.1", "libstdc++.so.6", "libz.so.1"]
+        fstab = fs.read_bytes("/etc/fstab").decode().splitlines()
+        assert [line.split()[:3] for line in fstab] == [
+            ["/dev/vblk0.1", "/", "rofs"], ["none", "/dev", "devfs"], ["none", "/proc", "procfs"],
+            ["none", "/sys", "sysfs"], ["none", "/tmp", "ramfs"]]
+        assert fs.readlink("/etc/mnttab") == "/proc/mounts"
+        assert b"localhost" in fs.read_bytes("/etc/hosts")
+        for mount_point in ("/dev", "/proc", "/sys", "/tmp"):
+            assert entries[mount_point].kind == "dir"
+        assert set(fs.listdir("/")) == {"app", "dev", "etc", "jvm", "jvmkit", "proc", "sys", "tmp", "usr"}
+
+
+def test_missing_host_library_is_refused(tree):
+    (tree.host / "libstdc++.so.6").unlink()
+    with pytest.raises(JvmkitError, match="libstdc"):
+        write(tree, tree.root / "b")
+
+
+def test_same_inputs_same_bytes(tree):
+    first = write(tree, tree.root / "one")
+    second = write(tree, tree.root / "two")
+    assert first == second
+    for name in ("disk.img.zst", "kernel.zst"):
+        assert (tree.root / "one" / name).read_bytes() == (tree.root / "two" / name).read_bytes()
+
+
+def test_kernel_without_elf_is_refused(tree):
+    tree.kernel.elf = None
+    with pytest.raises(JvmkitError, match="loader ELF"):
+        write(tree, tree.root / "b")
+
+
+# ---- the command line --------------------------------------------------------------------------------
+
+def test_cmdline_in_manifest_parses_back(tree):
+    tricky = ["plain", "with space", 'quo"te', "back\\slash", "$HOME", "cost=$5", "semi;colon", "amp&", "tab\tnl\n", ""]
+    boot = write(tree, tree.root / "b", app_args=tricky)["boot"]
+    parsed = parse_cmdline(boot["kernel_cmdline"])
+    assert parsed.ok
+    expected_argv = ["/jvm/bin/java", *osv_image.encoding_flags(17), *JAVA_ARGV[1:3], "-Djvmkit.seed=/dev/vblk1",
+                     *JAVA_ARGV[4:]]
+    assert boot["cmdline"]["argv"] == expected_argv
+    assert boot["cmdline"]["args"] == tricky
+    assert len(parsed.commands) == 1
+    assert parsed.commands[0] == expected_argv + tricky
+    assert parsed.options[:4] == ["--rootfs=rofs", "--power-off-on-abort", "--cwd=/app", "--verbose"]
+    assert parsed.env["JAVA_HOME"] == "/jvm"
+    assert boot["exit_marker"] == "program exited with status "
+    assert boot["app_console"] == "ttyS0" and boot["acpi_shutdown"] is True
+    assert boot["quiet_append"] == boot["verbose_append"] == ""
+
+
+def test_cmdline_without_tricky_args_parses_exactly(tree):
+    boot = write(tree, tree.root / "b", app_args=["a b", "$x", "c"])["boot"]
+    parsed = parse_cmdline(boot["kernel_cmdline"])
+    assert parsed.commands == [boot["cmdline"]["argv"] + ["a b", "$x", "c"]]
+
+
+def test_runtime_cmdline_rebuilds_with_new_args(tree):
+    boot = write(tree, tree.root / "b")["boot"]
+    assert osv_image.runtime_cmdline(boot) == boot["kernel_cmdline"]
+    assert osv_image.runtime_cmdline(json.loads(json.dumps(boot)), None) == boot["kernel_cmdline"]
+    line = osv_image.runtime_cmdline(boot, ["x y", "3"])
+    assert parse_cmdline(line).commands == [boot["cmdline"]["argv"] + ["x y", "3"]]
+    assert parse_cmdline(osv_image.runtime_cmdline(boot, [])).commands == [boot["cmdline"]["argv"]]
+    with pytest.raises(UsageError, match="1023"):
+        osv_image.runtime_cmdline(boot, ["x" * CMDLINE_MAX])
+
+
+def test_too_long_cmdline_refused_before_writing(tree):
+    out = tree.root / "b"
+    with pytest.raises(UsageError, match="at most 1023"):
+        write(tree, out, app_args=["y" * 1100])
+    assert list(out.iterdir()) == []
+
+
+def test_guest_argv_and_encoding_flags():
+    argv = ["/jvm/bin/java", "-Djvmkit.seed=/run/jvmkit/seed", "-cp", "/app/a.jar", "M"]
+    assert osv_image.guest_argv(argv, 17) == ["/jvm/bin/java", "-Dfile.encoding=UTF-8", "-Dsun.stdout.encoding=UTF-8",
+                                              "-Dsun.stderr.encoding=UTF-8", "-Djvmkit.seed=/dev/vblk1",
+                                              "-cp", "/app/a.jar", "M"]
+    assert osv_image.guest_argv(argv, 21)[1:3] == ["-Dstdout.encoding=UTF-8", "-Dstderr.encoding=UTF-8"]
+    assert osv_image.guest_argv(argv, 18)[1:3] == ["-Dsun.stdout.encoding=UTF-8", "-Dsun.stderr.encoding=UTF-8"]
+    mine = ["/jvm/bin/java", "-Dfile.encoding=ISO-8859-1", "M"]
+    assert osv_image.guest_argv(mine, 17) == ["/jvm/bin/java", "-Dsun.stdout.encoding=UTF-8",
+                                              "-Dsun.stderr.encoding=UTF-8", "-Dfile.encoding=ISO-8859-1", "M"]
+    assert osv_image.guest_argv([], 17) == []
+
+
+def test_runtime_release(tmp_path):
+    (tmp_path / "release").write_text('JAVA_VERSION="21.0.2"\n')
+    assert osv_image.runtime_release(tmp_path) == 21
+    (tmp_path / "release").write_text('JAVA_VERSION="1.8.0_392"\n')
+    assert osv_image.runtime_release(tmp_path) == 8
+    assert osv_image.runtime_release(tmp_path / "nope") is None
+
+
+# ---- the console filter ------------------------------------------------------------------------------
+
+BOOT_LOG = (b"OSv v0.57.0-398-g0e34e4dc\r\n"
+            b"Setting in environment: JAVA_HOME=/jvm\r\n"
+            b"[I/17 dhcp]: Waiting for IP...\r\n"
+            b"eth0: 10.0.2.15\r\n"
+            b"Booted up in 0.00 ms\r\n"
+            b"Cmdline: /jvm/bin/java -cp /app/app.jar Hello\r\n"
+            b"/jvm/lib/server/libjvm.so: ignoring missing symbol malloc_trim\r\n"
+            b"random: device unblocked.\r\n")
+SHUTDOWN_LOG = (b"[I/28 dhcp]: Unicasting DHCPRELEASE message\r\n"
+                b"VFS: unmounting /dev\r\n"
+                b"Powering off.\r\n")
+
+
+def run_filter(chunks, verbose=True):
+    app, osv = io.BytesIO(), io.BytesIO()
+    f = ConsoleFilter(app, osv if verbose else None)
+    for chunk in chunks:
+        f.feed(chunk)
+    f.close()
+    return app.getvalue(), osv.getvalue(), f
+
+
+def test_console_filter_splits_app_and_osv():
+    log = BOOT_LOG + b"Hello, world\r\nprogram exited with status 3\r\n" + SHUTDOWN_LOG
+    app, osv, f = run_filter([log])
+    assert app == b"Hello, world\n"
+    assert f.status == 3 and f.state == "done"
+    assert b"OSv v0.57.0" in osv and b"ignoring missing symbol" in osv and b"Powering off." in osv
+    assert b"program exited with status 3\n" in osv and b"\r" not in osv
+    app2, osv2, f2 = run_filter([log[i:i + 7] for i in range(0, len(log), 7)], verbose=False)  # any chunking
+    assert (app2, osv2, f2.status) == (app, b"", 3)
+
+
+def test_console_filter_app_lines_and_statuses():
+    body = (b"line one\r\n"
+            b"Exception in thread \"main\" java.lang.IllegalStateException: boom\r\n"
+            b"\tat Hello.main(Hello.java:5)\r\n"
+            b"/jvm/lib/libnio.so: ignoring missing symbol fgetxattr\r\n"
+            b"[I/25 dhcp]: renewing\r\n"
+            b"program /jvm/bin/java returned 1\r\n"
+            b"program exited with status 4294967295\r\n")
+    app, _osv, f = run_filter([BOOT_LOG + body])
+    assert app == (b"line one\nException in thread \"main\" java.lang.IllegalStateException: boom\n"
+                   b"\tat Hello.main(Hello.java:5)\n")
+    assert f.status == 255  # System.exit(-1), printed by OSv with %ld
+
+
+def test_console_filter_unfinished_app_line_before_exit():
+    app, osv, f = run_filter([BOOT_LOG + b"no newline at the end"
+                              + b"program exited with status 0\r\n" + SHUTDOWN_LOG])
+    assert app == b"no newline at the end\n" and f.status == 0
+    assert osv.endswith(b"program exited with status 0\n" + SHUTDOWN_LOG.replace(b"\r", b""))
+
+
+def test_console_filter_flush_partial():
+    app, osv = io.BytesIO(), io.BytesIO()
+    f = ConsoleFilter(app, osv)
+    f.feed(BOOT_LOG + b"Enter name: ")
+    assert app.getvalue() == b""
+    f.flush_partial()
+    assert app.getvalue() == b"Enter name: "
+    f.feed(b"done\r\nrandom: device unblocked.\r\nprogram exited with status 7\r\n")
+    f.close()
+    assert app.getvalue() == b"Enter name: done\n" and f.status == 7
+
+
+def test_console_filter_boot_failure_has_no_status():
+    app, osv, f = run_filter([b"OSv v0.57.0\r\nCould not mount rofs root filesystem.\r\n"])
+    assert app == b"" and f.status is None and b"Could not mount" in osv
+    app, osv, f = run_filter([BOOT_LOG + b"trying to execute null pointer\r\n[backtrace]\r\n"
+                              b"0x0000000040306fa6 <page_fault+278>\r\nAborted\r\n"])
+    assert f.status is None and app == b"trying to execute null pointer\n"
+    assert b"[backtrace]" in osv and b"page_fault" in osv
+
+
+# ---- the seed disk -----------------------------------------------------------------------------------
+
+def test_seed_disk(tmp_path):
+    seed = b"jmx.port=7091\njmx.user=jvmkit\njmx.password=s3cret\n"
+    path = osv_image.write_seed_disk(seed, tmp_path / "seed.img")
+    data = path.read_bytes()
+    assert len(data) == osv_image.SEED_DISK_SIZE and data.startswith(seed) and set(data[len(seed):]) == {10}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(JvmkitError):
+        osv_image.write_seed_disk(b"x" * 5000, tmp_path / "big.img")
+
+
+# ---- export: the classic disk ------------------------------------------------------------------------
+
+def fake_loader_image(path: Path) -> Path:
+    boot = bytearray(512)
+    boot[510:512] = b"\x55\xaa"
+    data = bytes(boot) + b"\0" * (LOADER_OFFSET - 512) + make_elf(payload=b"lzloader" * 100)
+    return _write(path, data)
+
+
+@pytest.fixture
+def image(tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "hello.jvmkit"
+    written = write(tree, out)
+    bundles.write_manifest(out, {"target": "osv", "kernel": {"name": "osv", "version": "v0.57.0-test",
+                                                             "sha256": "ab" * 32}, **written})
+    return bundles.load(out)
+
+
+def test_export_classic_raw(image, tmp_path):
+    loader = fake_loader_image(tmp_path / "loader.img")
+    dest = osv_image.export_classic(image, loader, tmp_path / "out" / "hello.img", "raw")
+    data = dest.read_bytes()
+    original = loader.read_bytes()
+    assert data[:0x1BE] == original[:0x1BE] and data[510:512] == b"\x55\xaa"  # boot code kept, table rewritten
+    assert data[LOADER_OFFSET:len(original)] == original[LOADER_OFFSET:]  # the compressed loader at sector 128
+    assert read_cmdline(dest) == image.manifest["boot"]["kernel_cmdline"]
+    (part,) = read_partitions(dest)
+    assert part.index == 1 and part.offset % (2 << 20) == 0
+    with read_disk_rofs(dest) as fs:
+        assert fs.read_bytes("/app/app.jar") == b"PK\x03\x04 the app"
+        assert fs.readlink("/usr/lib/libzip.so") == "/jvm/lib/libzip.so"
+        direct = tmp_path / "direct.img"
+        direct.write_bytes(unzstd(image.file("disk")))
+        with read_disk_rofs(direct) as fs2:
+            assert fs.entries() == fs2.entries()
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+def test_export_classic_qcow2(image, tmp_path):
+    loader = fake_loader_image(tmp_path / "loader.img")
+    dest = osv_image.export_classic(image, loader, tmp_path / "hello.qcow2", "qcow2")
+    assert dest.read_bytes()[:4] == b"QFI\xfb"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hello.qcow2")]
+
+
+def test_export_uses_the_cached_loader_image(image, tmp_path):
+    from jvmkit.packager import osv_kernels
+
+    with pytest.raises(JvmkitError, match="jvmkit kernel import osv"):
+        osv_image.export_classic(image, None, tmp_path / "x.img")
+    loader = fake_loader_image(tmp_path / "osv" / "loader.img")
+    kernel = osv_kernels.import_osv(loader)
+    assert kernel.elf is None and kernel.loader_image is not None
+    manifest = dict(image.manifest, kernel={"name": "osv", "sha256": kernel.sha256})
+    again = bundles.Bundle(image.path, manifest)
+    dest = osv_image.export_classic(again, None, tmp_path / "x.img")
+    assert read_cmdline(dest) == image.manifest["boot"]["kernel_cmdline"]
+
+
+def test_export_refuses_linux_images_and_bad_formats(image, tmp_path):
+    with pytest.raises(UsageError, match="raw or qcow2"):
+        osv_image.export_classic(image, None, tmp_path / "x.img", "vmdk")
+    linux = bundles.Bundle(image.path, dict(image.manifest, target="linux"))
+    with pytest.raises(UsageError, match="linux image"):
+        osv_image.export_classic(linux, None, tmp_path / "x.img")
