@@ -228,3 +228,14 @@ def test_port_in_use_is_refused(images):
 def test_unknown_accel_is_refused(images):
     proc = jvmkit("run", "--accel", "hvf", images["hello"])
     assert proc.returncode == 2 and "hvf" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_appcds_archive_is_used_in_the_guest(samples, tmp_path):
+    image = tmp_path / "appcds.jvmkit"
+    packed = jvmkit("pack", samples["hello"], "--target", "linux", "-o", image, "--appcds", "--train-timeout", "60",
+                    "--jvm-arg=-Xshare:on", "--jvm-arg=-Xlog:class+load=info", timeout=900)
+    assert packed.returncode == 0, packed.stderr
+    proc = jvmkit("run", image)
+    assert proc.returncode == 0, proc.stderr
+    # -Xshare:on refuses to start with an unusable archive; the app's own class comes from it
+    assert "hello.Hello source: shared objects file (top)" in proc.stdout

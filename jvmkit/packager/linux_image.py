@@ -72,7 +72,7 @@ out=/dev/ttyS1
 [ -c $out ] || out=/dev/console
 stty -F $out raw -echo 2>/dev/null
 log "starting java"
-cd /app
+cd /
 "$@" < $out > $out 2>&1
 rc=$?
 echo "{EXIT_MARKER}$rc" > /dev/console

@@ -156,14 +156,27 @@ def pack(req: PackRequest) -> PackResult:
     t = lap("runtime", t)
     agent = agent_build.build_agent(jdk.javac, jdk.release)
     t = lap("agent", t)
-    argv = guest_java_argv(main_class=app.main_class, guest_class_path=list(app.guest_class_path),
-                           profile_flags=profile.jvm_flags(), manifest_flags=list(app.manifest_jvm_flags),
-                           user_jvm_args=list(req.jvm_args), launcher=req.target == "osv")
     app_files = sorted(zip(app.guest_class_path, app.class_path), key=lambda pair: pair[0])
     mtime = source_date_epoch()
+    class_path = list(app.guest_class_path)
+    archive = None
 
     staging = bundles.staging_dir(output, req.force)
     try:
+        if req.appcds:
+            from jvmkit.packager import appcds
+
+            jvm_flags = [*profile.jvm_flags(), *app.manifest_jvm_flags, *req.jvm_args]
+            trained = appcds.train(runtime=runtime.path, jvm_flags=jvm_flags, main_class=app.main_class,
+                                   app_args=list(req.app_args), app_files=[(g, Path(h)) for g, h in app_files],
+                                   mtime=mtime, timeout=req.train_timeout, dest=staging / ".app.jsa")
+            app_files.append((appcds.GUEST_ARCHIVE, trained))
+            class_path, archive = appcds.relative_class_path(class_path), appcds.GUEST_ARCHIVE
+            t = lap("appcds", t)
+        argv = guest_java_argv(main_class=app.main_class, guest_class_path=class_path,
+                               profile_flags=profile.jvm_flags(), manifest_flags=list(app.manifest_jvm_flags),
+                               user_jvm_args=list(req.jvm_args), launcher=req.target == "osv",
+                               appcds_archive=archive)
         if req.target == "linux":
             from jvmkit.packager import linux_image, kernels
 
@@ -191,7 +204,7 @@ def pack(req: PackRequest) -> PackResult:
             "app": {**app.to_dict(), "jar_sha256": bundles.sha256_file(req.jar), "args": list(req.app_args)},
             "jdk": {"version": jdk.version, "release": jdk.release, "modules": list(runtime.modules),
                     "profile": profile.to_dict(), "cds": runtime.cds_archive is not None,
-                    "runtime_size": runtime.size, "runtime_key": spec.key()},
+                    "runtime_size": runtime.size, "runtime_key": spec.key(), "appcds": archive},
             "agent": {"path": GUEST_AGENT, "key": agent.key},
             "kernel": kernel_info,
             "command": {"java": argv, "args": list(req.app_args)},
@@ -199,6 +212,7 @@ def pack(req: PackRequest) -> PackResult:
             "guest": {"ports": list(req.ports), "jmx_port": 7091},
             **written,
         }
+        (staging / ".app.jsa").unlink(missing_ok=True)
         bundles.write_manifest(staging, manifest)
         size = cache.dir_size(staging)
         bundles.publish(staging, output)
