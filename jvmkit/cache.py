@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 ENTRY_FILE = ".jvmkit-entry.json"
-KINDS = ("runtimes", "agents", "kernels", "debian", "boot")
+KINDS = ("runtimes", "agents", "kernels", "boot")
+LOOSE_KINDS = ("debian", "logs")  # no per-entry markers: listed and pruned as a whole
 
 
 def cache_root() -> Path:
@@ -140,6 +141,12 @@ def list_entries() -> list[CacheEntry]:
                     info=meta,
                 )
             )
+    for kind in LOOSE_KINDS:  # plain download caches: one entry each, aged by their newest file
+        base = root / kind
+        if base.is_dir() and any(base.iterdir()):
+            newest = max((p.stat().st_mtime for p in base.rglob("*") if p.is_file()), default=base.stat().st_mtime)
+            entries.append(CacheEntry(kind=kind, key="downloads", path=base, size=dir_size(base),
+                                      last_used=newest, info={}))
     return entries
 
 
@@ -151,6 +158,9 @@ def prune(older_than_days: float, *, dry_run: bool = False, now: float | None = 
         if now - entry.last_used >= older_than_days * 86400:
             removed.append(entry)
             if not dry_run:
+                if entry.kind in LOOSE_KINDS:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    continue
                 with file_lock(entry.path.parent / f".{entry.path.name}.lock"):
                     shutil.rmtree(entry.path, ignore_errors=True)
     return removed
