@@ -31,12 +31,21 @@ KERNEL_CMDLINE = "console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_chec
 ZSTD_LEVEL = 10
 
 
-def init_script(java_argv: list[str], app_args: list[str], modules: list[str], lib_dirs: list[str] = ()) -> str:
+def init_script(java_argv: list[str], app_args: list[str], modules: list[str], lib_dirs: list[str] = (),
+                agent_flags: list[str] = ()) -> str:
     """The guest's /init (pure): a busybox sh script that runs `java_argv` and reports its status.
 
     `app_args` are the default arguments; `jvmkit run IMAGE -- ARGS` replaces them through fw_cfg
     (shell-quoted by the runner, like a container's CMD)."""
-    argv = shlex.join(java_argv)
+    words = []
+    for arg in java_argv:  # the guest agent's flags become $agent, set only when a seed arrived
+        if arg in agent_flags:
+            if "$agent" not in words:
+                words.append("$agent")
+        else:
+            words.append(shlex.quote(arg))
+    argv = " ".join(words)
+    agent = shlex.quote(" ".join(agent_flags))
     default_args = shlex.join(app_args)
     ld_path = f" LD_LIBRARY_PATH={':'.join(lib_dirs)}" if lib_dirs else ""
     insmods = "\n".join(f"insmod /lib/modules/{shlex.quote(m)} 2>/dev/null || log \"module {m} not loaded\""
@@ -59,8 +68,10 @@ if [ -e /sys/class/net/eth0 ]; then
   echo 'nameserver 10.0.2.3' > /etc/resolv.conf
 fi
 fwcfg=/sys/firmware/qemu_fw_cfg/by_name
+agent=
 if [ -r $fwcfg/{SEED_FW_CFG}/raw ]; then
   (umask 077; cat $fwcfg/{SEED_FW_CFG}/raw > {GUEST_SEED})
+  agent={agent}
 fi
 set -- {argv}
 if [ -r $fwcfg/{ARGS_FW_CFG}/raw ]; then
@@ -140,12 +151,13 @@ def compress_file(source: Path, dest: Path) -> dict:
 
 
 def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[str], runtime: Path,
+                 agent_flags: list[str] = (),
                  app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int) -> dict:
     """Fill `staging` with the linux bundle's files; returns the manifest's `files` and boot data."""
     console = ui.current()
     modules = list(kernel.modules)
     libs = native_libs.runtime_native_deps(runtime)
-    init = init_script(java_argv, app_args, [m.name for m in modules], native_libs.library_dirs(libs))
+    init = init_script(java_argv, app_args, [m.name for m in modules], native_libs.library_dirs(libs), agent_flags)
     with console.step("initramfs: busybox, modules, runtime, app (cpio + zstd)"):
         initrd = write_initramfs(staging / "initramfs.cpio.zst", init=init, busybox=kernel.busybox,
                                  modules=modules, runtime=runtime, app_files=app_files,

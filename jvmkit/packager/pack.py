@@ -24,6 +24,7 @@ GUEST_RUNTIME = "/jvm"
 GUEST_AGENT = "/jvmkit/agent.jar"
 GUEST_SEED = "/run/jvmkit/seed"
 LAUNCHER_MAIN = "io.jvmkit.agent.Launcher"
+AGENT_FLAGS = (f"-Djvmkit.seed={GUEST_SEED}", f"-javaagent:{GUEST_AGENT}")
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,10 @@ def guest_java_argv(*, main_class: str, guest_class_path: list[str], profile_fla
     argv = [f"{GUEST_RUNTIME}/bin/java", *profile_flags, *manifest_flags]
     if appcds_archive:
         argv.append(f"-XX:SharedArchiveFile={appcds_archive}")
-    argv += [*user_jvm_args, f"-Djvmkit.seed={GUEST_SEED}", f"-javaagent:{GUEST_AGENT}",
-             "-cp", ":".join(guest_class_path)]
+    # The agent jar is always on the class path (the Shrinker API and the Launcher live there);
+    # the agent itself (AGENT_FLAGS) is started only for runs that ask for it (`run --balloon`).
+    agent_jar = GUEST_AGENT.lstrip("/") if guest_class_path and not guest_class_path[0].startswith("/") else GUEST_AGENT
+    argv += [*user_jvm_args, *AGENT_FLAGS, "-cp", ":".join([*guest_class_path, agent_jar])]
     if launcher:
         argv.append(LAUNCHER_MAIN)
     argv.append(main_class)
@@ -182,7 +185,8 @@ def pack(req: PackRequest) -> PackResult:
 
             kernel = kernels.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
             t = lap("kernel", t)
-            written = linux_image.write_bundle(staging, kernel=kernel, java_argv=argv, app_args=list(req.app_args),
+            written = linux_image.write_bundle(staging, kernel=kernel, java_argv=argv, agent_flags=list(AGENT_FLAGS),
+                                               app_args=list(req.app_args),
                                                runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
                                                agent_jar=agent.agent_jar, mtime=mtime)
             kernel_info = portable(kernel.describe())
@@ -207,7 +211,7 @@ def pack(req: PackRequest) -> PackResult:
                     "runtime_size": runtime.size, "runtime_key": spec.key(), "appcds": archive},
             "agent": {"path": GUEST_AGENT, "key": agent.key},
             "kernel": kernel_info,
-            "command": {"java": argv, "args": list(req.app_args)},
+            "command": {"java": argv, "args": list(req.app_args), "agent_flags": list(AGENT_FLAGS)},
             "defaults": {"memory_mib": req.memory_mib, "cpus": req.cpus},
             "guest": {"ports": list(req.ports), "jmx_port": 7091},
             **written,
