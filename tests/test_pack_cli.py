@@ -1,0 +1,131 @@
+"""`jvmkit pack` through the real CLI: reproducibility, JSON output, and bad input.
+
+Packs use the real JDK (jdeps, jlink, CDS) and the real Linux kernel from the test cache; no guest
+is booted here, but the kernel pull needs the Debian mirror once per test cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+JVMKIT = [sys.executable, "-m", "jvmkit"]
+TEMURIN_25 = Path("/usr/lib/jvm/temurin-25-jdk-amd64")
+
+
+def jvmkit(*args, env=None, timeout=900):
+    return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=env)
+
+
+def one_line_error(proc) -> str:
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("jvmkit: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return errors[0]
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_same_inputs_same_bytes(samples, tmp_path):
+    first, second = tmp_path / "a.jvmkit", tmp_path / "b" / "a.jvmkit"
+    for out in (first, second):
+        proc = jvmkit("pack", samples["multijar"], "--target", "linux", "-o", out, "--json")
+        assert proc.returncode == 0, proc.stderr
+    assert tree_digest(first) == tree_digest(second)
+
+
+@pytest.mark.skipif(not (TEMURIN_25 / "bin" / "jlink").exists(), reason="needs Temurin 25 at " + str(TEMURIN_25))
+def test_cold_caches_give_the_same_bytes_with_a_deterministic_cds_dump(samples, tmp_path, jvmkit_cache):
+    """From an empty runtime cache, twice: JDK 25's CDS dump is deterministic, so the images are
+    identical byte for byte. (JDK 17's -Xshare:dump is not; see README, Reproducibility.)"""
+    images = []
+    for name in ("one", "two"):
+        cache = tmp_path / f"cache-{name}"
+        cache.mkdir()
+        if (jvmkit_cache / "kernels").exists():
+            shutil.copytree(jvmkit_cache / "kernels", cache / "kernels")
+        env = {**os.environ, "JVMKIT_CACHE": str(cache)}
+        out = tmp_path / name / "hello.jvmkit"
+        proc = jvmkit("pack", samples["hello"], "--target", "linux", "--jdk", TEMURIN_25, "-o", out, env=env)
+        assert proc.returncode == 0, proc.stderr
+        images.append(out)
+    assert tree_digest(images[0]) == tree_digest(images[1])
+
+
+def test_json_summary_and_quiet(samples, tmp_path):
+    out = tmp_path / "hello.jvmkit"
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--json")
+    data = json.loads(proc.stdout)
+    assert data["image"] == str(out) and data["target"] == "linux" and "java.base" in data["modules"]
+    assert data["manifest"]["app"]["main_class"] == "hello.Hello"
+    quiet = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--force", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith(str(out))
+    inspect = jvmkit("inspect", out, "--json")
+    assert json.loads(inspect.stdout)["target"] == "linux"
+
+
+def test_list_profiles():
+    proc = jvmkit("pack", "--list-profiles")
+    assert proc.returncode == 0
+    for name in ("auto", "minimal", "server", "full"):
+        assert name in proc.stdout
+
+
+def test_existing_output_needs_force(samples, tmp_path):
+    out = tmp_path / "exists.jvmkit"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out)
+    assert proc.returncode == 2 and "--force" in one_line_error(proc)
+    assert (out / "keep").read_text() == "mine"
+
+
+def test_unknown_profile(samples, tmp_path):
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", tmp_path / "x.jvmkit", "--profile", "tiny")
+    assert proc.returncode == 2 and "unknown profile 'tiny'" in one_line_error(proc)
+
+
+def test_jlink_failure_is_translated(samples, tmp_path):
+    profile = tmp_path / "broken.toml"
+    profile.write_text('modules = ["java.base", "no.such.module"]\nadd_jdeps_modules = false\n')
+    out = tmp_path / "x.jvmkit"
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--profile", profile)
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert "jlink failed" in line and "no.such.module" in line
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".x.jvmkit")]
+
+
+def test_not_a_jar(tmp_path):
+    bogus = tmp_path / "app.jar"
+    bogus.write_text("not a zip")
+    proc = jvmkit("pack", bogus, "--target", "linux", "-o", tmp_path / "x.jvmkit")
+    assert proc.returncode == 2 and str(bogus) in one_line_error(proc)
+    missing = jvmkit("pack", tmp_path / "nope.jar", "--target", "linux")
+    assert missing.returncode == 2 and "nope.jar" in one_line_error(missing)
+
+
+def test_full_disk_leaves_nothing_behind(samples, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs for a full disk")
+    try:
+        proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", mnt / "hello.jvmkit")
+        assert proc.returncode == 1
+        assert "no space left" in one_line_error(proc)
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
