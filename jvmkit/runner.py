@@ -360,8 +360,6 @@ def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if threads and threads[0].is_alive():
-            pass
 
 
 def _keep_log(run: rundir.RunDir) -> Path:
