@@ -73,6 +73,7 @@ public class Hello {
                     text.lines().filter(l -> !l.isBlank()).forEach(l -> System.out.println("seed: " + l));
                 }
             }
+            case "sleep" -> Thread.sleep(Long.parseLong(args[1]));
             case "args" -> {
                 for (String a : args) System.out.println("arg[" + a + "]");
             }
@@ -182,14 +183,15 @@ def _run(argv: list[str], console_log: Path, timeout: float = BOOT_TIMEOUT) -> B
     return Booted(app.getvalue().decode("utf-8", "replace"), filt.status, to_main, total, console)
 
 
-def boot(osv, args: list[str] | None = None, extra: tuple[str, ...] = (), name: str = "boot") -> Booted:
+def boot(osv, args: list[str] | None = None, extra: tuple[str, ...] = (), name: str = "boot",
+         agent: bool = False) -> Booted:
     from jvmkit.packager.osv_image import runtime_cmdline
     from jvmkit.qemu import VmConfig, qemu_argv
     from jvmkit.runner import parse_exit
 
     run = osv.work / f"run-{name}-{time.monotonic_ns()}"
     run.mkdir()
-    config = VmConfig(name=f"osv-{name}", kernel=osv.files["kernel"], append=runtime_cmdline(osv.boot, args),
+    config = VmConfig(name=f"osv-{name}", kernel=osv.files["kernel"], append=runtime_cmdline(osv.boot, args, agent),
                       memory_mib=512, cpus=1, accel="tcg", qmp_socket=run / "qmp.sock",
                       console_log=run / "console.log", disk=osv.files["disk"], app_serial=False, extra=extra)
     result = _run(qemu_argv(config), config.console_log)
@@ -247,6 +249,17 @@ def test_seed_disk_reaches_the_guest(osv):
     result = boot(osv, ["seed", SEED_DEVICE], extra=extra, name="seed")
     assert [line for line in result.output.splitlines() if line.startswith("seed: ")] == [
         "seed: jmx.port=7091", "seed: jmx.user=jvmkit", "seed: jmx.password=s3cret"]
+    assert result.status == 0
+
+
+def test_agent_starts_when_a_seed_disk_is_attached(osv):
+    """A `--balloon` run: the agent's flags go back on the command line and the seed disk is vblk1."""
+    from jvmkit.packager.osv_image import write_seed_disk
+
+    seed = write_seed_disk(b"jmx.port=7091\njmx.user=jvmkit\njmx.password=s3cret\n", osv.work / "seed-agent.img")
+    extra = ("-drive", f"file={seed},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed")
+    result = boot(osv, ["sleep", "4000"], extra=extra, name="agent", agent=True)
+    assert "jvmkit-agent:" in result.output  # the agent ran (and reported on its seed)
     assert result.status == 0
 
 

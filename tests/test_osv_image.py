@@ -95,11 +95,11 @@ JAVA_ARGV = ["/jvm/bin/java", "-XX:+UseSerialGC", "-XX:MaxRAMPercentage=75", "-D
              "com.example.Main"]
 
 
-def write(tree, dest: Path, java_argv=JAVA_ARGV, app_args=("--port", "8080")) -> dict:
+def write(tree, dest: Path, java_argv=JAVA_ARGV, app_args=("--port", "8080"), **kw) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     return osv_image.write_bundle(dest, kernel=tree.kernel, java_argv=list(java_argv), app_args=list(app_args),
                                   runtime=tree.runtime, app_files=[("/app/app.jar", tree.app), ("/app/lib/lib.jar", tree.lib)],
-                                  agent_jar=tree.agent, mtime=0, lib_dirs=[str(tree.host)])
+                                  agent_jar=tree.agent, mtime=0, lib_dirs=[str(tree.host)], **kw)
 
 
 def unzstd(path: Path) -> bytes:
@@ -199,11 +199,14 @@ def test_cmdline_in_manifest_parses_back(tree):
     assert parsed.ok
     expected_argv = ["/jvm/bin/java", *osv_image.encoding_flags(17), *JAVA_ARGV[1:3], "-Djvmkit.seed=/dev/vblk1",
                      *JAVA_ARGV[4:]]
-    assert boot["cmdline"]["argv"] == expected_argv
+    agent = ["-Djvmkit.seed=/dev/vblk1", "-javaagent:/jvmkit/agent.jar"]
+    assert boot["cmdline"]["argv"] == expected_argv and boot["cmdline"]["agent_flags"] == agent
     assert boot["cmdline"]["args"] == tricky
     assert len(parsed.commands) == 1
-    assert parsed.commands[0] == expected_argv + tricky
-    assert parsed.options[:4] == ["--rootfs=rofs", "--power-off-on-abort", "--cwd=/app", "--verbose"]
+    # the image's own line runs without the guest agent; a --balloon run puts its flags back
+    assert parsed.commands[0] == [a for a in expected_argv if a not in agent] + tricky
+    assert parse_cmdline(osv_image.runtime_cmdline(boot, agent=True)).commands == [expected_argv + tricky]
+    assert parsed.options[:4] == ["--rootfs=rofs", "--power-off-on-abort", "--cwd=/", "--verbose"]
     assert parsed.env["JAVA_HOME"] == "/jvm"
     assert boot["exit_marker"] == "program exited with status "
     assert boot["app_console"] == "ttyS0" and boot["acpi_shutdown"] is True
@@ -213,18 +216,36 @@ def test_cmdline_in_manifest_parses_back(tree):
 def test_cmdline_without_tricky_args_parses_exactly(tree):
     boot = write(tree, tree.root / "b", app_args=["a b", "$x", "c"])["boot"]
     parsed = parse_cmdline(boot["kernel_cmdline"])
-    assert parsed.commands == [boot["cmdline"]["argv"] + ["a b", "$x", "c"]]
+    no_agent = [a for a in boot["cmdline"]["argv"] if a not in boot["cmdline"]["agent_flags"]]
+    assert parsed.commands == [no_agent + ["a b", "$x", "c"]]
+    everything = write(tree, tree.root / "c", app_args=["z"], agent_flags=[])["boot"]
+    assert everything["cmdline"]["agent_flags"] == []
+    assert parse_cmdline(everything["kernel_cmdline"]).commands == [everything["cmdline"]["argv"] + ["z"]]
+    assert "-javaagent:/jvmkit/agent.jar" in everything["cmdline"]["argv"]
 
 
 def test_runtime_cmdline_rebuilds_with_new_args(tree):
     boot = write(tree, tree.root / "b")["boot"]
+    argv, flags = boot["cmdline"]["argv"], boot["cmdline"]["agent_flags"]
+    no_agent = [a for a in argv if a not in flags]
     assert osv_image.runtime_cmdline(boot) == boot["kernel_cmdline"]
     assert osv_image.runtime_cmdline(json.loads(json.dumps(boot)), None) == boot["kernel_cmdline"]
     line = osv_image.runtime_cmdline(boot, ["x y", "3"])
-    assert parse_cmdline(line).commands == [boot["cmdline"]["argv"] + ["x y", "3"]]
-    assert parse_cmdline(osv_image.runtime_cmdline(boot, [])).commands == [boot["cmdline"]["argv"]]
+    assert parse_cmdline(line).commands == [no_agent + ["x y", "3"]]
+    assert parse_cmdline(osv_image.runtime_cmdline(boot, [])).commands == [no_agent]
+    assert parse_cmdline(osv_image.runtime_cmdline(boot, ["q"], agent=True)).commands == [argv + ["q"]]
+    assert parse_cmdline(osv_image.runtime_cmdline(boot, None, agent=True)).commands == [argv + ["--port", "8080"]]
     with pytest.raises(UsageError, match="1023"):
         osv_image.runtime_cmdline(boot, ["x" * CMDLINE_MAX])
+
+
+def test_non_ascii_words_refused(tree):
+    # OSv parses the app command with boost::spirit ascii::char_: a non-ASCII byte fails the parse
+    boot = write(tree, tree.root / "b")["boot"]
+    with pytest.raises(UsageError, match="not ASCII"):
+        osv_image.runtime_cmdline(boot, ["caf\u00e9"])
+    with pytest.raises(UsageError, match="not ASCII"):
+        write(tree, tree.root / "c", app_args=["\u2713"])
 
 
 def test_too_long_cmdline_refused_before_writing(tree):
@@ -321,6 +342,11 @@ def test_console_filter_flush_partial():
     f.feed(b"done\r\nrandom: device unblocked.\r\nprogram exited with status 7\r\n")
     f.close()
     assert app.getvalue() == b"Enter name: done\n" and f.status == 7
+
+
+def test_console_filter_power_button():
+    app, osv, f = run_filter([BOOT_LOG + b"httpd listening on port 8080\r\nPowering off.\r\n"])
+    assert app == b"httpd listening on port 8080\n" and f.status is None and osv.endswith(b"Powering off.\n")
 
 
 def test_console_filter_boot_failure_has_no_status():

@@ -177,10 +177,15 @@ def test_pull_is_cached(server, isolated):
     first = pull_osv(TAG, base_url=server.url)
     assert first.loader_image is None  # no loader asset published: not needed, not fetched
     downloads = [r for r in server.requests if r.endswith(ELF_ASSET)]
+    requests_before = len(server.requests)
     second = pull_osv(TAG, base_url=server.url)
     assert second == first
-    assert [r for r in server.requests if r.endswith(ELF_ASSET)] == downloads
+    assert len(server.requests) == requests_before  # no network for a release pulled before
     assert "already in the cache" in isolated.getvalue()
+    gz = (server.dir / ELF_ASSET).read_bytes()
+    third = pull_osv(TAG, base_url=server.url, sha256=sha(gz))  # a given digest finds the same entry
+    assert third == first
+    assert [r for r in server.requests if r.endswith(ELF_ASSET)] == downloads
 
 
 def test_pull_with_explicit_digest_and_no_sums(server):

@@ -21,9 +21,10 @@ The root filesystem (ROFS, see `rofs.py`) sits in MBR partition entry #2 of a da
 The bundle stores the disk (`disk.img.zst`) and the loader ELF (`kernel.zst`) zstd-compressed;
 `jvmkit run` unpacks them once into the boot cache by raw digest, like the linux target.
 
-The command line (`osv_disk.build_cmdline`): `--rootfs=rofs --power-off-on-abort --cwd=/app --verbose
---env=JAVA_HOME=/jvm java_argv app_args`. OSv has no fw_cfg reader, so `jvmkit run IMAGE -- ARGS`
-rebuilds it with `runtime_cmdline(boot, args)` from what the manifest keeps (`boot["cmdline"]`).
+The command line (`osv_disk.build_cmdline`): `--rootfs=rofs --power-off-on-abort --cwd=/ --verbose
+--env=JAVA_HOME=/jvm java_argv app_args`, without the guest agent's flags. OSv has no fw_cfg reader,
+so `jvmkit run IMAGE -- ARGS` (or `--balloon`, which starts the agent) rebuilds it with
+`runtime_cmdline(boot, args, agent)` from what the manifest keeps (`boot["cmdline"]`).
 java_argv gets UTF-8 output flags after the java path (`encoding_flags`: OSv's libc reports the
 codeset as ASCII whatever LANG says) and its `-Djvmkit.seed=` pointed at the seed disk.
 
@@ -67,7 +68,9 @@ SEED_DEVICE = "/dev/vblk1"
 LINUX_SEED = "/run/jvmkit/seed"  # what pack passes today; the osv image points the JVM at SEED_DEVICE
 SEED_PROPERTY = "-Djvmkit.seed="
 SEED_DISK_SIZE = 4096
-BOOT_OPTIONS = ("--power-off-on-abort", f"--cwd={GUEST_APP}", "--verbose")
+BOOT_OPTIONS = ("--power-off-on-abort", "--cwd=/", "--verbose")  # cwd / as on linux (AppCDS's relative class path)
+# pack's AGENT_FLAGS: the guest agent is started only for runs that ask for it (`run --balloon`)
+AGENT_FLAGS = (SEED_PROPERTY + LINUX_SEED, f"-javaagent:{GUEST_AGENT}")
 GUEST_ENV = {"JAVA_HOME": GUEST_RUNTIME}
 EXIT_LINE = "program exited with status "
 FSTAB = ("/dev/vblk0.1 /     rofs   defaults 0 0\n"
@@ -145,10 +148,14 @@ def encoding_flags(release: int | None) -> list[str]:
     return ["-Dstdout.encoding=UTF-8", "-Dstderr.encoding=UTF-8"]
 
 
+def _seed_on_osv(arg: str) -> str:
+    return SEED_PROPERTY + SEED_DEVICE if arg == SEED_PROPERTY + LINUX_SEED else arg
+
+
 def guest_argv(java_argv: list[str], release: int | None = None) -> list[str]:
     """java_argv for OSv (pure): the seed property pointed at the seed disk (OSv has no fw_cfg), and
     the UTF-8 flags of `encoding_flags` right after the java path, unless the argv sets them."""
-    argv = [SEED_PROPERTY + SEED_DEVICE if arg == SEED_PROPERTY + LINUX_SEED else arg for arg in java_argv]
+    argv = [_seed_on_osv(arg) for arg in java_argv]
     if not argv:
         return argv
     extra = [flag for flag in encoding_flags(release)
@@ -158,35 +165,51 @@ def guest_argv(java_argv: list[str], release: int | None = None) -> list[str]:
 
 def boot_cmdline(argv: list[str], args: list[str], env: Mapping[str, str] | None = None,
                  options: Iterable[str] = BOOT_OPTIONS) -> str:
-    """The OSv boot command line running `argv + args` (pure; UsageError past OSv's 1023 bytes)."""
+    """The OSv boot command line running `argv + args` (pure; UsageError past OSv's 1023 bytes, or
+    for a non-ASCII word: OSv's command grammar is boost::spirit ascii::char_ (core/commands.cc), so
+    OSv would stop with "Failed to parse command line.", and the JVM there decodes arguments as
+    ASCII anyway)."""
+    for i, word in enumerate([*argv, *args]):
+        if not word.isascii():
+            shown = word if len(word) <= 40 else word[:40] + "..."
+            what = f"app argument {i - len(argv) + 1}" if i >= len(argv) else "java command-line word"
+            raise UsageError(f"{what} {shown!r} is not ASCII; OSv's boot command line takes only ASCII",
+                             hint="pass such text in a file or through the app's own configuration, or use --target linux")
     return osv_disk.build_cmdline(list(argv) + list(args), dict(GUEST_ENV if env is None else env),
                                   rootfs=ROOTFS, extra_opts=list(options))
 
 
-def runtime_cmdline(boot: Mapping, args: list[str] | None = None) -> str:
-    """The command line `jvmkit run` passes with -append: the image's own, or rebuilt with `args`
-    (from `jvmkit run IMAGE -- ARGS`) in place of the image's default app arguments (pure)."""
-    if args is None:
+def runtime_cmdline(boot: Mapping, args: list[str] | None = None, agent: bool = False) -> str:
+    """The command line `jvmkit run` passes with -append (pure): the image's own, or rebuilt with
+    `args` (from `jvmkit run IMAGE -- ARGS`) in place of the image's default app arguments, and with
+    the guest agent's flags when `agent` (a run with a seed disk: `--balloon`)."""
+    if args is None and not agent:
         return boot["kernel_cmdline"]
     c = boot["cmdline"]
-    return boot_cmdline(c["argv"], list(args), c["env"], c["options"])
+    flags = c.get("agent_flags", [])
+    argv = c["argv"] if agent else [a for a in c["argv"] if a not in flags]
+    return boot_cmdline(argv, c["args"] if args is None else list(args), c["env"], c["options"])
 
 
 def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[str], runtime: Path,
                  app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int,
-                 lib_dirs: list[str] | None = None) -> dict:
+                 agent_flags: list[str] | None = None, lib_dirs: list[str] | None = None) -> dict:
     """Fill `staging` with the osv bundle's files; returns the manifest's `files` and `boot`.
 
-    `kernel` is an `osv_kernels.OsvKernel` (anything with `.elf`). `mtime` is unused: ROFS stores
-    no timestamps, so the same inputs give the same bytes anyway."""
+    `kernel` is an `osv_kernels.OsvKernel` (anything with `.elf`). `agent_flags` (default: pack's
+    AGENT_FLAGS) are left out of the image's own command line; `runtime_cmdline(boot, agent=True)`
+    puts them back for runs with a seed. `mtime` is unused: ROFS stores no timestamps (OSv reports
+    mtime 0 for every ROFS file), so the same inputs give the same bytes anyway."""
     console = ui.current()
     del mtime
     if getattr(kernel, "elf", None) is None:
         raise JvmkitError("the OSv kernel has no loader ELF to boot", hint="import OSv's build/last/loader-stripped.elf")
     argv = guest_argv(java_argv, runtime_release(runtime))
+    agent = [flag for flag in map(_seed_on_osv, AGENT_FLAGS if agent_flags is None else agent_flags) if flag in argv]
     options = list(BOOT_OPTIONS)
     env = dict(GUEST_ENV)
-    cmdline = boot_cmdline(argv, list(app_args), env, options)  # refuses a too-long line before any work
+    boot_cmdline(argv, list(app_args), env, options)  # with the agent: refuses a too-long line before any work
+    cmdline = boot_cmdline([a for a in argv if a not in agent], list(app_args), env, options)
     libraries = support_libraries(runtime, lib_dirs)
     rofs = build_rofs(runtime=runtime, app_files=app_files, agent_jar=agent_jar, libraries=libraries)
     with console.step("ROFS disk: runtime, app, agent, libraries (zstd)"):
@@ -208,7 +231,8 @@ def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[
     }
     boot = {
         "kernel_cmdline": cmdline,
-        "cmdline": {"argv": argv, "args": list(app_args), "env": env, "options": options, "rootfs": ROOTFS},
+        "cmdline": {"argv": argv, "agent_flags": agent, "args": list(app_args), "env": env, "options": options,
+                    "rootfs": ROOTFS},
         "exit_marker": EXIT_LINE,
         "app_console": "ttyS0",
         "console_filter": "osv",
@@ -222,14 +246,22 @@ def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[
     return {"files": files, "boot": boot}
 
 
-def write_seed_disk(seed: bytes, dest: Path) -> Path:
-    """The per-run seed as a raw 4 KiB disk (padded with newlines, which the agent's key=value reader
-    skips), mode 0600. Attached as the second virtio-blk device it is /dev/vblk1 in the guest."""
+def seed_disk_image(seed: bytes) -> bytes:
+    """The per-run seed as a raw 4 KiB disk image (pure): padded with newlines, which the agent's
+    key=value reader skips. Attached as the second virtio-blk device it is /dev/vblk1 in the guest,
+    read with one 4 KiB read (OSv fails reads past a block device's end with EIO, so a reader must
+    not read on to EOF: InputStream.readNBytes(4096), not Files.readAllLines)."""
     if len(seed) > SEED_DISK_SIZE:
         raise JvmkitError(f"the seed is {len(seed)} bytes; the seed disk holds {SEED_DISK_SIZE}")
+    return seed + b"\n" * (SEED_DISK_SIZE - len(seed))
+
+
+def write_seed_disk(seed: bytes, dest: Path) -> Path:
+    """`seed_disk_image(seed)` written to `dest` with mode 0600."""
+    data = seed_disk_image(seed)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(seed + b"\n" * (SEED_DISK_SIZE - len(seed)))
+        out.write(data)
     return dest
 
 
@@ -244,6 +276,7 @@ _OSV_LINES = [re.compile(p) for p in (
     rb"^0x[0-9a-f]{16} <.*>\s*$",                      # backtrace frames
     rb"^page fault outside application",
     rb"^(random|VFS|ROFS): ",                          # --verbose: entropy, unmounts, cache stats
+    rb"^Powering off\.\s*$",                           # osv::shutdown (e.g. the ACPI power button)
     rb"^\w+\(\) stubbed\s*$",                         # WARN_STUBBED
     rb"^syscall\(\): unimplemented system call \d+\s*$",
 )]

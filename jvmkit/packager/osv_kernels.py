@@ -301,7 +301,12 @@ def _http_get(session, url: str, *, stream: bool):
     try:
         response = session.get(url, stream=stream, timeout=(15, 60))
     except requests.RequestException as exc:
-        reason = type(exc).__name__ if not str(exc) else str(exc).split("\n")[0][:160]
+        if isinstance(exc, requests.Timeout):
+            reason = "timed out"
+        elif isinstance(exc, requests.ConnectionError):
+            reason = "could not connect (offline, or the host is unreachable)"
+        else:
+            reason = type(exc).__name__
         raise JvmkitError(f"can't download {url}: {reason}",
                           hint="check the network or the URL (JVMKIT_OSV_RELEASES_URL, --url); offline, "
                                "import a kernel you built: `jvmkit kernel import osv PATH`") from None
@@ -347,7 +352,7 @@ def _download(session, url: str, dest: Path, expected: str, label: str) -> int:
                     out.write(chunk)
                     bar.update(len(chunk))
         except requests.RequestException as exc:
-            raise JvmkitError(f"the download of {url} failed: {str(exc)[:160]}", hint="try again") from None
+            raise JvmkitError(f"the download of {url} failed ({type(exc).__name__})", hint="try again") from None
     if total is not None and size != total:
         raise JvmkitError(f"the download of {url} is truncated ({size} of {total} bytes)", hint="try again")
     got = digest.hexdigest()
@@ -373,6 +378,12 @@ def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256:
     pinned = KNOWN_RELEASES.get(tag, {})
     elf_digest = check_digest(sha256, "--sha256") if sha256 else pinned.get(ELF_ASSET)
     img_digest = check_digest(loader_sha256, "--loader-sha256") if loader_sha256 else pinned.get(LOADER_ASSET)
+    if elf_digest is None:  # a release pulled before (verified then) needs no network now
+        for entry, meta, _used in _entries():
+            if meta.get("source") == "release" and meta.get("tag") == tag and meta.get("elf"):
+                console.info(f"  OSv {tag}: already in the cache")
+                cache.touch_entry(entry)
+                return load_osv_kernel(entry)
     with requests.Session() as session:
         origin = "given" if sha256 else "pinned"
         if elf_digest is None or img_digest is None:
