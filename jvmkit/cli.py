@@ -253,6 +253,22 @@ def describe_manifest(b) -> str:
     return "\n".join(lines)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The disk file to write.")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
+@click.option("--loader", type=click.Path(path_type=Path),
+              help="OSv's loader image (build/last/loader.img) [default: the one cached with the image's kernel].")
+@output_options()
+def export(image, output, fmt, loader):
+    """Write an osv IMAGE as one bootable OSv disk (boot loader + command line + filesystem)."""
+    from jvmkit.packager import osv_image
+
+    dest = osv_image.export_classic(image, loader, output, fmt)
+    ui.current().result(f"{dest}  {human(dest.stat().st_size)}  {fmt}", {"disk": str(dest), "format": fmt,
+                                                                          "size": dest.stat().st_size})
+
+
 # ---- doctor ----------------------------------------------------------------------------------------
 
 @cli.command(context_settings=CONTEXT)
@@ -325,15 +341,16 @@ def kernel():
 @click.option("--version", "version", help="osv: release tag [default: the newest known].")
 @click.option("--url", help="osv: base URL of the release downloads (for mirrors and tests).")
 @click.option("--refresh", is_flag=True, help="linux: re-read the archive's index even if cached.")
+@click.option("--sha256", "sha256", help="osv: SHA-256 of osv-loader.elf.x86_64.gz (when none is pinned).")
 @output_options()
-def kernel_pull(target, suite, mirror, version, url, refresh):
+def kernel_pull(target, suite, mirror, version, url, refresh, sha256):
     """Download a guest kernel into the cache (verified by SHA-256)."""
-    from jvmkit.packager import kernels
+    from jvmkit.packager import kernels, osv_kernels
 
     if target == "linux":
         k = kernels.pull_linux(suite=suite, mirror=mirror, refresh=refresh)
     else:
-        k = kernels.pull_osv(version=version, base_url=url)
+        k = osv_kernels.pull_osv(version=version, base_url=url, sha256=sha256)
     info = k.describe()
     ui.current().result(f"{target} kernel {info.get('version')} in {info.get('path')}", info)
 
@@ -344,9 +361,9 @@ def kernel_pull(target, suite, mirror, version, url, refresh):
 @output_options()
 def kernel_import(target, path):
     """Add a kernel you built to the cache (OSv loader, or a Linux bzImage/vmlinux)."""
-    from jvmkit.packager import kernels
+    from jvmkit.packager import kernels, osv_kernels
 
-    k = kernels.import_osv(path) if target == "osv" else kernels.import_linux(path)
+    k = osv_kernels.import_osv(path) if target == "osv" else kernels.import_linux(path)
     info = k.describe()
     ui.current().result(f"imported {target} kernel {info.get('version')} ({info.get('sha256', '')[:16]})", info)
 

@@ -39,6 +39,8 @@ class VmConfig:
     initrd: Path | None = None                   # linux target
     disk: Path | None = None                     # osv target: ROFS disk on virtio-blk
     app_serial: bool = True                      # ttyS1 → QEMU's stdout (the app's output)
+    console_stdio: bool = False                  # osv: ttyS0 → QEMU's stdout, logged to console_log too
+    data_disks: tuple[Path, ...] = ()            # osv: more raw virtio-blk disks (vblk1...), read-only
     ports: tuple[PortForward, ...] = ()
     network: bool = True
     balloon: bool = True
@@ -71,8 +73,14 @@ def qemu_argv(c: VmConfig) -> list[str]:
     if c.disk is not None:
         argv += ["-drive", f"file={c.disk},if=none,id=rootfs,format=raw,readonly=on,cache=unsafe",
                  "-device", "virtio-blk-pci,drive=rootfs"]
-    argv += ["-chardev", f"file,id=console,path={c.console_log}", "-serial", "chardev:console"]
-    if c.app_serial:
+    for i, path in enumerate(c.data_disks):
+        argv += ["-drive", f"file={path},if=none,id=data{i},format=raw,readonly=on",
+                 "-device", f"virtio-blk-pci,drive=data{i}"]
+    if c.console_stdio:
+        argv += ["-chardev", f"stdio,id=console,signal=off,logfile={c.console_log}", "-serial", "chardev:console"]
+    else:
+        argv += ["-chardev", f"file,id=console,path={c.console_log}", "-serial", "chardev:console"]
+    if c.app_serial and not c.console_stdio:
         argv += ["-chardev", "stdio,id=app,signal=off", "-serial", "chardev:app"]
     argv += ["-qmp", f"unix:{c.qmp_socket},server=on,wait=off"]
     if c.network:

@@ -14,6 +14,7 @@ import ctypes
 import os
 import re
 import secrets
+import select
 import shlex
 import signal
 import socket
@@ -100,6 +101,11 @@ def diagnose(console_text: str, qemu_stderr: str, qemu_rc: int | None) -> str:
     for line in console_text.splitlines():
         if "Kernel panic" in line:
             return "the guest kernel panicked: " + line.split("Kernel panic - ", 1)[-1].strip()
+    for osv_failure in ("Could not mount rofs root filesystem", "Failed to parse command line",
+                        "Failed to load object"):
+        if osv_failure in console_text:
+            line = next(l for l in console_text.splitlines() if osv_failure in l)
+            return "OSv failed: " + line.strip()
     for line in console_text.splitlines():
         if "Aborted" in line or "page fault" in line.lower():
             return "the guest crashed: " + line.strip()
@@ -183,6 +189,26 @@ def _pump(src, dst) -> None:
         pass
 
 
+def _pump_osv(src, filt) -> None:
+    """OSv's one console: split into the app's output and OSv's messages (osv_image.ConsoleFilter);
+    an unfinished app line is passed on when the console is idle for 0.2 s."""
+    fd = src.fileno()
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                filt.flush_partial()
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            filt.feed(chunk)
+    except (OSError, ValueError):
+        pass
+    finally:
+        filt.close()
+
+
 def _tail(path: Path, stop: threading.Event, out) -> None:
     pos = 0
     while True:
@@ -248,9 +274,11 @@ def run(image_path: Path, options: RunOptions,
     accel, accel_note = choose_accel(options.accel, lambda: kvm.kvm_verdict(qemu, kernel=files["kernel"]))
     console.info(f"jvmkit: {accel_note}")
 
+    osv = image.target == "osv"
     run = rundir.create(options.name or image.name, explicit=options.name is not None)
     try:
         fw_cfg: list[tuple[str, Path]] = []
+        data_disks: list[Path] = []
         jmx = None
         if options.jmx:
             jmx_port = free_port()
@@ -258,15 +286,26 @@ def run(image_path: Path, options: RunOptions,
             jmx = {"host": "127.0.0.1", "port": jmx_port, "user": "jvmkit", "password": secrets.token_urlsafe(24)}
             seed = (f"jmx.port={JMX_GUEST_PORT}\njmx.advertise=127.0.0.1:{jmx_port}\n"
                     f"jmx.user={jmx['user']}\njmx.password={jmx['password']}\n")
-            fw_cfg.append((boot["seed_fw_cfg"], run.write_secret("seed", seed.encode())))
-        if options.args is not None:
+            if osv:  # no fw_cfg reader in OSv: a raw disk the guest reads at boot["seed_device"] (/dev/vblk1)
+                from jvmkit.packager.osv_image import seed_disk_image
+
+                data_disks.append(run.write_secret("seed.img", seed_disk_image(seed.encode())))
+            else:
+                fw_cfg.append((boot["seed_fw_cfg"], run.write_secret("seed", seed.encode())))
+        if options.args is not None and not osv:
             fw_cfg.append((boot["args_fw_cfg"], run.write_secret("args", shlex.join(options.args).encode())))
+        if osv:  # OSv's loader options precede the program: the whole line is rebuilt for new args
+            from jvmkit.packager.osv_image import runtime_cmdline
+
+            append = runtime_cmdline(boot, list(options.args) if options.args is not None else None, agent=options.jmx)
+        else:
+            append = kernel_cmdline(boot["kernel_cmdline"], options.verbose)
         config = VmConfig(
             name=run.name,
             kernel=files["kernel"],
             initrd=files.get("initramfs"),
             disk=files.get("disk"),
-            append=kernel_cmdline(boot["kernel_cmdline"], options.verbose),
+            append=append,
             memory_mib=memory,
             cpus=cpus,
             accel=accel,
@@ -274,6 +313,9 @@ def run(image_path: Path, options: RunOptions,
             console_log=run.console_log,
             ports=tuple(forwards),
             fw_cfg=tuple(fw_cfg),
+            app_serial=not osv,
+            console_stdio=osv,
+            data_disks=tuple(data_disks),
             qemu=qemu,
             free_page_reporting=options.free_page_reporting,
         )
@@ -313,9 +355,15 @@ def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
                          "started": time.time()})
         stderr_chunks: list[bytes] = []
-        threads = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
-                   threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)]
-        if options.verbose:
+        if boot.get("console_filter") == "osv":
+            from jvmkit.packager.osv_image import ConsoleFilter
+
+            filt = ConsoleFilter(sys.stdout.buffer, sys.stderr.buffer if options.verbose else None)
+            pump = threading.Thread(target=_pump_osv, args=(proc.stdout, filt), daemon=True)
+        else:
+            pump = threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True)
+        threads = [pump, threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)]
+        if options.verbose and not config.console_stdio:
             threads.append(threading.Thread(target=_tail, args=(run.console_log, tail_stop, sys.stderr), daemon=True))
         for t in threads:
             t.start()

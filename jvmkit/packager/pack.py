@@ -172,7 +172,8 @@ def pack(req: PackRequest) -> PackResult:
             jvm_flags = [*profile.jvm_flags(), *app.manifest_jvm_flags, *req.jvm_args]
             trained = appcds.train(runtime=runtime.path, jvm_flags=jvm_flags, main_class=app.main_class,
                                    app_args=list(req.app_args), app_files=[(g, Path(h)) for g, h in app_files],
-                                   mtime=mtime, timeout=req.train_timeout, dest=staging / ".app.jsa")
+                                   mtime=0 if req.target == "osv" else mtime,  # OSv's ROFS reports mtime 0
+                                   timeout=req.train_timeout, dest=staging / ".app.jsa")
             app_files.append((appcds.GUEST_ARCHIVE, trained))
             class_path, archive = appcds.relative_class_path(class_path), appcds.GUEST_ARCHIVE
             t = lap("appcds", t)
@@ -195,7 +196,8 @@ def pack(req: PackRequest) -> PackResult:
 
             kernel = osv_image.resolve_osv_kernel(req.kernel)
             t = lap("kernel", t)
-            written = osv_image.write_bundle(staging, kernel=kernel, java_argv=argv, app_args=list(req.app_args),
+            written = osv_image.write_bundle(staging, kernel=kernel, java_argv=argv, agent_flags=list(AGENT_FLAGS),
+                                             app_args=list(req.app_args),
                                              runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
                                              agent_jar=agent.agent_jar, mtime=mtime)
             kernel_info = portable(kernel.describe())

@@ -19,10 +19,17 @@ import java.util.Map;
  */
 record Seed(int listenPort, String advertiseHost, int advertisePort, String user, String password) {
     static final String PROPERTY = "jvmkit.seed";
+    static final int MAX_BYTES = 4096;
 
     static Seed load(Path path) throws IOException {
         Map<String, String> values = new HashMap<>();
-        for (String raw : Files.readAllLines(path, StandardCharsets.UTF_8)) {
+        // One bounded read, never on to EOF: on OSv the seed is a 4 KiB block device (/dev/vblk1),
+        // and reading past a device's end fails with EIO there instead of returning EOF.
+        byte[] bytes;
+        try (java.io.InputStream in = new java.io.FileInputStream(path.toFile())) {
+            bytes = in.readNBytes(MAX_BYTES);
+        }
+        for (String raw : new String(bytes, StandardCharsets.UTF_8).split("\n")) {
             String line = raw.strip();
             if (line.isEmpty() || line.startsWith("#")) {
                 continue;
