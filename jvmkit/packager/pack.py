@@ -144,6 +144,16 @@ def pack(req: PackRequest) -> PackResult:
     app = jars.analyze(req.jar, main=req.main, libs=list(req.libs), add_modules=list(req.add_modules),
                        jvm_args=list(req.jvm_args), app_args=list(req.app_args), jdk=jdk)
     t = lap("analyze", t)
+    # The kernel first: a missing one is the likeliest failure, and it needs no runtime to find out.
+    if req.target == "linux":
+        from jvmkit.packager import kernels
+
+        kernel = kernels.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
+    else:
+        from jvmkit.packager import osv_image
+
+        kernel = osv_image.resolve_osv_kernel(req.kernel)
+    t = lap("kernel", t)
     if profile.all_modules:
         modules = ("ALL-MODULE-PATH",)
     else:
@@ -182,10 +192,8 @@ def pack(req: PackRequest) -> PackResult:
                                user_jvm_args=list(req.jvm_args), launcher=req.target == "osv",
                                appcds_archive=archive)
         if req.target == "linux":
-            from jvmkit.packager import linux_image, kernels
+            from jvmkit.packager import linux_image
 
-            kernel = kernels.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
-            t = lap("kernel", t)
             written = linux_image.write_bundle(staging, kernel=kernel, java_argv=argv, agent_flags=list(AGENT_FLAGS),
                                                app_args=list(req.app_args),
                                                runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
@@ -194,8 +202,6 @@ def pack(req: PackRequest) -> PackResult:
         else:
             from jvmkit.packager import osv_image
 
-            kernel = osv_image.resolve_osv_kernel(req.kernel)
-            t = lap("kernel", t)
             written = osv_image.write_bundle(staging, kernel=kernel, java_argv=argv, agent_flags=list(AGENT_FLAGS),
                                              app_args=list(req.app_args),
                                              runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
