@@ -286,7 +286,12 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
                      log_path: Path | None) -> int:
     """`jvmkit run --balloon`: the runner plus one controller thread for the VM."""
     from jvmkit import runner
+    from jvmkit.packager import bundle as bundles
 
+    manifest = bundles.load(image, verify=False).manifest
+    if manifest.get("target") == "osv" and not manifest.get("kernel", {}).get("has_balloon"):
+        ui.current().warn("this image's OSv kernel has no virtio-balloon driver: the guest heap will shrink, "
+                          "but the host cannot take the memory back (use an OSv kernel built since 2026-07)")
     state: dict = {}
 
     def started(vm: runner.RunningVm) -> None:
