@@ -100,3 +100,34 @@ def test_stale_guest_stats_never_shrink():
     assert d.action == "hold" and "guest stats" in d.reason
     grow = decide(inputs(stats_fresh=False, gc_time_delta_ms=600, balloon_actual_mib=512), S)
     assert grow.action == "grow"
+
+
+def test_host_agent_reads_guest_stats_defensively(monkeypatch):
+    """QEMU reports -1 / 2**64-1 for stats a guest does not give, and OSv gives none (last-update 0)."""
+    from jvmkit.balloon import host
+
+    replies = {"query-balloon": {"actual": 1024 * MIB}}
+
+    class FakeQmp:  # stands in for QEMU's QMP socket, which needs a running VM
+        def __init__(self, stats, updated):
+            self.reply = {"stats": stats, "last-update": updated}
+
+        def execute(self, command, **kw):
+            return self.reply if command == "qom-get" else replies.get(command, {})
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    balloon = host.QmpBalloon("/nonexistent")
+    balloon._polling = True
+    monkeypatch.setattr(balloon, "_client", lambda: FakeQmp({"stat-total-memory": 2**64 - 1,
+                                                             "stat-available-memory": 900 * MIB}, 0))
+    read = balloon.read()
+    assert read["total"] is None and read["available"] is None and balloon.fresh(read)
+    monkeypatch.setattr(balloon, "_client", lambda: FakeQmp({"stat-total-memory": 1000 * MIB,
+                                                             "stat-available-memory": -1}, 12345))
+    read = balloon.read()
+    assert read["total"] == 1000 * MIB and read["available"] is None

@@ -93,8 +93,12 @@ class QmpBalloon:
             except QmpError:
                 pass
         def stat(name):
+            # -1 (or 2**64-1) means "not reported"; a guest without a stats queue (OSv) never
+            # updates them at all (last-update stays 0).
             value = stats.get(name)
-            return None if value is None or value < 0 else int(value)
+            if not updated or value is None or value < 0 or value >= 2**63:
+                return None
+            return int(value)
         return {"actual": int(actual), "updated": updated, "total": stat("stat-total-memory"),
                 "available": stat("stat-available-memory"), "free": stat("stat-free-memory")}
 

@@ -42,6 +42,7 @@ class Settings:
     host_low_ratio: float = 0.10
     host_psi_high: float = 10.0
     hysteresis_mib: int = 32
+    no_stats_non_heap_mib: int = 192  # what the guest is assumed to use besides the heap without stats
 
 
     @property
@@ -96,7 +97,7 @@ def non_heap_bytes(i: Inputs, s: Settings) -> int:
         inflated = max(0, s.memory_mib - i.balloon_actual_mib) * MIB
         guest_used = i.guest_total - i.guest_available - inflated
         return max(0, guest_used - i.heap_committed)
-    return s.guest_reserve_mib * MIB * 2
+    return s.no_stats_non_heap_mib * MIB  # no guest stats (e.g. OSv): assume a generous share
 
 
 def kernel_reserved_bytes(i: Inputs, s: Settings) -> int:

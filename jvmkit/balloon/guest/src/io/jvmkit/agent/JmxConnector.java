@@ -38,10 +38,14 @@ import javax.security.auth.Subject;
  */
 final class JmxConnector {
     private static final long EXIT_WATCH_MILLIS = 200;
+    // JMX logs a client that went away ("The server has decided to close this client connection")
+    // as a WARNING on the app's stderr; the host agent already handles that. Held so it stays set.
+    private static final java.util.logging.Logger JMX_LOG = java.util.logging.Logger.getLogger("javax.management.remote");
 
     private JmxConnector() {}
 
     static JMXConnectorServer start(Seed seed, MBeanServer server) throws IOException {
+        JMX_LOG.setLevel(java.util.logging.Level.SEVERE);
         String previous = System.getProperty("java.rmi.server.hostname");
         if (previous != null && !previous.equals(seed.advertiseHost())) {
             Log.info("java.rmi.server.hostname=" + previous + " replaced by " + seed.advertiseHost()
