@@ -531,12 +531,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+from jvmkit.packager.bundle import sha256_file  # noqa: E402  (one implementation for the package)
 
 
 def verify_digest(data: bytes, expected: tuple[int, str], what: str) -> None:

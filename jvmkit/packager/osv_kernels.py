@@ -223,22 +223,11 @@ class OsvKernel:
 
 
 def _entries() -> list[tuple[Path, dict, float]]:
-    base = cache.cache_root() / "kernels" / TARGET
-    if not base.is_dir():
-        return []
-    found = []
-    for entry in sorted(base.iterdir()):
-        marker = entry / cache.ENTRY_FILE
-        if entry.name.startswith(".") or not marker.is_file():
-            continue
-        try:
-            meta = json.loads((entry / KERNEL_JSON).read_text())
-            last_used = float(json.loads(marker.read_text()).get("last_used", 0))
-        except (OSError, ValueError):
-            continue
-        if meta.get("target") == TARGET and meta.get("layout") == LAYOUT:
-            found.append((entry, meta, last_used))
-    return found
+    """The complete OSv entries of jvmkit's kernel cache written in this module's layout."""
+    from jvmkit.packager.kernels import _entries as kernel_entries
+
+    return [(entry, meta, used) for entry, meta, used in kernel_entries(TARGET)
+            if meta.get("target") == TARGET and meta.get("layout") == LAYOUT]
 
 
 def load_osv_kernel(entry: Path) -> OsvKernel:
