@@ -29,7 +29,8 @@ def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
         jdk = jdks.find_jdk(jdk_path)
         has_jmods = jdk.jmods is not None or jdk.linkable_runtime
         checks.append(_check("jdk", True, f"{jdk.version} at {jdk.home}"))
-        fix = f"apt-get install openjdk-{jdk.release}-jmods, or --jdk PATH to a JDK with jmods"
+        fix = (f"apt-get install openjdk-{jdk.release}-jmods (Debian 13+; on Debian 12 they are in "
+               f"openjdk-{jdk.release}-jdk-headless), or --jdk PATH to a JDK with jmods")
         checks.append(_check("jmods", has_jmods, (str(jdk.jmods) if jdk.jmods else "none, but this JDK's jlink links from its own image") if has_jmods else "missing (jlink cannot trim a runtime)", fix))
         for tool in ("jlink", "jdeps", "javac"):
             path = getattr(jdk, tool, None)

@@ -105,7 +105,7 @@ class Jdk:
         if not _is_exe(path):
             raise JvmkitError(
                 f"the Java at {self.home} has no {name} (it is a JRE, not a full JDK)",
-                hint=f"apt-get install openjdk-{self.release}-jdk-headless openjdk-{self.release}-jmods, "
+                hint=f"apt-get install openjdk-{self.release}-jdk-headless (and openjdk-{self.release}-jmods on Debian 13+), "
                      f"or pass --jdk PATH to a full JDK")
         return path
 
@@ -121,7 +121,7 @@ class Jdk:
         if self.jmods is None and not self.linkable_runtime:
             raise JvmkitError(
                 f"the JDK at {self.home} (Java {self.release}) has no jmods, so jlink cannot build a trimmed runtime",
-                hint=f"on Debian/Ubuntu: apt-get install openjdk-{self.release}-jmods; "
+                hint=f"on Debian/Ubuntu: apt-get install openjdk-{self.release}-jmods (Debian 13+) or openjdk-{self.release}-jdk-headless (Debian 12); "
                      f"or pass --jdk PATH to a JDK that has jmods")
         return self.jmods
 
@@ -204,7 +204,7 @@ def jdk_at(home: Path, source: str = "--jdk") -> Jdk:
     release, version = _version_of(home, java)
     if release < MIN_RELEASE:
         raise JvmkitError(f"the Java at {home} is Java {release}; jvmkit needs JDK {MIN_RELEASE} or newer",
-                          hint="pass --jdk PATH to a newer JDK, e.g. apt-get install openjdk-17-jdk-headless openjdk-17-jmods")
+                          hint="pass --jdk PATH to a newer JDK, e.g. apt-get install openjdk-17-jdk-headless")
     jmods = home / "jmods"
     has_jmods = (jmods / "java.base.jmod").is_file()
     bin_dir = home / "bin"
@@ -231,5 +231,5 @@ def find_jdk(explicit: Path | None = None) -> Jdk:
     found = shutil.which("java")
     if not found:
         raise JvmkitError("no JDK found: no --jdk, JAVA_HOME is not set and there is no java on PATH",
-                          hint="apt-get install openjdk-17-jdk-headless openjdk-17-jmods, or pass --jdk PATH")
+                          hint="apt-get install openjdk-17-jdk-headless, or pass --jdk PATH")
     return jdk_at(Path(found).resolve().parent.parent, "PATH")
