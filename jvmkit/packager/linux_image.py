@@ -88,7 +88,7 @@ cd /
 rc=$?
 echo "{EXIT_MARKER}$rc" > /dev/console
 sync
-poweroff -f
+reboot -f  # QEMU runs with -no-reboot: a reboot ends the VM, with or without ACPI
 """
 
 

@@ -546,10 +546,14 @@ def import_osv(path: str | os.PathLike, loader_image: str | os.PathLike | None =
 
 def _from_path(value: str | os.PathLike, origin: str) -> OsvKernel:
     path = Path(value).expanduser()
-    if path.is_dir() and (path / KERNEL_JSON).is_file():
+    in_this_cache = path.resolve().is_relative_to(cache.cache_root().resolve())
+    if path.is_dir() and (path / KERNEL_JSON).is_file() and in_this_cache:
         kernel = load_osv_kernel(path)
         if (path / cache.ENTRY_FILE).is_file():
             cache.touch_entry(path)
+    elif path.is_dir() and (path / KERNEL_JSON).is_file():  # an entry of another cache: import its files
+        entry = load_osv_kernel(path)
+        kernel = import_osv(entry.elf or entry.loader_image, loader_image=entry.loader_image if entry.elf else None)
     else:
         kernel = import_osv(path)
     if kernel.elf is None:
