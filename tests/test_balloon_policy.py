@@ -131,3 +131,24 @@ def test_host_agent_reads_guest_stats_defensively(monkeypatch):
                                                              "stat-available-memory": -1}, 12345))
     read = balloon.read()
     assert read["total"] == 1000 * MIB and read["available"] is None
+
+
+def test_after_shrink_counts_the_freed_heap_as_available():
+    from jvmkit.balloon.policy import after_shrink, safe_floor_mib
+
+    before = inputs(heap_used=5 * MIB, heap_committed=600 * MIB, guest_available=300 * MIB)
+    after = after_shrink(before, 5 * MIB, 20 * MIB)
+    assert after.guest_available == 880 * MIB
+    # the non-heap estimate is what it was before the shrink, not inflated by the freed heap
+    from jvmkit.balloon.policy import non_heap_bytes
+    assert non_heap_bytes(after, S) == non_heap_bytes(before, S)
+    assert safe_floor_mib(after, S) < safe_floor_mib(before, S) + 1
+
+
+def test_heap_rising_grows_at_once():
+    d = decide(inputs(heap_used=200 * MIB, heap_committed=300 * MIB, balloon_actual_mib=400,
+                      heap_used_prev=20 * MIB), S)
+    assert d.action == "grow" and "rising" in d.reason and d.balloon_target_mib == 1024
+    calm = decide(inputs(heap_used=25 * MIB, heap_committed=300 * MIB, balloon_actual_mib=400,
+                         heap_used_prev=20 * MIB), S)
+    assert calm.action != "grow"

@@ -11,7 +11,6 @@ Requests from `jvmkit balloon set` arrive as `balloon-request.json` in the run d
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -127,6 +126,7 @@ class Controller:
     interval: float = 2.0
     log_path: Path | None = None
     qemu_pid: int | None = None
+    exit_marker: str | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     decisions: list = field(default_factory=list)
 
@@ -137,6 +137,7 @@ class Controller:
         self.last_gc_ms: float | None = None
         self.last_time = time.monotonic()
         self.connected_once = False
+        self.last_heap_used: int | None = None
         self.manual_mib: int | None = None  # from `jvmkit balloon set`: a ceiling above the safe floor
         self._log = open(self.log_path, "a", buffering=1) if self.log_path else None
 
@@ -210,7 +211,8 @@ class Controller:
             heap_max=stats.heap_max, gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
             host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"],
-            stats_fresh=self.balloon.fresh(guest))
+            stats_fresh=self.balloon.fresh(guest), heap_used_prev=self.last_heap_used)
+        self.last_heap_used = stats.heap_used
         request = self._take_request()
         settings = self.settings
         if self.manual_mib is not None:
@@ -229,8 +231,7 @@ class Controller:
             after_stats = self.client.balloon_stats()
             # The collections the shrink ran are ours, not the app's: don't count them as GC overhead.
             self.last_gc_ms = float(after_stats.gc_time_millis)
-            after = dataclasses.replace(before, heap_used=after_stats.heap_used,
-                                        heap_committed=after_stats.heap_committed)
+            after = policy.after_shrink(before, after_stats.heap_used, after_stats.heap_committed)
             target = policy.final_balloon_target(d, after, settings)
             achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target)
             if target < before.balloon_actual_mib:
@@ -242,7 +243,20 @@ class Controller:
         achieved["balloon_target_mib"] = d.balloon_target_mib
         return achieved
 
+    def _guest_exited(self) -> bool:
+        """The app ended (the guest wrote its exit line): a closed JMX port is expected then."""
+        if not self.exit_marker:
+            return False
+        try:
+            return self.exit_marker in (self.run_dir / "console.log").read_text(errors="replace")
+        except OSError:
+            return False
+
     def _lost(self, what: str) -> None:
+        if self._guest_exited():
+            self.log("guest-exited", reason="the app ended; the balloon stops")
+            self.stop_event.set()
+            return
         self.failures += 1
         decision, backoff = policy.on_lost_contact(self.settings, self.failures, what)
         try:
@@ -305,7 +319,7 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
             floor = vm.memory_mib
         settings = policy.Settings(memory_mib=vm.memory_mib, min_memory_mib=floor)
         controller = Controller(vm.name, vm.run.path, vm.config.qmp_socket, vm.jmx, settings, interval, log_path,
-                                qemu_pid=vm.process.pid)
+                                qemu_pid=vm.process.pid, exit_marker=manifest.get("boot", {}).get("exit_marker"))
         state["controller"] = controller
         thread = threading.Thread(target=controller.run, name=f"balloon-{vm.name}", daemon=True)
         state["thread"] = thread

@@ -20,7 +20,7 @@ Rules, in order:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 MIB = 2**20
 
@@ -42,7 +42,9 @@ class Settings:
     host_low_ratio: float = 0.10
     host_psi_high: float = 10.0
     hysteresis_mib: int = 32
-    no_stats_non_heap_mib: int = 192  # what the guest is assumed to use besides the heap without stats
+    no_stats_non_heap_mib: int = 192
+    rising_mib: int = 32            # heap use growing by more than this (and rising_ratio) since the
+    rising_ratio: float = 0.25      #   last decision means the app is growing again: grow at once  # what the guest is assumed to use besides the heap without stats
 
 
     @property
@@ -64,6 +66,7 @@ class Inputs:
     host_available: int | None = None  # bytes (MemAvailable)
     host_psi_some_avg10: float | None = None
     stats_fresh: bool = True        # guest stats were read after the last balloon change settled
+    heap_used_prev: int | None = None  # heap used at the previous decision (to see a growth early)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,15 @@ def with_manual_ceiling(s: Settings, requested_mib: int) -> Settings:
     return Settings(**{**s.__dict__, "ceiling_mib": ceiling})
 
 
+def after_shrink(before: Inputs, heap_used: int, heap_committed: int) -> Inputs:
+    """The inputs as they stand right after a heap shrink (pure). The guest stats were read before
+    it, so the heap the shrink uncommitted is added to the guest's available memory; otherwise it
+    would be counted as non-heap memory and keep the balloon too small for one round."""
+    freed = max(0, before.heap_committed - heap_committed)
+    available = None if before.guest_available is None else before.guest_available + freed
+    return replace(before, heap_used=heap_used, heap_committed=heap_committed, guest_available=available)
+
+
 def final_balloon_target(d: "Decision", after: Inputs, s: Settings) -> int:
     """The balloon target once the heap shrink is done (pure): the decision's target, raised to
     the safe floor for the heap that is still live, so the guest is never starved."""
@@ -139,9 +151,12 @@ def decide(i: Inputs, s: Settings) -> Decision:
 
     guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
     heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
-    if gc_overhead > s.gc_overhead_grow or guest_low or (heap_tight and i.balloon_actual_mib < s.ceiling):
+    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < s.ceiling
+              and i.heap_used - i.heap_used_prev > max(s.rising_mib * MIB, s.rising_ratio * i.heap_used_prev))
+    if gc_overhead > s.gc_overhead_grow or guest_low or rising or (heap_tight and i.balloon_actual_mib < s.ceiling):
         why = ("GC overhead %.0f%%" % (100 * gc_overhead) if gc_overhead > s.gc_overhead_grow
-               else "guest memory nearly exhausted" if guest_low else "heap used near committed")
+               else "guest memory nearly exhausted" if guest_low
+               else "heap use rising fast" if rising else "heap used near committed")
         if i.balloon_actual_mib >= s.ceiling and not heap_tight and not guest_low:
             return Decision("hold", i.heap_committed, s.ceiling, f"{why}, already at the ceiling", pressure, numbers)
         return Decision("grow", i.heap_max, s.ceiling, f"{why}: deflate to the ceiling, let the heap grow",
