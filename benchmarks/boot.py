@@ -1,0 +1,331 @@
+"""Benchmark `jvmkit run` boot time (issue 3): hello, trimmed + CDS against the full JDK without CDS.
+
+    python3 benchmarks/boot.py [--quick] [--out DIR] [--cache DIR] [--runs N]
+
+Packs samples/hello twice for `--target linux`:
+  (a) the jvmkit image: the default `auto` profile (trimmed runtime + default CDS archive);
+  (b) the same app on the full JDK without CDS in the same micro-VM: `--profile full
+      --jvm-arg=-Xshare:off` (every JDK module; jlink still strips debug info and compresses).
+Boots each N times (default 5, --quick 3) and measures, from the start of the `jvmkit run` process,
+the wall-clock time to the app's first stdout line ("main") and to the process's exit. (a) runs at
+guest memory 256M, 1G, 4G and 8G; (b) at 1G, and the (a)/(b) comparison is made at 1G. The
+configurations are interleaved round by round, so load from other work on the machine hits them
+alike. One boot of each image before the rounds (unpacking boot files into the cache, the KVM
+probe) is reported as `first_boot` and not counted.
+An `osv` row: when `jvmkit kernel ls --json` lists an osv kernel or JVMKIT_OSV_KERNEL is set, hello is
+also packed with `--target osv` and booted at 1G; otherwise the row says why it was skipped.
+Targets (issue 3): (a) reaches main >= 1.5x sooner than (b); boot-to-main at 8G within 10% of
+256M; the jvmkit hello image (kernel included) < 40 MB. Writes boot.json and boot.png under --out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common as C  # noqa: E402
+
+MEMORIES = ("256M", "1G", "4G", "8G")
+COMPARE_MEMORY = "1G"
+IMAGE_LIMIT = 40 * 10**6  # 40 MB
+
+
+def boot_once(image: Path, memory: str, env: dict, timeout: float = 600) -> dict:
+    """One `jvmkit run`: seconds to the first stdout line and to exit, exit status, output."""
+    argv = [*C.JVMKIT, "run", "--memory", memory, str(image), "--", "bench"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env, cwd=C.REPO)
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    qemu_at: list[float] = []
+    poller = threading.Thread(target=_watch_child, args=(proc, t0, qemu_at), daemon=True)
+    poller.start()
+    first = None
+    lines = []
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        for raw in proc.stdout:
+            if first is None:
+                first = time.monotonic() - t0
+            lines.append(raw.decode(errors="replace").rstrip("\n"))
+        rc = proc.wait()
+    finally:
+        killer.cancel()
+    exit_s = time.monotonic() - t0
+    reader.join(timeout=5)
+    ok = rc == 0 and bool(lines) and lines[0].startswith("Hello")
+    qemu_s = round(qemu_at[0], 3) if qemu_at else None
+    record = {"main_s": None if first is None else round(first, 3), "exit_s": round(exit_s, 3), "status": rc,
+              "ok": ok, "qemu_start_s": qemu_s,
+              "guest_main_s": round(first - qemu_s, 3) if first is not None and qemu_s is not None else None}
+    if not ok:
+        record["stdout"] = lines[-5:]
+        record["stderr"] = b"".join(err).decode(errors="replace")[-1500:]
+    return record
+
+
+def _watch_child(proc: subprocess.Popen, t0: float, found: list[float]) -> None:
+    """Note when jvmkit has started the VM's QEMU (a child whose command line has -kernel; jvmkit also
+    runs `qemu --version` and the like first): polls /proc/PID/task/*/children every 5 ms."""
+    task_dir = Path(f"/proc/{proc.pid}/task")
+    while proc.poll() is None:
+        try:
+            for task in task_dir.iterdir():
+                for child in (task / "children").read_text().split():
+                    try:
+                        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if b"-kernel" in argv:
+                        found.append(time.monotonic() - t0)
+                        return
+        except OSError:
+            pass
+        time.sleep(0.005)
+
+
+def breakdown_once(image: Path, memory: str, env: dict, timeout: float = 600) -> dict:
+    """One `jvmkit run --verbose` boot, split into parts by when lines arrive on the host: QEMU
+    started, the kernel's `Run /init` (and its own guest timestamp), init's `starting java`, the
+    app's first line. The console is tailed every 0.1 s and verbose kernel logging slows the boot,
+    so this explains where the time goes; it is not one of the measured samples."""
+    argv = [*C.JVMKIT, "run", "--verbose", "--memory", memory, str(image), "--", "bench"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env, cwd=C.REPO)
+    qemu_at: list[float] = []
+    threading.Thread(target=_watch_child, args=(proc, t0, qemu_at), daemon=True).start()
+    marks: dict = {}
+
+    def read_err():
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            now = round(time.monotonic() - t0, 3)
+            if "Run /init" in line and "kernel_run_init_s" not in marks:
+                marks["kernel_run_init_s"] = now
+                m = re.search(r"\[\s*([\d.]+)\]", line)
+                if m:
+                    marks["kernel_guest_clock_at_init_s"] = float(m.group(1))
+            elif "starting java" in line and "init_starting_java_s" not in marks:
+                marks["init_starting_java_s"] = now
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        for _raw in proc.stdout:
+            marks.setdefault("main_s", round(time.monotonic() - t0, 3))
+        proc.wait()
+    finally:
+        killer.cancel()
+    reader.join(timeout=5)
+    marks["exit_s"] = round(time.monotonic() - t0, 3)
+    marks["qemu_start_s"] = round(qemu_at[0], 3) if qemu_at else None
+    marks["status"] = proc.returncode
+    if "main_s" in marks and "init_starting_java_s" in marks:
+        marks["java_to_main_s"] = round(marks["main_s"] - marks["init_starting_java_s"], 3)
+    return marks
+
+
+def osv_available(env: dict) -> tuple[bool, str]:
+    if os.environ.get("JVMKIT_OSV_KERNEL"):
+        return True, f"JVMKIT_OSV_KERNEL={os.environ['JVMKIT_OSV_KERNEL']}"
+    try:
+        doc, _ = C.jvmkit_json(["kernel", "ls"], env, timeout=120)
+    except Exception as exc:
+        return False, f"jvmkit kernel ls failed: {exc}"
+    osv = [k for k in doc.get("kernels", []) if k.get("target") == "osv"]
+    if osv:
+        return True, f"cached osv kernel {osv[0].get('version') or osv[0].get('id')}"
+    return False, ("no OSv kernel: `jvmkit kernel ls --json` lists none and JVMKIT_OSV_KERNEL is not set "
+                   "(GitHub release downloads are not reachable from this machine)")
+
+
+def plot(result: dict, out: Path) -> dict:
+    plt = C.pyplot()
+    if plt is None:
+        return C.plot_skipped()
+    configs = result["configs"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    rows = [("a", COMPARE_MEMORY, "(a) jvmkit\ntrimmed+CDS"), ("b", COMPARE_MEMORY, "(b) full JDK\nno CDS")]
+    if "osv@" + COMPARE_MEMORY in configs:
+        rows.append(("osv", COMPARE_MEMORY, "osv\ntrimmed+CDS"))
+    width = 0.38
+    for i, (kind, mem, label) in enumerate(rows):
+        cfg = configs[f"{kind}@{mem}"]
+        for j, (metric, color) in enumerate((("main_s", "tab:blue"), ("exit_s", "tab:orange"))):
+            s = cfg[metric]
+            x = i + (j - 0.5) * width
+            if s["median"] is not None:
+                left.bar(x, s["median"], width, color=color, alpha=0.7,
+                         label=("first line (main)" if metric == "main_s" else "exit") if i == 0 else None)
+                left.scatter([x] * len(s["samples"]), s["samples"], color="black", s=10, zorder=3)
+        q = cfg["qemu_start_s"]["median"]
+        if q is not None:
+            left.bar(i - 0.5 * width, q, width, color="grey", alpha=0.8,
+                     label="jvmkit before QEMU starts" if i == 0 else None)
+    left.set_xticks(range(len(rows)), [r[2] for r in rows])
+    left.set_ylabel("seconds from `jvmkit run` start")
+    left.set_title(f"hello at {COMPARE_MEMORY} (median bars, samples as dots)")
+    left.legend()
+    xs = [_mib(m) for m in MEMORIES]
+    for metric, color, label in (("main_s", "tab:blue", "first line (main)"), ("exit_s", "tab:orange", "exit")):
+        meds = [configs[f"a@{m}"][metric]["median"] for m in MEMORIES]
+        right.plot(xs, meds, marker="o", color=color, label=label)
+        for x, m in zip(xs, MEMORIES):
+            samples = configs[f"a@{m}"][metric]["samples"]
+            right.scatter([x] * len(samples), samples, color=color, s=8, alpha=0.5)
+    right.set_xscale("log", base=2)
+    right.set_xticks(xs, list(MEMORIES))
+    right.set_ylim(bottom=0)
+    right.set_xlabel("guest memory")
+    right.set_ylabel("seconds")
+    right.set_title("(a) jvmkit image vs guest memory")
+    right.legend()
+    fig.suptitle(f"jvmkit boot benchmark (TCG, {result['machine'].get('cpus')} host cores, shared machine)")
+    fig.tight_layout()
+    path = out / "boot.png"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    C.log(f"wrote {path}")
+    return {"written": True, "path": str(path)}
+
+
+def _ratio(num: dict, den: dict) -> float | None:
+    if num["median"] and den["median"]:
+        return round(num["median"] / den["median"], 3)
+    return None
+
+
+def _mib(text: str) -> int:
+    return int(text[:-1]) * (1024 if text.endswith("G") else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = C.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=None, help="boots per configuration [5; --quick 3]")
+    args = parser.parse_args(argv)
+    runs = args.runs or (3 if args.quick else 5)
+    ws = C.Workspace("boot", args.cache, args.keep)
+    try:
+        env = ws.env()
+        pull = C.ensure_linux_kernel(env)
+        result: dict = {"benchmark": "boot", "quick": args.quick, "machine": C.machine(env),
+                        "setup": {"cache": str(ws.cache), "kernel_pull": pull, "runs": runs,
+                                  "compare_memory": COMPARE_MEMORY, "memories": list(MEMORIES),
+                                  "app": "samples/hello, argument 'bench'",
+                                  "measured": "wall-clock from starting `jvmkit run` (python -m jvmkit) to the "
+                                              "app's first stdout line (main_s) and to the process's exit (exit_s)"}}
+        jar = C.build_samples(ws.dir / "samples", ["hello"])["hello"]
+        images: dict[str, dict] = {}
+        variants = {"a": [], "b": ["--profile", "full", "--jvm-arg=-Xshare:off"]}
+        for kind, extra in variants.items():
+            C.log(f"pack ({kind}) {' '.join(extra) or '(default auto profile)'}")
+            out = ws.dir / f"hello-{kind}.jvmkit"
+            doc, wall = C.jvmkit_json(["pack", jar, "--target", "linux", "-o", out, "--force", *extra], env)
+            jdk = doc["manifest"]["jdk"]
+            images[kind] = {"path": out, "size": doc["size"], "module_count": len(doc["modules"]),
+                            "runtime_size": jdk.get("runtime_size"), "cds": jdk.get("cds"),
+                            "jvm_args": extra[-1:] if extra else [], "pack_wall_s": round(wall, 2),
+                            "files": {k: {"size": v.get("size"), "raw_size": v.get("raw_size")}
+                                      for k, v in doc["manifest"].get("files", {}).items()}}
+        osv_ok, osv_reason = osv_available(env)
+        osv_row: dict = {"available": osv_ok, "reason": osv_reason}
+        if osv_ok:
+            C.log("pack osv (hello --target osv)")
+            out = ws.dir / "hello-osv.jvmkit"
+            try:
+                doc, wall = C.jvmkit_json(["pack", jar, "--target", "osv", "-o", out, "--force"], env)
+                images["osv"] = {"path": out, "size": doc["size"], "module_count": len(doc["modules"]),
+                                 "runtime_size": doc["manifest"]["jdk"].get("runtime_size"),
+                                 "pack_wall_s": round(wall, 2)}
+            except Exception as exc:
+                osv_row.update(available=False, reason=f"pack --target osv failed: {exc}")
+        configs_order = [("a", m) for m in MEMORIES] + [("b", COMPARE_MEMORY)]
+        if "osv" in images:
+            configs_order.append(("osv", COMPARE_MEMORY))
+        first_boot = {}
+        for kind in images:
+            C.log(f"first boot of ({kind}) (unpacks boot files; not counted)")
+            first_boot[kind] = boot_once(images[kind]["path"], COMPARE_MEMORY, env)
+        breakdown = {}
+        for kind in images:
+            C.log(f"one --verbose boot of ({kind}) for the time breakdown (not counted)")
+            breakdown[kind] = breakdown_once(images[kind]["path"], COMPARE_MEMORY, env)
+        samples: dict[str, list[dict]] = {f"{k}@{m}": [] for k, m in configs_order}
+        for r in range(runs):
+            # rotate the order each round so no configuration always follows the same one
+            order = configs_order[r % len(configs_order):] + configs_order[:r % len(configs_order)]
+            for kind, mem in order:
+                rec = boot_once(images[kind]["path"], mem, env)
+                samples[f"{kind}@{mem}"].append(rec)
+                C.log(f"round {r + 1}/{runs} ({kind}) {mem}: main {rec['main_s']} s, exit {rec['exit_s']} s"
+                      + ("" if rec["ok"] else f"  FAILED status {rec['status']}"))
+        configs = {}
+        for key, recs in samples.items():
+            good = [x for x in recs if x["ok"]]
+            configs[key] = {"main_s": C.summary([x["main_s"] for x in good]),
+                            "exit_s": C.summary([x["exit_s"] for x in good]),
+                            "qemu_start_s": C.summary([x["qemu_start_s"] for x in good]),
+                            "guest_main_s": C.summary([x["guest_main_s"] for x in good]),
+                            "failures": [x for x in recs if not x["ok"]]}
+        result["images"] = {k: {kk: (str(vv) if kk == "path" else vv) for kk, vv in v.items()}
+                            for k, v in images.items()}
+        result["first_boot"] = first_boot
+        result["breakdown_verbose_boot"] = breakdown
+        result["configs"] = configs
+        if "osv" in images:
+            osv_row.update(main_s=configs[f"osv@{COMPARE_MEMORY}"]["main_s"],
+                           exit_s=configs[f"osv@{COMPARE_MEMORY}"]["exit_s"], image_size=images["osv"]["size"])
+        else:
+            osv_row["skipped"] = True
+        result["osv"] = osv_row
+
+        a_main = configs[f"a@{COMPARE_MEMORY}"]["main_s"]["median"]
+        b_main = configs[f"b@{COMPARE_MEMORY}"]["main_s"]["median"]
+        speedup = round(b_main / a_main, 3) if a_main and b_main else None
+        m256 = configs["a@256M"]["main_s"]["median"]
+        m8g = configs["a@8G"]["main_s"]["median"]
+        growth = round((m8g - m256) / m256, 4) if m256 and m8g else None
+        size_a = images["a"]["size"]
+        result["targets"] = {
+            "main_speedup_a_vs_b": C.target(speedup, ">= 1.5 (median main_s of (b) / (a), at 1G)",
+                                            speedup is not None and speedup >= 1.5,
+                                            a_main_s=a_main, b_main_s=b_main,
+                                            guest_only_speedup=_ratio(configs[f"b@{COMPARE_MEMORY}"]["guest_main_s"],
+                                                                      configs[f"a@{COMPARE_MEMORY}"]["guest_main_s"]),
+                                            exit_speedup=(round(configs[f"b@{COMPARE_MEMORY}"]["exit_s"]["median"]
+                                                                / configs[f"a@{COMPARE_MEMORY}"]["exit_s"]["median"], 3)
+                                                          if configs[f"a@{COMPARE_MEMORY}"]["exit_s"]["median"]
+                                                          and configs[f"b@{COMPARE_MEMORY}"]["exit_s"]["median"]
+                                                          else None)),
+            "main_8g_vs_256m": C.target(growth, "<= +0.10 (relative change of median main_s, 8G vs 256M)",
+                                        growth is not None and growth <= 0.10, main_256m_s=m256, main_8g_s=m8g,
+                                        guest_main_256m_s=configs["a@256M"]["guest_main_s"]["median"],
+                                        guest_main_8g_s=configs["a@8G"]["guest_main_s"]["median"]),
+            "hello_image_size_bytes": C.target(size_a, "< 40 MB (40,000,000 bytes), kernel included",
+                                               size_a < IMAGE_LIMIT, mib=round(size_a / C.MIB, 1),
+                                               full_jdk_image_bytes=images["b"]["size"]),
+        }
+        result["plot"] = plot(result, args.out)
+        C.finish("boot", result, args.out)
+        return 0
+    finally:
+        ws.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
