@@ -152,3 +152,15 @@ def test_heap_rising_grows_at_once():
     calm = decide(inputs(heap_used=25 * MIB, heap_committed=300 * MIB, balloon_actual_mib=400,
                          heap_used_prev=20 * MIB), S)
     assert calm.action != "grow"
+
+
+def test_final_target_never_takes_committed_heap():
+    """The GC could not uncommit as far as asked: the balloon must leave room for what is committed."""
+    from jvmkit.balloon.policy import after_shrink, final_balloon_target, kernel_reserved_bytes, non_heap_bytes
+
+    before = inputs(heap_used=200 * MIB, heap_committed=424 * MIB, guest_available=425 * MIB)
+    d = decide(before, S)
+    after = after_shrink(before, 200 * MIB, 420 * MIB)  # barely uncommitted anything
+    target = final_balloon_target(d, after, S)
+    need = (kernel_reserved_bytes(after, S) + non_heap_bytes(after, S) + 420 * MIB) / MIB
+    assert target >= need

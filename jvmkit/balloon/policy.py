@@ -111,8 +111,10 @@ def kernel_reserved_bytes(i: Inputs, s: Settings) -> int:
 
 
 def safe_floor_mib(i: Inputs, s: Settings) -> int:
-    """The least guest memory that still holds the live heap with minimal headroom (pure)."""
-    live = i.heap_used * (1 + s.pressure_headroom) + s.min_headroom_mib * MIB // 2
+    """The least guest memory that still holds the heap (pure): the live heap with minimal
+    headroom, and never less than what the heap has committed (the balloon cannot take pages the
+    JVM holds; trying starves the guest)."""
+    live = max(i.heap_used * (1 + s.pressure_headroom) + s.min_headroom_mib * MIB // 2, i.heap_committed)
     needed = kernel_reserved_bytes(i, s) + non_heap_bytes(i, s) + live
     return clamp_mib(needed / MIB + s.guest_reserve_mib, s)
 
