@@ -27,7 +27,11 @@ EXIT_MARKER = "jvmkit-exit="
 ARGS_FW_CFG = "opt/io.jvmkit/args"
 SEED_FW_CFG = "opt/io.jvmkit/seed"
 GUEST_SEED = "/run/jvmkit/seed"
-KERNEL_CMDLINE = "console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.nopnp"
+# init_on_alloc=0: the Debian kernel zeroes every kernel allocation by default, which costs ~0.5 s of
+# boot under emulation; this guest runs one application, which the kernel's own zeroing of user
+# pages still protects.
+KERNEL_CMDLINE = ("console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_check init_on_alloc=0 "
+                  "i8042.noaux i8042.nomux i8042.nopnp")
 ZSTD_LEVEL = 10
 
 
