@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,29 @@ def samples(tmp_path_factory) -> dict[str, Path]:
         if "no javac" in str(exc):
             pytest.skip(f"cannot build the samples: {exc}")
         raise
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path):
+    """A static HTTP server for `root` on 127.0.0.1 (stands in for Debian's archive or GitHub,
+    which tests must not reach): yields (base URL, list of request paths seen)."""
+    seen: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):
+            seen.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

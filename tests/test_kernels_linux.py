@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import serve_directory
 import zstandard
 
 from jvmkit import ui
@@ -417,26 +419,8 @@ def sha(data: bytes) -> str:
 def served(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    seen: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):
-            seen.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_port}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_directory(root) as (base, seen):
+        yield root, base, seen
 
 
 def publish(root: Path, suite: str, debs: list[tuple[str, str, bytes, str]]) -> None:
