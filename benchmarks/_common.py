@@ -213,3 +213,16 @@ def du_size(path: Path) -> int | None:
         out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, timeout=120).stdout
         return int(out.split()[0])
     return None
+
+
+def save_figure(fig, out: Path, name: str) -> dict:
+    """Write a matplotlib figure to out/name and close it; returns the plot record for the JSON."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"wrote {path}")
+    return {"written": True, "path": str(path)}

@@ -331,13 +331,7 @@ def plot(ways: dict[str, Way], schedule: list[dict], out: Path, grow_mb: int) ->
         ax.legend(fontsize=7, loc="upper right", ncol=2)
     axes[-1].set_xlabel("seconds since the idle phase started (the app's `dropped` line)")
     fig.suptitle(f"phases {grow_mb} MiB, guest {MEMORY}, {XMX} (TCG, shared 2-core machine)")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "balloon.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.log(f"wrote {path}")
-    return {"written": True, "path": str(path)}
+    return C.save_figure(fig, out, "balloon.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,13 +195,7 @@ def plot(result: dict, out: Path) -> dict:
     right.set_title("(a) jvmkit image vs guest memory")
     right.legend()
     fig.suptitle(f"jvmkit boot benchmark (TCG, {result['machine'].get('cpus')} host cores, shared machine)")
-    fig.tight_layout()
-    path = out / "boot.png"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.log(f"wrote {path}")
-    return {"written": True, "path": str(path)}
+    return C.save_figure(fig, out, "boot.png")
 
 
 def _ratio(num: dict, den: dict) -> float | None:

@@ -118,13 +118,7 @@ def plot(result: dict, out: Path) -> dict:
     right.set_title("jvmkit pack --target linux")
     right.legend(fontsize=8)
     fig.suptitle(f"jvmkit pack benchmark ({result['machine'].get('cpus')} host cores, shared machine)")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "pack.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.log(f"wrote {path}")
-    return {"written": True, "path": str(path)}
+    return C.save_figure(fig, out, "pack.png")
 
 
 def main(argv: list[str] | None = None) -> int:
