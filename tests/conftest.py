@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import http.server
 import importlib.util
 import os
@@ -80,3 +81,17 @@ def serve_directory(root: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A per-test JVMKIT_CACHE, no Debian mirror/keyring overrides from the environment, and a
+    console writing to a StringIO (returned) so tests can read what jvmkit printed."""
+    from jvmkit import ui
+
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("JVMKIT_DEBIAN_MIRROR", raising=False)
+    monkeypatch.delenv("JVMKIT_DEBIAN_KEYRING", raising=False)
+    console = ui.Console(stream=io.StringIO())
+    monkeypatch.setattr(ui, "_current", console)
+    return console

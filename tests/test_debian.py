@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import json
 import lzma
@@ -14,7 +13,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +21,6 @@ import pytest
 from conftest import serve_directory
 import zstandard
 
-from jvmkit import ui
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian
 
@@ -32,14 +29,8 @@ MAIN = "http://192.0.2.10/debian"
 SECURITY = "http://192.0.2.11/debian-security"
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("JVMKIT_DEBIAN_MIRROR", raising=False)
-    monkeypatch.delenv("JVMKIT_DEBIAN_KEYRING", raising=False)
-    console = ui.Console(stream=io.StringIO())
-    monkeypatch.setattr(ui, "_current", console)
-    return console
+# A fresh cache, no mirror or keyring overrides, and a console whose output the test can read.
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 # ---- helpers: .deb building ------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import json
 import lzma
@@ -16,7 +15,6 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,19 +23,12 @@ import pytest
 from conftest import serve_directory
 import zstandard
 
-from jvmkit import ui
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian, kernels
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("JVMKIT_DEBIAN_MIRROR", raising=False)
-    monkeypatch.delenv("JVMKIT_DEBIAN_KEYRING", raising=False)
-    console = ui.Console(stream=io.StringIO())
-    monkeypatch.setattr(ui, "_current", console)
-    return console
+# A fresh cache, no mirror or keyring overrides, and a console whose output the test can read.
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 # ---- synthetic ELF files -------------------------------------------------------------------------------
