@@ -17,12 +17,14 @@ DEFAULT_PROFILE = "auto"
 GCS = {"g1": "-XX:+UseG1GC", "serial": "-XX:+UseSerialGC", "parallel": "-XX:+UseParallelGC",
        "z": "-XX:+UseZGC", "shenandoah": "-XX:+UseShenandoahGC"}
 COMPRESS = ("zip", "none")
+RUNTIMES = ("jlink", "copy")  # jlink a trimmed runtime, or copy the build JDK as it is installed
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
     description: str
+    runtime: str                    # "jlink" (trimmed, the default) or "copy" (the JDK as installed)
     modules: tuple[str, ...]        # "ALL-MODULE-PATH" means every module of the build JDK
     add_jdeps_modules: bool
     compress: str                   # "zip" or "none"
@@ -44,7 +46,7 @@ class Profile:
         return [*flags, *self.flags]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "modules": list(self.modules), "gc": self.gc,
+        return {"name": self.name, "runtime": self.runtime, "modules": list(self.modules), "gc": self.gc,
                 "max_ram_percentage": self.max_ram_percentage, "flags": list(self.flags),
                 "compress": self.compress, "strip_debug": self.strip_debug}
 
@@ -65,11 +67,14 @@ def available_profiles() -> dict[str, Path]:
 
 def parse_profile(name: str, data: dict, source: str) -> Profile:
     """Validate a profile's TOML data (pure) and build a Profile."""
-    known_top = {"description", "modules", "add_jdeps_modules", "jlink", "jvm"}
+    known_top = {"description", "runtime", "modules", "add_jdeps_modules", "jlink", "jvm"}
     unknown = set(data) - known_top
     if unknown:
         raise UsageError(f"profile {source}: unknown key {sorted(unknown)[0]!r} "
                          f"(known: {', '.join(sorted(known_top))})")
+    runtime = data.get("runtime", "jlink")
+    if runtime not in RUNTIMES:
+        raise UsageError(f"profile {source}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     jlink = data.get("jlink", {})
     jvm = data.get("jvm", {})
     modules = data.get("modules", [])
@@ -91,6 +96,7 @@ def parse_profile(name: str, data: dict, source: str) -> Profile:
     return Profile(
         name=name,
         description=str(data.get("description", "")),
+        runtime=runtime,
         modules=tuple(modules),
         add_jdeps_modules=bool(data.get("add_jdeps_modules", True)),
         compress=compress,

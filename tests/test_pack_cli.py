@@ -78,7 +78,7 @@ def test_json_summary_and_quiet(samples, tmp_path):
 def test_list_profiles():
     proc = jvmkit("pack", "--list-profiles")
     assert proc.returncode == 0
-    for name in ("auto", "minimal", "server", "full"):
+    for name in ("auto", "minimal", "server", "full", "jdk"):
         assert name in proc.stdout
 
 

@@ -1,5 +1,8 @@
-"""Sizes, jvmkit.toml validation, profiles and the cache's atomic entries (no VM, no JDK)."""
+"""Sizes, jvmkit.toml validation, profiles, the untrimmed runtime copy and the cache's atomic entries
+(no VM, no JDK)."""
 
+import hashlib
+import json
 import os
 import time
 
@@ -73,6 +76,8 @@ def test_profiles_bundled_and_valid():
         assert p.jvm_flags()[0].startswith("-XX:+Use")
     assert profiles.load_profile("full").all_modules
     assert profiles.load_profile("minimal").modules == ("java.base",)
+    assert profiles.load_profile("jdk").runtime == "copy"
+    assert {profiles.load_profile(n).runtime for n in names - {"jdk"}} == {"jlink"}
 
 
 def test_profile_errors(tmp_path):
@@ -84,6 +89,46 @@ def test_profile_errors(tmp_path):
     with pytest.raises(UsageError) as err:
         profiles.load_profile(str(bad))
     assert "epsilon" in err.value.message
+    bad.write_text('runtime = "docker"\n')
+    with pytest.raises(UsageError) as err:
+        profiles.load_profile(str(bad))
+    assert "runtime 'docker' is not one of jlink, copy" in err.value.message
+
+
+def test_untrimmed_runtime_is_the_jdk_copied_with_links_followed(tmp_path, monkeypatch):
+    """The `jdk` profile's runtime: the JDK home as installed, links resolved, dangling ones left out
+    (a fake JDK home here; the real one is copied by benchmarks/boot.py)."""
+    from jvmkit.packager.runtime import RUNTIME_FORMAT, RuntimeSpec, ensure_runtime
+
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
+    outside = tmp_path / "etc-java"
+    outside.mkdir()
+    (outside / "cacerts").write_bytes(b"certs")
+    home = tmp_path / "jdk"
+    (home / "bin").mkdir(parents=True)
+    (home / "lib" / "security").mkdir(parents=True)
+    (home / "bin" / "java").write_text("#!/bin/sh\n")
+    (home / "bin" / "java").chmod(0o755)
+    (home / "release").write_text('JAVA_VERSION="17"\nMODULES="java.base java.xml"\n')
+    (home / "lib" / "security" / "cacerts").symlink_to(outside / "cacerts")
+    (home / "lib" / "src.zip").symlink_to(tmp_path / "missing.zip")
+    (home / "conf").symlink_to(outside, target_is_directory=True)
+    spec = RuntimeSpec(jdk_home=str(home), jdk_version="17.0.99", jdk_release=17, modules=("ALL-MODULE-PATH",),
+                       compress="zip", strip_debug=True, cds=False, copy=True)
+    runtime = ensure_runtime(spec, jlink=tmp_path / "no-jlink", jmods=tmp_path / "no-jmods")
+    copied = runtime.path
+    assert runtime.built_now and runtime.modules == ("java.base", "java.xml") and runtime.cds_archive is None
+    assert not (copied / "lib" / "security" / "cacerts").is_symlink()
+    assert (copied / "lib" / "security" / "cacerts").read_bytes() == b"certs"
+    assert (copied / "conf").is_dir() and not (copied / "conf").is_symlink()
+    assert not (copied / "lib" / "src.zip").exists() and not (copied / "lib" / "src.zip").is_symlink()
+    assert os.access(copied / "bin" / "java", os.X_OK)
+    trimmed = RuntimeSpec(**{**spec.__dict__, "copy": False})
+    assert spec.key() != trimmed.key()
+    # runtimes cached before the `copy` field existed keep their keys
+    fields = {k: v for k, v in trimmed.__dict__.items() if k != "copy"}
+    before = hashlib.sha256(json.dumps({"format": RUNTIME_FORMAT, **fields}, sort_keys=True).encode()).hexdigest()
+    assert trimmed.key() == "jdk17-" + before[:16]
 
 
 def test_cache_entry_is_atomic(tmp_path, monkeypatch):

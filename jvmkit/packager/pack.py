@@ -154,7 +154,9 @@ def pack(req: PackRequest) -> PackResult:
 
         kernel = osv_image.resolve_osv_kernel(req.kernel)
     t = lap("kernel", t)
-    if profile.all_modules:
+    if profile.runtime == "copy":
+        modules = ("ALL-MODULE-PATH",)  # the JDK as installed; the release file lists them
+    elif profile.all_modules:
         modules = ("ALL-MODULE-PATH",)
     else:
         modules = jars.required_modules(app.jdeps_modules if profile.add_jdeps_modules else (),
@@ -162,7 +164,8 @@ def pack(req: PackRequest) -> PackResult:
                                         list(profile.modules))
     console.info(f"  main class {app.main_class}; JDK modules: {', '.join(modules)}")
     spec = RuntimeSpec(jdk_home=str(jdk.home), jdk_version=jdk.version, jdk_release=jdk.release,
-                       modules=tuple(modules), compress=profile.compress, strip_debug=profile.strip_debug)
+                       modules=tuple(modules), compress=profile.compress, strip_debug=profile.strip_debug,
+                       cds=profile.runtime != "copy", copy=profile.runtime == "copy")
     runtime = ensure_runtime(spec, jdk.jlink, jdk.jmods)
     if not runtime.built_now:
         console.info(f"  runtime: reused from cache ({runtime.path.parent.name})")

@@ -1,5 +1,9 @@
 """The trimmed Java runtime: jlink over the build JDK's jmods, plus a default CDS archive.
 
+A profile with `runtime = "copy"` (jdk-profiles/jdk.toml) instead copies the build JDK as it is
+installed, untrimmed, with the CDS archive it ships: the baseline the trimmed runtimes are measured
+against.
+
 A runtime is keyed by the JDK's exact release, its location, the module set and the jlink options,
 and cached under `runtimes/<key>/` (see jvmkit.cache), so a warm `pack` reuses it. The decisions
 (which options, which key) are pure functions; `ensure_runtime` does the I/O.
@@ -11,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +37,11 @@ class RuntimeSpec:
     compress: str             # "zip" or "none"
     strip_debug: bool
     cds: bool = True
+    copy: bool = False        # copy the JDK as installed instead of running jlink
 
     def key(self) -> str:
-        payload = json.dumps({"format": RUNTIME_FORMAT, **self.__dict__}, sort_keys=True)
+        fields = {k: v for k, v in self.__dict__.items() if k != "copy" or v}  # keeps older keys stable
+        payload = json.dumps({"format": RUNTIME_FORMAT, **fields}, sort_keys=True)
         return f"jdk{self.jdk_release}-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -96,9 +103,21 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
         raise JvmkitError(f"could not run {what} ({cmd[0]}): {exc.strerror}") from None
 
 
+def _copy_jdk(spec: RuntimeSpec, dest: Path) -> None:
+    """Copy the JDK home as installed: links followed, dangling ones (Debian's lib/src.zip) left out."""
+    with ui.current().step(f"copy: the whole JDK {spec.jdk_version} from {spec.jdk_home} (untrimmed)"):
+        try:
+            shutil.copytree(spec.jdk_home, dest / "runtime", symlinks=False, ignore_dangling_symlinks=True)
+        except shutil.Error as exc:
+            raise JvmkitError(f"copying the JDK {spec.jdk_home} failed: {exc.args[0][0][2]}") from None
+
+
 def _build(spec: RuntimeSpec, jlink: Path, jmods: Path, dest: Path) -> None:
     console = ui.current()
     out = dest / "runtime"
+    if spec.copy:
+        _copy_jdk(spec, dest)
+        return
     with console.step(f"jlink: {len(spec.modules)} module(s) from JDK {spec.jdk_version}"):
         proc = _run([str(jlink), *jlink_args(spec, jmods, out)], "jlink")
     if proc.returncode != 0:
