@@ -31,7 +31,7 @@ import zstandard
 from jvmkit import cache, kvm, rundir, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
-from jvmkit.qemu import PortForward, VmConfig, find_qemu, qemu_argv
+from jvmkit.qemu import MACHINES, PortForward, VmConfig, find_qemu, qemu_argv
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILED = 125
@@ -270,6 +270,10 @@ def run(image_path: Path, options: RunOptions,
         raise UsageError(f"--memory {memory}M is too small for a JVM guest (at least 64M)")
     if not 1 <= cpus <= 64:
         raise UsageError(f"--cpus {cpus} is out of range (1-64)")
+    machine = boot.get("machine", "pc")
+    if machine not in MACHINES:
+        raise UsageError(f"image {image_path} asks for QEMU machine type {machine!r}, which this jvmkit does not "
+                         f"use (known: {', '.join(MACHINES)})", hint="re-pack the image with this jvmkit")
     files = prepare_boot_files(image)
     accel, accel_note = choose_accel(options.accel, lambda: kvm.kvm_verdict(qemu, kernel=files["kernel"]))
     console.info(f"jvmkit: {accel_note}")
@@ -317,6 +321,7 @@ def run(image_path: Path, options: RunOptions,
             console_stdio=osv,
             data_disks=tuple(data_disks),
             qemu=qemu,
+            machine=machine,
             free_page_reporting=options.free_page_reporting,
         )
         return _boot(image, run, config, options, jmx, on_started, on_stopping)

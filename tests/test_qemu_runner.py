@@ -39,6 +39,14 @@ def test_argv_kvm_multi_cpu_and_osv_disk():
     assert tcg2[tcg2.index("-accel") + 1].startswith("tcg,thread=multi")
 
 
+def test_machine_type_comes_from_the_image_and_is_checked():
+    assert qemu_argv(config())[qemu_argv(config()).index("-machine") + 1] == "pc"
+    q35 = qemu_argv(config(machine="q35"))
+    assert q35[q35.index("-machine") + 1] == "q35"
+    with pytest.raises(ValueError):
+        qemu_argv(config(machine="pc,accel=kvm"))
+
+
 def test_secrets_never_on_argv(tmp_path):
     seed = tmp_path / "seed"
     seed.write_text("jmx.password=s3cret\n")
