@@ -69,12 +69,30 @@ public final class Launcher {
             throw new NoSuchMethodException(name + ".main");
         }
         main.setAccessible(true);
-        Object[] callArgs = withArgs != null ? new Object[] {args} : new Object[0];
-        boolean isStatic = Modifier.isStatic(main.getModifiers());
-        return () -> {
+        return new Entry(cls, main, withArgs != null ? new Object[] {args} : new Object[0]);
+    }
+
+    /**
+     * The call of main. A named class, not a lambda: a lambda's first use spins method-handle
+     * classes at run time (invokedynamic bootstrap), which cost ~0.3 s of every start under
+     * emulation, before the app's main ran.
+     */
+    private static final class Entry implements Runnable {
+        private final Class<?> cls;
+        private final Method main;
+        private final Object[] callArgs;
+
+        Entry(Class<?> cls, Method main, Object[] callArgs) {
+            this.cls = cls;
+            this.main = main;
+            this.callArgs = callArgs;
+        }
+
+        @Override
+        public void run() {
             try {
                 Object target = null;
-                if (!isStatic) {
+                if (!Modifier.isStatic(main.getModifiers())) {
                     var ctor = cls.getDeclaredConstructor();
                     ctor.setAccessible(true);
                     target = ctor.newInstance();
@@ -85,7 +103,7 @@ public final class Launcher {
             } catch (ReflectiveOperationException e) {
                 throw sneaky(e);
             }
-        };
+        }
     }
 
     /** main(String[]) or main(), non-private, declared in the class or inherited. */
