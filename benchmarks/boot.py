@@ -2,20 +2,23 @@
 
     python3 benchmarks/boot.py [--quick] [--out DIR] [--cache DIR] [--runs N]
 
-Packs samples/hello twice for `--target linux`:
+Packs samples/hello for `--target linux` as
   (a) the jvmkit image: the default `auto` profile (trimmed runtime + default CDS archive);
-  (b) the same app on the full JDK without CDS in the same micro-VM: `--profile full
-      --jvm-arg=-Xshare:off` (every JDK module; jlink still strips debug info and compresses).
-Boots each N times (default 5, --quick 3) and measures, from the start of the `jvmkit run` process,
-the wall-clock time to the app's first stdout line ("main") and to the process's exit. (a) runs at
-guest memory 256M, 1G, 4G and 8G; (b) at 1G, and the (a)/(b) comparison is made at 1G. The
-configurations are interleaved round by round, so load from other work on the machine hits them
-alike. One boot of each image before the rounds (unpacking boot files into the cache, the KVM
-probe) is reported as `first_boot` and not counted.
-An `osv` row: when `jvmkit kernel ls --json` lists an osv kernel or JVMKIT_OSV_KERNEL is set, hello is
-also packed with `--target osv` and booted at 1G; otherwise the row says why it was skipped.
-Targets (issue 3): (a) reaches main >= 1.5x sooner than (b); boot-to-main at 8G within 10% of
-256M; the jvmkit hello image (kernel included) < 40 MB. Writes boot.json and boot.png under --out.
+  (b) the same app on the full, untrimmed JDK without CDS in the same micro-VM: `--profile jdk
+      --jvm-arg=-Xshare:off` (the build JDK copied as it is installed);
+  (b_jlink) for reference, every JDK module through jlink (debug info stripped, compressed), no CDS;
+and samples/multijar for linux. Boots each N times (default 5, --quick 3) and measures, from the
+start of the `jvmkit run` process, the wall-clock time to the app's first stdout line ("main") and
+to the process's exit. (a) runs at guest memory 256M, 1G, 4G and 8G; the rest at 1G, where the
+comparisons are made. The configurations are interleaved round by round, so load from other work on
+the machine hits them alike. One boot of each image before the rounds (unpacking boot files into the
+cache, the KVM probe) is reported as `first_boot` and not counted.
+OSv rows (issue 4): when `jvmkit kernel ls --json` lists an osv kernel or JVMKIT_OSV_KERNEL is set,
+hello and multijar are also packed with `--target osv` and booted at 1G; otherwise the JSON says why
+they were skipped.
+Targets: (a) reaches main >= 1.5x sooner than (b); boot-to-main at 8G within 10% of 256M; the
+jvmkit hello image (kernel included) < 40 MB; the OSv images reach main in less than half the
+linux images' time. Writes boot.json and boot.png under --out.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ COMPARE_MEMORY = "1G"
 IMAGE_LIMIT = 40 * 10**6  # 40 MB
 
 
-def boot_once(image: Path, memory: str, env: dict, timeout: float = 600) -> dict:
+def boot_once(image: Path, memory: str, env: dict, timeout: float = 600, app_args: tuple = ("bench",),
+              expect: str = "Hello") -> dict:
     """One `jvmkit run`: seconds to the first stdout line and to exit, exit status, output."""
-    argv = [*C.JVMKIT, "run", "--memory", memory, str(image), "--", "bench"]
+    argv = [*C.JVMKIT, "run", "--memory", memory, str(image), "--", *app_args]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env=env, cwd=C.REPO)
@@ -64,7 +68,7 @@ def boot_once(image: Path, memory: str, env: dict, timeout: float = 600) -> dict
         killer.cancel()
     exit_s = time.monotonic() - t0
     reader.join(timeout=5)
-    ok = rc == 0 and bool(lines) and lines[0].startswith("Hello")
+    ok = rc == 0 and bool(lines) and lines[0].startswith(expect)
     qemu_s = round(qemu_at[0], 3) if qemu_at else None
     record = {"main_s": None if first is None else round(first, 3), "exit_s": round(exit_s, 3), "status": rc,
               "ok": ok, "qemu_start_s": qemu_s,
@@ -95,12 +99,12 @@ def _watch_child(proc: subprocess.Popen, t0: float, found: list[float]) -> None:
         time.sleep(0.005)
 
 
-def breakdown_once(image: Path, memory: str, env: dict, timeout: float = 600) -> dict:
+def breakdown_once(image: Path, memory: str, env: dict, timeout: float = 600, app_args: tuple = ("bench",)) -> dict:
     """One `jvmkit run --verbose` boot, split into parts by when lines arrive on the host: QEMU
     started, the kernel's `Run /init` (and its own guest timestamp), init's `starting java`, the
     app's first line. The console is tailed every 0.1 s and verbose kernel logging slows the boot,
     so this explains where the time goes; it is not one of the measured samples."""
-    argv = [*C.JVMKIT, "run", "--verbose", "--memory", memory, str(image), "--", "bench"]
+    argv = [*C.JVMKIT, "run", "--verbose", "--memory", memory, str(image), "--", *app_args]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env=env, cwd=C.REPO)
@@ -158,10 +162,11 @@ def plot(result: dict, out: Path) -> dict:
     if plt is None:
         return C.plot_skipped()
     configs = result["configs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    rows = [("a", COMPARE_MEMORY, "(a) jvmkit\ntrimmed+CDS"), ("b", COMPARE_MEMORY, "(b) full JDK\nno CDS")]
-    if "osv@" + COMPARE_MEMORY in configs:
-        rows.append(("osv", COMPARE_MEMORY, "osv\ntrimmed+CDS"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={'width_ratios': [3, 2]})
+    labels = {"a": "(a) jvmkit\ntrimmed+CDS", "b": "(b) JDK as\ninstalled, no CDS",
+              "b_jlink": "all modules\njlink, no CDS", "osv": "osv\ntrimmed+CDS",
+              "multijar": "multijar\nlinux", "multijar_osv": "multijar\nosv"}
+    rows = [(k, COMPARE_MEMORY, label) for k, label in labels.items() if f"{k}@{COMPARE_MEMORY}" in configs]
     width = 0.38
     for i, (kind, mem, label) in enumerate(rows):
         cfg = configs[f"{kind}@{mem}"]
@@ -208,6 +213,21 @@ def _mib(text: str) -> int:
     return int(text[:-1]) * (1024 if text.endswith("G") else 1)
 
 
+# kind -> (sample, target, extra `pack` flags, app arguments, first-line prefix, description)
+IMAGES = {
+    "a": ("hello", "linux", [], ("bench",), "Hello",
+          "jvmkit image: trimmed runtime (auto profile) + default CDS"),
+    "b": ("hello", "linux", ["--profile", "jdk", "--jvm-arg=-Xshare:off"], ("bench",), "Hello",
+          "the full JDK as installed, untrimmed (profile jdk), without CDS"),
+    "b_jlink": ("hello", "linux", ["--profile", "full", "--jvm-arg=-Xshare:off"], ("bench",), "Hello",
+                "every JDK module through jlink (debug info stripped, compressed), without CDS"),
+    "osv": ("hello", "osv", [], ("bench",), "Hello", "OSv image: trimmed runtime + default CDS"),
+    "multijar": ("multijar", "linux", [], (), "{", "multi-jar sample, jvmkit linux image"),
+    "multijar_osv": ("multijar", "osv", [], (), "{", "multi-jar sample, jvmkit OSv image"),
+}
+OSV_KINDS = ("osv", "multijar_osv")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = C.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=None, help="boots per configuration [5; --quick 3]")
@@ -220,51 +240,49 @@ def main(argv: list[str] | None = None) -> int:
         result: dict = {"benchmark": "boot", "quick": args.quick, "machine": C.machine(env),
                         "setup": {"cache": str(ws.cache), "kernel_pull": pull, "runs": runs,
                                   "compare_memory": COMPARE_MEMORY, "memories": list(MEMORIES),
-                                  "app": "samples/hello, argument 'bench'",
+                                  "apps": "samples/hello with argument 'bench'; samples/multijar without arguments",
+                                  "images": {k: v[5] for k, v in IMAGES.items()},
                                   "measured": "wall-clock from starting `jvmkit run` (python -m jvmkit) to the "
                                               "app's first stdout line (main_s) and to the process's exit (exit_s)"}}
-        jar = C.build_samples(ws.dir / "samples", ["hello"])["hello"]
+        jars = C.build_samples(ws.dir / "samples", ["hello", "multijar"])
+        osv_ok, osv_reason = osv_available(env)
+        osv_row: dict = {"available": osv_ok, "reason": osv_reason}
         images: dict[str, dict] = {}
-        variants = {"a": [], "b": ["--profile", "full", "--jvm-arg=-Xshare:off"]}
-        for kind, extra in variants.items():
-            C.log(f"pack ({kind}) {' '.join(extra) or '(default auto profile)'}")
-            out = ws.dir / f"hello-{kind}.jvmkit"
-            doc, wall = C.jvmkit_json(["pack", jar, "--target", "linux", "-o", out, "--force", *extra], env)
+        for kind, (sample, target, extra, _args, _expect, _what) in IMAGES.items():
+            if target == "osv" and not osv_row["available"]:
+                continue
+            C.log(f"pack ({kind}) {sample} --target {target} {' '.join(extra)}")
+            out = ws.dir / f"{kind}.jvmkit"
+            try:
+                doc, wall = C.jvmkit_json(["pack", jars[sample], "--target", target, "-o", out, "--force", *extra],
+                                          env)
+            except Exception as exc:
+                if target != "osv":
+                    raise
+                osv_row.update(available=False, reason=f"pack --target osv failed: {exc}")
+                continue
             jdk = doc["manifest"]["jdk"]
             images[kind] = {"path": out, "size": doc["size"], "module_count": len(doc["modules"]),
                             "runtime_size": jdk.get("runtime_size"), "cds": jdk.get("cds"),
-                            "jvm_args": extra[-1:] if extra else [], "pack_wall_s": round(wall, 2),
+                            "pack_flags": extra, "pack_wall_s": round(wall, 2),
                             "files": {k: {"size": v.get("size"), "raw_size": v.get("raw_size")}
                                       for k, v in doc["manifest"].get("files", {}).items()}}
-        osv_ok, osv_reason = osv_available(env)
-        osv_row: dict = {"available": osv_ok, "reason": osv_reason}
-        if osv_ok:
-            C.log("pack osv (hello --target osv)")
-            out = ws.dir / "hello-osv.jvmkit"
-            try:
-                doc, wall = C.jvmkit_json(["pack", jar, "--target", "osv", "-o", out, "--force"], env)
-                images["osv"] = {"path": out, "size": doc["size"], "module_count": len(doc["modules"]),
-                                 "runtime_size": doc["manifest"]["jdk"].get("runtime_size"),
-                                 "pack_wall_s": round(wall, 2)}
-            except Exception as exc:
-                osv_row.update(available=False, reason=f"pack --target osv failed: {exc}")
-        configs_order = [("a", m) for m in MEMORIES] + [("b", COMPARE_MEMORY)]
-        if "osv" in images:
-            configs_order.append(("osv", COMPARE_MEMORY))
+        configs_order = [("a", m) for m in MEMORIES] + [(k, COMPARE_MEMORY) for k in images if k != "a"]
         first_boot = {}
         for kind in images:
             C.log(f"first boot of ({kind}) (unpacks boot files; not counted)")
-            first_boot[kind] = boot_once(images[kind]["path"], COMPARE_MEMORY, env)
+            first_boot[kind] = boot_once(images[kind]["path"], COMPARE_MEMORY, env, app_args=IMAGES[kind][3],
+                                         expect=IMAGES[kind][4])
         breakdown = {}
         for kind in images:
             C.log(f"one --verbose boot of ({kind}) for the time breakdown (not counted)")
-            breakdown[kind] = breakdown_once(images[kind]["path"], COMPARE_MEMORY, env)
+            breakdown[kind] = breakdown_once(images[kind]["path"], COMPARE_MEMORY, env, app_args=IMAGES[kind][3])
         samples: dict[str, list[dict]] = {f"{k}@{m}": [] for k, m in configs_order}
         for r in range(runs):
             # rotate the order each round so no configuration always follows the same one
             order = configs_order[r % len(configs_order):] + configs_order[:r % len(configs_order)]
             for kind, mem in order:
-                rec = boot_once(images[kind]["path"], mem, env)
+                rec = boot_once(images[kind]["path"], mem, env, app_args=IMAGES[kind][3], expect=IMAGES[kind][4])
                 samples[f"{kind}@{mem}"].append(rec)
                 C.log(f"round {r + 1}/{runs} ({kind}) {mem}: main {rec['main_s']} s, exit {rec['exit_s']} s"
                       + ("" if rec["ok"] else f"  FAILED status {rec['status']}"))
@@ -281,31 +299,34 @@ def main(argv: list[str] | None = None) -> int:
         result["first_boot"] = first_boot
         result["breakdown_verbose_boot"] = breakdown
         result["configs"] = configs
-        if "osv" in images:
-            osv_row.update(main_s=configs[f"osv@{COMPARE_MEMORY}"]["main_s"],
-                           exit_s=configs[f"osv@{COMPARE_MEMORY}"]["exit_s"], image_size=images["osv"]["size"])
-        else:
-            osv_row["skipped"] = True
+
+        def main_of(kind):
+            return configs[f"{kind}@{COMPARE_MEMORY}"]["main_s"] if kind in images else {"median": None}
+
+        for kind in OSV_KINDS:
+            if kind in images:
+                osv_row[kind] = {"main_s": main_of(kind), "exit_s": configs[f"{kind}@{COMPARE_MEMORY}"]["exit_s"],
+                                 "image_size": images[kind]["size"]}
+        osv_row["skipped"] = not any(k in images for k in OSV_KINDS)
         result["osv"] = osv_row
 
-        a_main = configs[f"a@{COMPARE_MEMORY}"]["main_s"]["median"]
-        b_main = configs[f"b@{COMPARE_MEMORY}"]["main_s"]["median"]
+        a_main = main_of("a")["median"]
+        b_main = main_of("b")["median"]
         speedup = round(b_main / a_main, 3) if a_main and b_main else None
         m256 = configs["a@256M"]["main_s"]["median"]
         m8g = configs["a@8G"]["main_s"]["median"]
         growth = round((m8g - m256) / m256, 4) if m256 and m8g else None
         size_a = images["a"]["size"]
+        a_exit = configs[f"a@{COMPARE_MEMORY}"]["exit_s"]["median"]
+        b_exit = configs[f"b@{COMPARE_MEMORY}"]["exit_s"]["median"]
         result["targets"] = {
             "main_speedup_a_vs_b": C.target(speedup, ">= 1.5 (median main_s of (b) / (a), at 1G)",
                                             speedup is not None and speedup >= 1.5,
                                             a_main_s=a_main, b_main_s=b_main,
                                             guest_only_speedup=_ratio(configs[f"b@{COMPARE_MEMORY}"]["guest_main_s"],
                                                                       configs[f"a@{COMPARE_MEMORY}"]["guest_main_s"]),
-                                            exit_speedup=(round(configs[f"b@{COMPARE_MEMORY}"]["exit_s"]["median"]
-                                                                / configs[f"a@{COMPARE_MEMORY}"]["exit_s"]["median"], 3)
-                                                          if configs[f"a@{COMPARE_MEMORY}"]["exit_s"]["median"]
-                                                          and configs[f"b@{COMPARE_MEMORY}"]["exit_s"]["median"]
-                                                          else None)),
+                                            exit_speedup=round(b_exit / a_exit, 3) if a_exit and b_exit else None,
+                                            speedup_vs_b_jlink=_ratio(main_of("b_jlink"), main_of("a"))),
             "main_8g_vs_256m": C.target(growth, "<= +0.10 (relative change of median main_s, 8G vs 256M)",
                                         growth is not None and growth <= 0.10, main_256m_s=m256, main_8g_s=m8g,
                                         guest_main_256m_s=configs["a@256M"]["guest_main_s"]["median"],
@@ -314,6 +335,14 @@ def main(argv: list[str] | None = None) -> int:
                                                size_a < IMAGE_LIMIT, mib=round(size_a / C.MIB, 1),
                                                full_jdk_image_bytes=images["b"]["size"]),
         }
+        for osv_kind, linux_kind in (("osv", "a"), ("multijar_osv", "multijar")):
+            if osv_kind in images:
+                ratio = _ratio(main_of(osv_kind), main_of(linux_kind))
+                result["targets"][f"{osv_kind}_vs_linux_main"] = C.target(
+                    ratio, "< 0.5 (median main_s of the OSv image / the linux image, at 1G; issue 4)",
+                    ratio is not None and ratio < 0.5, osv_main_s=main_of(osv_kind)["median"],
+                    linux_main_s=main_of(linux_kind)["median"], osv_image_bytes=images[osv_kind]["size"],
+                    linux_image_bytes=images[linux_kind]["size"])
         result["plot"] = plot(result, args.out)
         C.finish("boot", result, args.out)
         return 0
