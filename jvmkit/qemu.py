@@ -18,6 +18,10 @@ QEMU = "qemu-system-x86_64"
 # interrupt links are cheap to set up, where i440FX's LNKx links cost ~0.15 s per virtio device
 # under TCG).
 MACHINES = ("pc", "q35")
+# On q35 at most 1 GiB of guest RAM sits below 4 GiB: Linux initialises the struct pages of the
+# lower zone (DMA32) early and those of the zone above 4 GiB later and faster (deferred), so a
+# large guest reaches /init sooner (~0.5 s for 2 GiB early vs ~0.25 s for 1 GiB under TCG at 8G).
+MACHINE_OPTIONS = {"pc": "pc", "q35": "q35,max-ram-below-4g=1G"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def qemu_argv(c: VmConfig) -> list[str]:
     argv = [
         c.qemu, "-name", c.name,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", c.machine, *accel,
+        "-machine", MACHINE_OPTIONS[c.machine], *accel,
         "-smp", str(c.cpus), "-m", f"{c.memory_mib}M",
         "-kernel", str(c.kernel), "-append", c.append,
     ]

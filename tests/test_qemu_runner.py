@@ -42,7 +42,7 @@ def test_argv_kvm_multi_cpu_and_osv_disk():
 def test_machine_type_comes_from_the_image_and_is_checked():
     assert qemu_argv(config())[qemu_argv(config()).index("-machine") + 1] == "pc"
     q35 = qemu_argv(config(machine="q35"))
-    assert q35[q35.index("-machine") + 1] == "q35"
+    assert q35[q35.index("-machine") + 1] == "q35,max-ram-below-4g=1G"
     with pytest.raises(ValueError):
         qemu_argv(config(machine="pc,accel=kvm"))
 
