@@ -5,6 +5,7 @@ Every test here boots a guest (marked `vm`). Images are packed once per session 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -209,6 +210,17 @@ def test_missing_kernel_file_is_refused(images, tmp_path):
     (broken / "vmlinux.zst").unlink()
     proc = jvmkit("run", broken)
     assert proc.returncode != 0 and "vmlinux.zst is missing" in one_line_error(proc)
+
+
+def test_unknown_machine_type_is_refused(images, tmp_path):
+    odd = tmp_path / "odd.jvmkit"
+    shutil.copytree(images["hello"], odd)
+    manifest = json.loads((odd / "manifest.json").read_text())
+    assert manifest["boot"]["machine"] == "q35"
+    manifest["boot"]["machine"] = "virt,accel=kvm"
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    proc = jvmkit("run", odd)
+    assert proc.returncode == 2 and "machine type 'virt,accel=kvm'" in one_line_error(proc)
 
 
 def test_not_an_image(tmp_path):

@@ -154,9 +154,7 @@ def pack(req: PackRequest) -> PackResult:
 
         kernel = osv_image.resolve_osv_kernel(req.kernel)
     t = lap("kernel", t)
-    if profile.runtime == "copy":
-        modules = ("ALL-MODULE-PATH",)  # the JDK as installed; the release file lists them
-    elif profile.all_modules:
+    if profile.all_modules or profile.runtime == "copy":  # a copied JDK: its release file lists them
         modules = ("ALL-MODULE-PATH",)
     else:
         modules = jars.required_modules(app.jdeps_modules if profile.add_jdeps_modules else (),
