@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 
 ENTRY_FILE = ".jvmkit-entry.json"
 KINDS = ("runtimes", "agents", "kernels", "boot")
-LOOSE_KINDS = ("debian", "logs")  # no per-entry markers: listed and pruned as a whole
+LOOSE_KINDS = ("debian", "logs", "verified")  # no per-entry markers: listed and pruned as a whole
+LOOSE_LABELS = {"debian": "downloads", "logs": "downloads", "verified": "image checks"}
 
 
 def cache_root() -> Path:
@@ -145,7 +146,7 @@ def list_entries() -> list[CacheEntry]:
         base = root / kind
         if base.is_dir() and any(base.iterdir()):
             newest = max((p.stat().st_mtime for p in base.rglob("*") if p.is_file()), default=base.stat().st_mtime)
-            entries.append(CacheEntry(kind=kind, key="downloads", path=base, size=dir_size(base),
+            entries.append(CacheEntry(kind=kind, key=LOOSE_LABELS[kind], path=base, size=dir_size(base),
                                       last_used=newest, info={}))
     return entries
 

@@ -152,3 +152,28 @@ def test_cache_entry_is_atomic(tmp_path, monkeypatch):
     assert cache.prune(30) == []
     removed = cache.prune(0, now=time.time() + 1)
     assert [e.key for e in removed] == ["k1"] and not path.exists()
+
+
+def test_bundle_check_hashes_a_file_once_until_it_changes(tmp_path, monkeypatch):
+    """`run` verifies every image file; a file that matched once is not hashed again, but any write
+    to it (a new ctime) brings the hash, and the refusal, back."""
+    from jvmkit.errors import JvmkitError
+    from jvmkit.packager import bundle
+
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "x.jvmkit"
+    image.mkdir()
+    (image / "disk.img").write_bytes(b"rofs" * 1000)
+    bundle.write_manifest(image, {"files": {"disk": {"path": "disk.img", **bundle.file_record(image / "disk.img")}}})
+    hashed = []
+    real = bundle.sha256_file
+    monkeypatch.setattr(bundle, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    bundle.load(image)
+    bundle.load(image)
+    assert hashed == ["disk.img"]
+    time.sleep(0.01)
+    (image / "disk.img").write_bytes(b"ROFS" * 1000)  # same size, other bytes
+    with pytest.raises(JvmkitError) as err:
+        bundle.load(image)
+    assert "does not match its SHA-256" in err.value.message and hashed == ["disk.img", "disk.img"]
+    assert [e.key for e in cache.list_entries() if e.kind == "verified"] == ["image checks"]

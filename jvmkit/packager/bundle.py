@@ -3,7 +3,9 @@
 Writers fill a staging directory next to the output and `publish()` renames it into place, so a
 failed pack leaves nothing half-written. `load()` reads and checks a bundle (format version,
 files present, SHA-256 of every listed file), which is how `run` and `inspect` refuse corrupt or
-truncated images with one clear line.
+truncated images with one clear line. A file whose SHA-256 matched once is not hashed again while
+its identity and change times stay the same (a stamp in the cache's `verified/`; any write to the
+file changes its ctime, so a damaged file is hashed, and refused, again).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jvmkit import cache
 from jvmkit.errors import JvmkitError, UsageError
 
 FORMAT = 1
@@ -29,6 +32,30 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _stamp(file: Path, st: os.stat_result) -> Path:
+    """Where the stamp of a verified file lives: keyed by its path, identity, size and change times."""
+    ident = f"{file.resolve()}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    return cache.cache_root() / "verified" / hashlib.sha256(ident.encode()).hexdigest()[:40]
+
+
+def matches_sha256(file: Path, expected: str) -> bool:
+    """Whether `file` has SHA-256 `expected`; hashes it only when no stamp vouches for it."""
+    st = file.stat()
+    stamp = _stamp(file, st)
+    try:
+        if stamp.read_text() == expected:
+            return True
+    except OSError:
+        pass
+    if sha256_file(file) != expected:
+        return False
+    try:
+        cache.atomic_write_bytes(stamp, expected.encode())
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
+    return True
 
 
 def file_record(path: Path) -> dict:
@@ -107,7 +134,7 @@ def load(path: Path, verify: bool = True) -> Bundle:
             if size != record["size"]:
                 raise JvmkitError(f"image {path} is corrupt: {record['path']} has {size} bytes, "
                                   f"the manifest says {record['size']} (truncated?)", hint="pack it again")
-            if sha256_file(file) != record["sha256"]:
+            if not matches_sha256(file, record["sha256"]):
                 raise JvmkitError(f"image {path} is corrupt: {record['path']} does not match its SHA-256",
                                   hint="pack it again")
     return bundle
