@@ -138,6 +138,7 @@ def pack_request(jar: Path | None, flags: dict, config_path: Path | None):
         jdk=pick(flags.get("jdk"), "jdk", rel),
         target=pick(flags.get("target"), "target") or DEFAULT_TARGET,
         memory_mib=memory or 512,
+        memory_given=memory is not None,
         cpus=pick(flags.get("cpus"), "cpus") or 1,
         output=pick(flags.get("output"), "output", rel),
         force=bool(flags.get("force") or data.get("force", False)),

@@ -31,6 +31,7 @@ import zstandard
 from jvmkit import cache, kvm, rundir, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
+from jvmkit.packager.linux_image import min_memory_mib
 from jvmkit.qemu import MACHINES, PortForward, VmConfig, find_qemu, qemu_argv
 
 EXIT_TIMEOUT = 124
@@ -270,6 +271,13 @@ def run(image_path: Path, options: RunOptions,
         raise UsageError(f"--memory {memory}M is too small for a JVM guest (at least 64M)")
     if not 1 <= cpus <= 64:
         raise UsageError(f"--cpus {cpus} is out of range (1-64)")
+    initramfs = manifest["files"].get("initramfs")
+    need = min_memory_mib(initramfs["raw_size"]) if initramfs else 0
+    if memory < need:
+        asked = f"--memory {memory}M" if options.memory_mib else f"the image's default memory ({memory}M)"
+        raise UsageError(f"{asked} is too small for image {image_path}: its initramfs unpacks to "
+                         f"{initramfs['raw_size'] / (1 << 20):.0f} MiB, which needs a guest of at least {need}M",
+                         hint=f"use --memory {need}M or more")
     machine = boot.get("machine", "pc")
     if machine not in MACHINES:
         raise UsageError(f"image {image_path} asks for QEMU machine type {machine!r}, which this jvmkit does not "

@@ -223,6 +223,18 @@ def test_unknown_machine_type_is_refused(images, tmp_path):
     assert proc.returncode == 2 and "machine type 'virt,accel=kvm'" in one_line_error(proc)
 
 
+def test_guest_too_small_for_the_initramfs_is_refused(images, tmp_path):
+    small = tmp_path / "small.jvmkit"
+    shutil.copytree(images["hello"], small)
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["defaults"]["memory_mib"] = 128
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    proc = jvmkit("run", small)
+    assert proc.returncode == 2 and "the image's default memory (128M) is too small" in one_line_error(proc)
+    proc = jvmkit("run", "--memory", "192M", images["hello"])
+    assert proc.returncode == 2 and "use --memory 256M" in one_line_error(proc)
+
+
 def test_not_an_image(tmp_path):
     proc = jvmkit("run", tmp_path)
     assert proc.returncode == 2 and "not a jvmkit image" in one_line_error(proc)

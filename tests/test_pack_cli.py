@@ -129,3 +129,24 @@ def test_full_disk_leaves_nothing_behind(samples, tmp_path):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_linux_guest_memory_must_hold_the_initramfs(samples, tmp_path):
+    """A guest too small to unpack its initramfs would fail later with missing files: pack refuses
+    an explicit --memory below the minimum and raises the default one (with a notice)."""
+    from jvmkit.errors import UsageError
+    from jvmkit.packager import linux_image
+    from jvmkit.packager.pack import PackRequest, _linux_memory
+
+    assert linux_image.min_memory_mib(57 << 20) == 256     # hello: boots at 256M
+    assert linux_image.min_memory_mib(276 << 20) == 960    # the whole JDK: 832M failed, 896M booted
+    raw = 276 << 20
+    assert _linux_memory(PackRequest(jar=Path("a.jar"), memory_mib=512), raw) == 960
+    assert _linux_memory(PackRequest(jar=Path("a.jar"), memory_mib=1024, memory_given=True), raw) == 1024
+    with pytest.raises(UsageError) as err:
+        _linux_memory(PackRequest(jar=Path("a.jar"), memory_mib=512, memory_given=True), raw)
+    assert "--memory 512M is too small" in err.value.message and "960M" in err.value.hint
+    out = tmp_path / "small.jvmkit"
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--memory", "128M")
+    assert proc.returncode == 2 and "pass --memory 256M" in one_line_error(proc)
+    assert not out.exists() and not list(tmp_path.glob(".small.jvmkit.*"))

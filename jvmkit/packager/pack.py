@@ -39,6 +39,7 @@ class PackRequest:
     jdk: Path | None = None
     target: str = DEFAULT_TARGET
     memory_mib: int = 512
+    memory_given: bool = False  # --memory or jvmkit.toml set it; else pack may raise the default
     cpus: int = 1
     output: Path | None = None
     force: bool = False
@@ -110,6 +111,22 @@ def portable(info):
     return info
 
 
+def _linux_memory(req: PackRequest, initramfs_raw_size: int) -> int:
+    """The image's default guest memory: the requested one, raised to what the initramfs needs
+    unless --memory asked for less (then the pack fails with the figure to use)."""
+    from jvmkit.packager.linux_image import min_memory_mib
+
+    need = min_memory_mib(initramfs_raw_size)
+    if req.memory_mib >= need:
+        return req.memory_mib
+    unpacked = f"the initramfs unpacks to {initramfs_raw_size / (1 << 20):.0f} MiB"
+    if req.memory_given:
+        raise UsageError(f"--memory {req.memory_mib}M is too small for this image: {unpacked}, which "
+                         f"needs a guest of at least {need}M", hint=f"pass --memory {need}M or more")
+    ui.current().info(f"  default guest memory raised from {req.memory_mib}M to {need}M: {unpacked}")
+    return need
+
+
 def image_name(jar: Path) -> str:
     name = jar.name.removesuffix(".jar")
     return name or "app"
@@ -175,6 +192,7 @@ def pack(req: PackRequest) -> PackResult:
     class_path = list(app.guest_class_path)
     archive = None
 
+    memory_mib = req.memory_mib
     staging = bundles.staging_dir(output, req.force)
     try:
         if req.appcds:
@@ -200,6 +218,7 @@ def pack(req: PackRequest) -> PackResult:
                                                runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
                                                agent_jar=agent.agent_jar, mtime=mtime)
             kernel_info = portable(kernel.describe())
+            memory_mib = _linux_memory(req, written["files"]["initramfs"]["raw_size"])
         else:
             from jvmkit.packager import osv_image
 
@@ -221,7 +240,7 @@ def pack(req: PackRequest) -> PackResult:
             "agent": {"path": GUEST_AGENT, "key": agent.key},
             "kernel": kernel_info,
             "command": {"java": argv, "args": list(req.app_args), "agent_flags": list(AGENT_FLAGS)},
-            "defaults": {"memory_mib": req.memory_mib, "cpus": req.cpus},
+            "defaults": {"memory_mib": memory_mib, "cpus": req.cpus},
             "guest": {"ports": list(req.ports), "jmx_port": 7091},
             **written,
         }
