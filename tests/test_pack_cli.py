@@ -150,3 +150,25 @@ def test_linux_guest_memory_must_hold_the_initramfs(samples, tmp_path):
     proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--memory", "128M")
     assert proc.returncode == 2 and "pass --memory 256M" in one_line_error(proc)
     assert not out.exists() and not list(tmp_path.glob(".small.jvmkit.*"))
+
+
+def test_untrimmed_profile_needs_no_jmods(samples, tmp_path):
+    """`--profile jdk` copies the JDK as installed, so a JDK without jmods will do; the trimmed
+    profiles still say what to install. The JDK here is the build JDK without its jmods/ (links)."""
+    real = Path(os.path.realpath(shutil.which("javac"))).parents[1]
+    home = tmp_path / "jdk-without-jmods"
+    home.mkdir()
+    for entry in sorted(real.iterdir()):
+        if entry.name != "jmods" and os.path.exists(entry):
+            (home / entry.name).symlink_to(entry)
+    trimmed = jvmkit("pack", samples["hello"], "--target", "linux", "--jdk", home, "-o", tmp_path / "t.jvmkit")
+    assert trimmed.returncode != 0 and "has no jmods" in one_line_error(trimmed)
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "--jdk", home, "--profile", "jdk", "-q",
+                  "-o", tmp_path / "u.jvmkit")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "u.jvmkit" / "manifest.json").read_text())
+    assert manifest["jdk"]["profile"]["runtime"] == "copy" and "jdk.compiler" in manifest["jdk"]["modules"]
+    from jvmkit.packager.linux_image import min_memory_mib
+
+    raw = manifest["files"]["initramfs"]["raw_size"]
+    assert manifest["defaults"]["memory_mib"] == min_memory_mib(raw) > 512  # raised for the large initramfs

@@ -155,7 +155,8 @@ def pack(req: PackRequest) -> PackResult:
         raise UsageError(f"output {output} already exists", hint="use --force to replace it, or -o to choose another path")
     profile = load_profile(req.profile)
     jdk = jdks.find_jdk(req.jdk)
-    jdk.require_jmods()
+    if profile.runtime == "jlink" or jdk.is_jre:  # copying a JDK needs no jmods; a JRE lacks javac for the agent
+        jdk.require_jmods()
     t = time.monotonic()
     console.info(f"jvmkit: packing {req.jar} for target {req.target} (profile {profile.name}, JDK {jdk.version})")
     app = jars.analyze(req.jar, main=req.main, libs=list(req.libs), add_modules=list(req.add_modules),
