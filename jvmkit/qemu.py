@@ -14,14 +14,14 @@ from pathlib import Path
 from jvmkit.errors import JvmkitError
 
 QEMU = "qemu-system-x86_64"
-# Machine types an image may ask for: `pc` (i440FX; OSv images) and `q35` (linux images: its PCI
-# interrupt links are cheap to set up, where i440FX's LNKx links cost ~0.15 s per virtio device
-# under TCG).
-MACHINES = ("pc", "q35")
-# On q35 at most 1 GiB of guest RAM sits below 4 GiB: Linux initialises the struct pages of the
-# lower zone (DMA32) early and those of the zone above 4 GiB later and faster (deferred), so a
-# large guest reaches /init sooner (~0.5 s for 2 GiB early vs ~0.25 s for 1 GiB under TCG at 8G).
+# Machine types an image may ask for, and the -machine argument each gets: `pc` (i440FX; OSv
+# images) and `q35` (linux images: its PCI interrupt links are cheap to set up, where i440FX's LNKx
+# links cost ~0.15 s per virtio device under TCG). On q35 at most 1 GiB of guest RAM sits below
+# 4 GiB: Linux initialises the struct pages of the lower zone (DMA32) early and those of the zone
+# above 4 GiB later and faster (deferred), so a large guest reaches /init sooner (~0.5 s for 2 GiB
+# early vs ~0.25 s for 1 GiB under TCG at 8G).
 MACHINE_OPTIONS = {"pc": "pc", "q35": "q35,max-ram-below-4g=1G"}
+MACHINES = tuple(MACHINE_OPTIONS)
 
 
 @dataclass(frozen=True)
