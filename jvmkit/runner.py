@@ -32,7 +32,7 @@ from jvmkit import cache, kvm, rundir, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager.linux_image import min_memory_mib
-from jvmkit.qemu import MACHINES, PortForward, VmConfig, find_qemu, qemu_argv
+from jvmkit.qemu import MACHINES, PortForward, VmConfig, find_qemu, q35_low_memory_mib, qemu_argv
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILED = 125
@@ -330,6 +330,7 @@ def run(image_path: Path, options: RunOptions,
             data_disks=tuple(data_disks),
             qemu=qemu,
             machine=machine,
+            low_memory_mib=q35_low_memory_mib(initramfs["raw_size"] if initramfs else 0),
             free_page_reporting=options.free_page_reporting,
         )
         return _boot(image, run, config, options, jmx, on_started, on_stopping)

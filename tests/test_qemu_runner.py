@@ -6,7 +6,7 @@ import pytest
 
 from jvmkit import kvm
 from jvmkit.errors import JvmkitError, UsageError
-from jvmkit.qemu import PortForward, VmConfig, qemu_argv
+from jvmkit.qemu import PortForward, VmConfig, q35_low_memory_mib, qemu_argv
 from jvmkit.runner import choose_accel, diagnose, parse_exit, parse_publish
 
 
@@ -42,9 +42,24 @@ def test_argv_kvm_multi_cpu_and_osv_disk():
 def test_machine_type_comes_from_the_image_and_is_checked():
     assert qemu_argv(config())[qemu_argv(config()).index("-machine") + 1] == "pc"
     q35 = qemu_argv(config(machine="q35"))
-    assert q35[q35.index("-machine") + 1] == "q35,max-ram-below-4g=1G"
+    assert q35[q35.index("-machine") + 1] == "q35,max-ram-below-4g=1024M"
+    small = qemu_argv(config(machine="q35", low_memory_mib=256))
+    assert small[small.index("-machine") + 1] == "q35,max-ram-below-4g=256M"
     with pytest.raises(ValueError):
         qemu_argv(config(machine="pc,accel=kvm"))
+
+
+def test_q35_low_memory_holds_the_initramfs_and_the_bounce_buffer():
+    mib = 1 << 20
+    assert q35_low_memory_mib(0) == 256
+    assert q35_low_memory_mib(56 * mib) == 256           # hello: 56 MiB
+    assert q35_low_memory_mib(96 * mib) == 256
+    assert q35_low_memory_mib(96 * mib + 1) == 512
+    assert q35_low_memory_mib(276 * mib) == 512          # the full JDK copied: 276 MiB
+    for size in (1, 100 * mib, 700 * mib, 1800 * mib):
+        low = q35_low_memory_mib(size)
+        assert low % 256 == 0 and low * mib >= size + 160 * mib
+    assert q35_low_memory_mib(3000 * mib) == 2048       # never more than q35's own split
 
 
 def test_secrets_never_on_argv(tmp_path):
