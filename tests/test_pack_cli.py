@@ -75,6 +75,34 @@ def test_json_summary_and_quiet(samples, tmp_path):
     assert json.loads(inspect.stdout)["target"] == "linux"
 
 
+@pytest.mark.parametrize("jdk", [None, TEMURIN_25], ids=["build-jdk", "temurin-25"])
+def test_guest_java_maps_the_cds_archive_at_its_base(samples, tmp_path, jvmkit_cache, jdk):
+    """The image's java flags make the trimmed runtime map its CDS archive at the address it was
+    dumped for, instead of at a random one with every pointer patched (see runtime.cds_mapping_flags);
+    checked with the real runtime on the host, and against the JDK's default mapping."""
+    if jdk is not None and not (jdk / "bin" / "jlink").exists():
+        pytest.skip(f"needs a JDK at {jdk}")
+    out = tmp_path / "hello.jvmkit"
+    proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--json",
+                  *(["--jdk", jdk] if jdk else []))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)["manifest"]
+    argv = manifest["command"]["java"]
+    assert "-XX:ArchiveRelocationMode=0" in argv
+    flags = [a for a in argv[1:argv.index("-cp")] if a.startswith("-XX:")]
+    java = jvmkit_cache / "runtimes" / manifest["jdk"]["runtime_key"] / "runtime" / "bin" / "java"
+
+    def mapped_base(*extra):
+        run = subprocess.run([java, *flags, *extra, "-Xshare:on", "-Xlog:cds=info", "-version"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        line = next(l for l in run.stdout.splitlines() if "Mapped static  region #0" in l)
+        return int(line.split(" at base ")[1].split()[0], 16)
+
+    assert mapped_base() & ~0xFFFF == 0x800000000                                  # SharedBaseAddress
+    assert mapped_base("-XX:ArchiveRelocationMode=1") & ~0xFFFF != 0x800000000     # the JDK's default
+
+
 def test_list_profiles():
     proc = jvmkit("pack", "--list-profiles")
     assert proc.returncode == 0

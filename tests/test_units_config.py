@@ -177,3 +177,14 @@ def test_bundle_check_hashes_a_file_once_until_it_changes(tmp_path, monkeypatch)
         bundle.load(image)
     assert "does not match its SHA-256" in err.value.message and hashed == ["disk.img", "disk.img"]
     assert [e.key for e in cache.list_entries() if e.kind == "verified"] == ["image checks"]
+
+
+def test_cds_archive_is_mapped_at_its_base_only_where_the_flag_is_known():
+    from jvmkit.packager.runtime import cds_mapping_flags
+
+    fixed = ["-XX:+UnlockDiagnosticVMOptions", "-XX:ArchiveRelocationMode=0"]
+    assert cds_mapping_flags(17, True) == fixed
+    assert cds_mapping_flags(25, True) == fixed
+    assert cds_mapping_flags(17, False) == []      # no archive (e.g. a copied JDK without one)
+    assert cds_mapping_flags(11, True) == []       # before the flag existed
+    assert cds_mapping_flags(99, True) == []       # not known to take it

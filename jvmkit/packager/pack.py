@@ -136,7 +136,7 @@ def pack(req: PackRequest) -> PackResult:
     from jvmkit import jdk as jdks
     from jvmkit.balloon import agent_build
     from jvmkit.packager import jar as jars
-    from jvmkit.packager.runtime import RuntimeSpec, ensure_runtime
+    from jvmkit.packager.runtime import RuntimeSpec, cds_mapping_flags, ensure_runtime
     from jvmkit.profiles import load_profile
 
     console = ui.current()
@@ -193,13 +193,14 @@ def pack(req: PackRequest) -> PackResult:
     class_path = list(app.guest_class_path)
     archive = None
 
+    profile_flags = [*profile.jvm_flags(), *cds_mapping_flags(jdk.release, runtime.cds_archive is not None)]
     memory_mib = req.memory_mib
     staging = bundles.staging_dir(output, req.force)
     try:
         if req.appcds:
             from jvmkit.packager import appcds
 
-            jvm_flags = [*profile.jvm_flags(), *app.manifest_jvm_flags, *req.jvm_args]
+            jvm_flags = [*profile_flags, *app.manifest_jvm_flags, *req.jvm_args]
             trained = appcds.train(runtime=runtime.path, jvm_flags=jvm_flags, main_class=app.main_class,
                                    app_args=list(req.app_args), app_files=[(g, Path(h)) for g, h in app_files],
                                    mtime=0 if req.target == "osv" else mtime,  # OSv's ROFS reports mtime 0
@@ -208,7 +209,7 @@ def pack(req: PackRequest) -> PackResult:
             class_path, archive = appcds.relative_class_path(class_path), appcds.GUEST_ARCHIVE
             t = lap("appcds", t)
         argv = guest_java_argv(main_class=app.main_class, guest_class_path=class_path,
-                               profile_flags=profile.jvm_flags(), manifest_flags=list(app.manifest_jvm_flags),
+                               profile_flags=profile_flags, manifest_flags=list(app.manifest_jvm_flags),
                                user_jvm_args=list(req.jvm_args), launcher=req.target == "osv",
                                appcds_archive=archive)
         if req.target == "linux":

@@ -25,6 +25,27 @@ from jvmkit.errors import JvmkitError
 
 RUNTIME_FORMAT = 1  # bump when the way runtimes are built changes
 
+# Feature releases known to take -XX:ArchiveRelocationMode (a diagnostic flag since JDK 14); outside
+# this range the JDK's own mapping is kept rather than risk "Unrecognized VM option" at boot.
+FIXED_CDS_BASE_RELEASES = range(14, 26)
+FIXED_CDS_BASE_FLAGS = ("-XX:+UnlockDiagnosticVMOptions", "-XX:ArchiveRelocationMode=0")
+
+
+def cds_mapping_flags(jdk_release: int, has_archive: bool) -> list[str]:
+    """JVM flags that map the CDS archive at the base address it was written for (pure).
+
+    Since JDK 20 (and in 17.0.x updates) the JVM maps the archive at a random address by default
+    and then patches every pointer in it. Under emulation (TCG) that costs ~0.7 s of a linux guest's
+    start (each page of the archive is copied on write and rewritten) and ~0.2 s on OSv; under KVM
+    tens of milliseconds. A jvmkit guest runs one application, OSv has no address randomisation to
+    keep, and the kernel still randomises everything else in a linux guest, so jvmkit maps the
+    archive where it was dumped; `--jvm-arg=-XX:ArchiveRelocationMode=1` (a later flag wins) brings
+    the JDK's randomised mapping back.
+    """
+    if not has_archive or jdk_release not in FIXED_CDS_BASE_RELEASES:
+        return []
+    return list(FIXED_CDS_BASE_FLAGS)
+
 
 @dataclass(frozen=True)
 class RuntimeSpec:
