@@ -22,17 +22,20 @@ MACHINE_OPTIONS = {"pc": "pc", "q35": "q35"}
 MACHINES = tuple(MACHINE_OPTIONS)
 
 
-def q35_low_memory_mib(initrd_bytes: int) -> int:
+def q35_low_memory_mib(initrd_bytes: int, bounce_buffer: bool = False) -> int:
     """How much guest RAM a q35 linux guest gets below 4 GiB (`max-ram-below-4g`), the rest above.
 
     Linux initialises the struct pages of the zones below 4 GiB early and one by one, and those of
-    the zone above 4 GiB later, in bulk (deferred struct page init), several times faster per page:
-    under TCG an 8G guest reached /init ~0.2 s sooner with 256M below 4 GiB than with 1G, and the
-    memory-dependent part of the boot shrinks with it. The low part must still hold the kernel, the
-    initramfs QEMU loads just below its top, and the 64 MiB bounce buffer a guest with RAM above
-    4 GiB sets aside: 160 MiB over the initramfs, in steps of 256 MiB, at least 256 MiB and at most
-    the 2 GiB that q35 puts there anyway for large guests.
+    the zone above 4 GiB later, in bulk (deferred struct page init), several times faster per page.
+    The low part must still hold the kernel and the initramfs, which QEMU loads just below its top:
+    160 MiB over the initramfs, in steps of 256 MiB, at least 256 MiB and at most the 2 GiB q35
+    puts there anyway for large guests. A kernel that keeps its 64 MiB DMA bounce buffer (images
+    whose command line lacks `swiotlb=noforce`) gets the 1 GiB it was measured with: that buffer
+    made a small low part slower (under TCG, /init at 8G: 2.5 s with 256M low, 2.1 s with 1G; and
+    1.9 s with 256M low and no buffer, against 1.7 s for a 256M guest).
     """
+    if bounce_buffer:
+        return 1024
     need = -(-initrd_bytes // (1 << 20)) + 160
     return min(2048, max(256, -(-need // 256) * 256))
 

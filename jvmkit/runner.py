@@ -330,7 +330,8 @@ def run(image_path: Path, options: RunOptions,
             data_disks=tuple(data_disks),
             qemu=qemu,
             machine=machine,
-            low_memory_mib=q35_low_memory_mib(initramfs["raw_size"] if initramfs else 0),
+            low_memory_mib=q35_low_memory_mib(initramfs["raw_size"] if initramfs else 0,
+                                              bounce_buffer="swiotlb=noforce" not in append.split()),
             free_page_reporting=options.free_page_reporting,
         )
         return _boot(image, run, config, options, jmx, on_started, on_stopping)

@@ -60,6 +60,7 @@ def test_q35_low_memory_holds_the_initramfs_and_the_bounce_buffer():
         low = q35_low_memory_mib(size)
         assert low % 256 == 0 and low * mib >= size + 160 * mib
     assert q35_low_memory_mib(3000 * mib) == 2048       # never more than q35's own split
+    assert q35_low_memory_mib(56 * mib, bounce_buffer=True) == 1024   # a kernel that keeps its 64 MiB buffer
 
 
 def test_secrets_never_on_argv(tmp_path):
