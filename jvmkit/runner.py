@@ -31,7 +31,7 @@ import zstandard
 from jvmkit import cache, kvm, rundir, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
-from jvmkit.packager.linux_image import min_memory_mib
+from jvmkit.packager.linux_image import NO_BOUNCE_BUFFER, min_memory_mib
 from jvmkit.qemu import MACHINES, PortForward, VmConfig, find_qemu, q35_low_memory_mib, qemu_argv
 
 EXIT_TIMEOUT = 124
@@ -331,7 +331,7 @@ def run(image_path: Path, options: RunOptions,
             qemu=qemu,
             machine=machine,
             low_memory_mib=q35_low_memory_mib(initramfs["raw_size"] if initramfs else 0,
-                                              bounce_buffer="swiotlb=noforce" not in append.split()),
+                                              bounce_buffer=NO_BOUNCE_BUFFER not in append.split()),
             free_page_reporting=options.free_page_reporting,
         )
         return _boot(image, run, config, options, jmx, on_started, on_stopping)
