@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 ENTRY_FILE = ".jvmkit-entry.json"
-KINDS = ("runtimes", "agents", "kernels", "boot")
+KINDS = ("runtimes", "agents", "cds", "kernels", "boot")
 LOOSE_KINDS = ("debian", "logs", "verified")  # no per-entry markers: listed and pruned as a whole
 LOOSE_LABELS = {"debian": "downloads", "logs": "downloads", "verified": "image checks"}
 

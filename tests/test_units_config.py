@@ -188,3 +188,27 @@ def test_cds_archive_is_mapped_at_its_base_only_where_the_flag_is_known():
     assert cds_mapping_flags(17, False) == []      # no archive (e.g. a copied JDK without one)
     assert cds_mapping_flags(11, True) == []       # before the flag existed
     assert cds_mapping_flags(99, True) == []       # not known to take it
+
+
+def test_guest_class_path_puts_the_agent_first_for_a_launcher_archive():
+    from jvmkit.packager.pack import guest_java_argv
+
+    common = dict(main_class="app.Main", profile_flags=["-XX:+UseG1GC"], manifest_flags=[], user_jvm_args=[])
+    plain = guest_java_argv(guest_class_path=["/app/app.jar"], launcher=True, **common)
+    assert plain[plain.index("-cp") + 1] == "/app/app.jar:/jvmkit/agent.jar"
+    assert plain[-2:] == ["io.jvmkit.agent.Launcher", "app.Main"]
+    first = guest_java_argv(guest_class_path=["app/app.jar", "app/lib/x.jar"], launcher=True,
+                            appcds_archive="/jvmkit/launcher.jsa", agent_first=True, **common)
+    assert first[first.index("-cp") + 1] == "jvmkit/agent.jar:app/app.jar:app/lib/x.jar"
+    assert "-XX:SharedArchiveFile=/jvmkit/launcher.jsa" in first
+
+
+def test_launcher_archive_key_follows_what_the_jvm_checks():
+    from jvmkit.packager.appcds import launcher_key
+
+    base = dict(runtime_key="jdk17-aa", agent_key="agent-17-bb", jvm_flags=["-XX:+UseG1GC"], mtime=0)
+    key = launcher_key(**base)
+    assert key.startswith("launcher-") and key == launcher_key(**base)
+    for change in ({"runtime_key": "jdk17-cc"}, {"agent_key": "agent-17-dd"}, {"jvm_flags": ["-XX:+UseSerialGC"]},
+                   {"mtime": 1}):
+        assert launcher_key(**{**base, **change}) != key

@@ -1,4 +1,4 @@
-"""AppCDS: a training run of the app on the host that writes a dynamic CDS archive for the guest.
+"""AppCDS: training runs on the host that write dynamic CDS archives for the guest.
 
 `--appcds` runs the user's code (so it is off by default): the trimmed runtime runs the app's main
 in a temporary directory laid out like the guest (app/..., with the guest's file times), with a
@@ -6,10 +6,20 @@ relative class path, and `-XX:ArchiveClassesAtExit`. JDK 17 checks an archive's 
 literally, so the guest then starts java from `/` with the same relative class path. A run that
 does not end by itself is stopped with SIGTERM at `--train-timeout` (the JVM still writes the
 archive on that exit path). The archive goes into the image at /jvmkit/app.jsa.
+
+OSv images start the app through the guest agent's Launcher (a main that returns must end the VM).
+Without help its classes, and the JDK classes it needs beyond the default CDS archive, are parsed
+and verified at every start (~0.25 s under TCG). `launcher_archive` runs only jvmkit's own code
+(`Launcher` with the empty `Warmup` main) once per runtime, agent and flags, and caches the archive
+under `cds/`; the guest puts jvmkit/agent.jar first on its relative class path, as the archive
+was written with it alone (a runtime class path may extend the archive's). With `--appcds` on OSv
+the app's training run goes through the Launcher the same way, so one archive holds both.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -18,9 +28,13 @@ import tempfile
 from pathlib import Path
 
 from jvmkit import ui
+from jvmkit.cache import ensure_entry
 from jvmkit.errors import JvmkitError
 
 GUEST_ARCHIVE = "/jvmkit/app.jsa"
+GUEST_LAUNCHER_ARCHIVE = "/jvmkit/launcher.jsa"
+WARMUP_MAIN = "io.jvmkit.agent.Warmup"
+LAUNCHER_FORMAT = 1  # bump when the way the launcher archive is trained changes (part of its key)
 
 
 def relative_class_path(guest_class_path: list[str]) -> list[str]:
@@ -28,9 +42,34 @@ def relative_class_path(guest_class_path: list[str]) -> list[str]:
     return [entry.lstrip("/") for entry in guest_class_path]
 
 
+def launcher_key(*, runtime_key: str, agent_key: str, jvm_flags: list[str], mtime: int) -> str:
+    """The cache key of a launcher archive (pure): what the JVM checks when it maps one."""
+    payload = json.dumps({"format": LAUNCHER_FORMAT, "runtime": runtime_key, "agent": agent_key,
+                          "flags": jvm_flags, "mtime": mtime}, sort_keys=True)
+    return "launcher-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def launcher_archive(*, runtime: Path, runtime_key: str, agent_jar: Path, agent_key: str, launcher_main: str,
+                     jvm_flags: list[str], mtime: int, timeout: float = 120) -> Path:
+    """The cached dynamic archive of the Launcher's path (class path `jvmkit/agent.jar`); built on
+    first use by running `launcher_main` with the Warmup main, which runs no application code."""
+    key = launcher_key(runtime_key=runtime_key, agent_key=agent_key, jvm_flags=jvm_flags, mtime=mtime)
+
+    def build(tmp: Path) -> None:
+        agent_guest = "/jvmkit/agent.jar"
+        train(runtime=runtime, jvm_flags=jvm_flags, main_class=launcher_main, app_args=[WARMUP_MAIN],
+              app_files=[(agent_guest, agent_jar)], mtime=mtime, timeout=timeout, dest=tmp / "launcher.jsa",
+              what=f"CDS archive of the OSv launcher ({key})")
+
+    entry, _ = ensure_entry("cds", key, build, runtime=runtime_key, agent=agent_key)
+    return entry / "launcher.jsa"
+
+
 def train(*, runtime: Path, jvm_flags: list[str], main_class: str, app_args: list[str],
-          app_files: list[tuple[str, Path]], mtime: int, timeout: float, dest: Path) -> Path:
-    """Run the training and write the archive to `dest`; returns it."""
+          app_files: list[tuple[str, Path]], mtime: int, timeout: float, dest: Path,
+          what: str | None = None) -> Path:
+    """Run the training and write the archive to `dest`; returns it. The class path is the jars of
+    `app_files` in their order."""
     console = ui.current()
     with tempfile.TemporaryDirectory(prefix="jvmkit-appcds.") as tmp:
         root = Path(tmp)
@@ -43,7 +82,8 @@ def train(*, runtime: Path, jvm_flags: list[str], main_class: str, app_args: lis
         cp = ":".join(relative_class_path([g for g, _ in app_files if g.endswith(".jar")]))
         argv = [str(runtime / "bin" / "java"), *jvm_flags, f"-XX:ArchiveClassesAtExit={archive}",
                 "-cp", cp, main_class, *app_args]
-        with console.step(f"AppCDS: training run of {main_class} on the host (at most {timeout:g}s)"):
+        label = what or f"AppCDS: training run of {main_class} on the host (at most {timeout:g}s)"
+        with console.step(label):
             try:
                 proc = subprocess.Popen(argv, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)

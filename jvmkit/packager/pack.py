@@ -84,15 +84,18 @@ def source_date_epoch() -> int:
 
 def guest_java_argv(*, main_class: str, guest_class_path: list[str], profile_flags: list[str],
                     manifest_flags: list[str], user_jvm_args: list[str], launcher: bool,
-                    appcds_archive: str | None = None) -> list[str]:
-    """The java command line inside the guest, without the app's arguments (pure)."""
+                    appcds_archive: str | None = None, agent_first: bool = False) -> list[str]:
+    """The java command line inside the guest, without the app's arguments (pure). `agent_first`
+    puts the agent jar before the app's class path (an archive trained through the Launcher was
+    written with it there)."""
     argv = [f"{GUEST_RUNTIME}/bin/java", *profile_flags, *manifest_flags]
     if appcds_archive:
         argv.append(f"-XX:SharedArchiveFile={appcds_archive}")
     # The agent jar is always on the class path (the Shrinker API and the Launcher live there);
     # the agent itself (AGENT_FLAGS) is started only for runs that ask for it (`run --balloon`).
     agent_jar = GUEST_AGENT.lstrip("/") if guest_class_path and not guest_class_path[0].startswith("/") else GUEST_AGENT
-    argv += [*user_jvm_args, *AGENT_FLAGS, "-cp", ":".join([*guest_class_path, agent_jar])]
+    class_path = [agent_jar, *guest_class_path] if agent_first else [*guest_class_path, agent_jar]
+    argv += [*user_jvm_args, *AGENT_FLAGS, "-cp", ":".join(class_path)]
     if launcher:
         argv.append(LAUNCHER_MAIN)
     argv.append(main_class)
@@ -135,6 +138,7 @@ def image_name(jar: Path) -> str:
 def pack(req: PackRequest) -> PackResult:
     from jvmkit import jdk as jdks
     from jvmkit.balloon import agent_build
+    from jvmkit.packager import appcds
     from jvmkit.packager import jar as jars
     from jvmkit.packager.runtime import RuntimeSpec, cds_mapping_flags, ensure_runtime
     from jvmkit.profiles import load_profile
@@ -197,21 +201,35 @@ def pack(req: PackRequest) -> PackResult:
     memory_mib = req.memory_mib
     staging = bundles.staging_dir(output, req.force)
     try:
+        launcher = req.target == "osv"
+        guest_mtime = 0 if launcher else mtime  # OSv's ROFS reports mtime 0
         if req.appcds:
-            from jvmkit.packager import appcds
-
             jvm_flags = [*profile_flags, *app.manifest_jvm_flags, *req.jvm_args]
-            trained = appcds.train(runtime=runtime.path, jvm_flags=jvm_flags, main_class=app.main_class,
-                                   app_args=list(req.app_args), app_files=[(g, Path(h)) for g, h in app_files],
-                                   mtime=0 if req.target == "osv" else mtime,  # OSv's ROFS reports mtime 0
-                                   timeout=req.train_timeout, dest=staging / ".app.jsa")
+            files = [(g, Path(h)) for g, h in app_files]
+            main, args = app.main_class, list(req.app_args)
+            if launcher:  # through the Launcher with the agent jar first, as the guest starts it
+                files, main, args = [(GUEST_AGENT, Path(agent.agent_jar)), *files], LAUNCHER_MAIN, [main, *args]
+            trained = appcds.train(runtime=runtime.path, jvm_flags=jvm_flags, main_class=main, app_args=args,
+                                   app_files=files, mtime=guest_mtime, timeout=req.train_timeout,
+                                   dest=staging / ".app.jsa")
             app_files.append((appcds.GUEST_ARCHIVE, trained))
             class_path, archive = appcds.relative_class_path(class_path), appcds.GUEST_ARCHIVE
             t = lap("appcds", t)
+        elif launcher and runtime.cds_archive is not None:
+            try:
+                built = appcds.launcher_archive(runtime=runtime.path, runtime_key=spec.key(), agent_jar=agent.agent_jar,
+                                                agent_key=agent.key, launcher_main=LAUNCHER_MAIN,
+                                                jvm_flags=profile_flags, mtime=guest_mtime)
+            except JvmkitError as exc:  # an optimisation: the image works without it
+                console.info(f"  note: no CDS archive for the launcher ({exc}); the image starts without one")
+            else:
+                app_files.append((appcds.GUEST_LAUNCHER_ARCHIVE, built))
+                class_path, archive = appcds.relative_class_path(class_path), appcds.GUEST_LAUNCHER_ARCHIVE
+            t = lap("launcher cds", t)
         argv = guest_java_argv(main_class=app.main_class, guest_class_path=class_path,
                                profile_flags=profile_flags, manifest_flags=list(app.manifest_jvm_flags),
-                               user_jvm_args=list(req.jvm_args), launcher=req.target == "osv",
-                               appcds_archive=archive)
+                               user_jvm_args=list(req.jvm_args), launcher=launcher,
+                               appcds_archive=archive, agent_first=launcher and archive is not None)
         if req.target == "linux":
             from jvmkit.packager import linux_image
 
@@ -238,7 +256,9 @@ def pack(req: PackRequest) -> PackResult:
             "app": {**app.to_dict(), "jar_sha256": bundles.sha256_file(req.jar), "args": list(req.app_args)},
             "jdk": {"version": jdk.version, "release": jdk.release, "modules": list(runtime.modules),
                     "profile": profile.to_dict(), "cds": runtime.cds_archive is not None,
-                    "runtime_size": runtime.size, "runtime_key": spec.key(), "appcds": archive},
+                    "runtime_size": runtime.size, "runtime_key": spec.key(),
+                    "appcds": archive if req.appcds else None,
+                    "launcher_cds": archive if archive and not req.appcds else None},
             "agent": {"path": GUEST_AGENT, "key": agent.key},
             "kernel": kernel_info,
             "command": {"java": argv, "args": list(req.app_args), "agent_flags": list(AGENT_FLAGS)},

@@ -1,0 +1,122 @@
+"""The OSv target through the CLI, as a user runs it: `jvmkit pack --target osv` of the samples and
+`jvmkit run` under real QEMU (TCG here) with a real OSv kernel and a real JVM in the guest.
+
+Runs only when an OSv kernel is available (JVMKIT_OSV_KERNEL=path, or one in the user's jvmkit
+cache); images are packed with `--kernel PATH`, so the tests' own cache needs none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from jvmkit.packager import osv_kernels
+
+pytestmark = [pytest.mark.vm, pytest.mark.osv]
+
+JVMKIT = [sys.executable, "-m", "jvmkit"]
+BOOT_TIMEOUT = 180
+
+
+def _kernel() -> str | None:
+    if os.environ.get(osv_kernels.KERNEL_ENV):
+        return os.environ[osv_kernels.KERNEL_ENV]
+    try:
+        cached = osv_kernels.cached_osv_kernel()  # the user's cache, read before the tests switch caches
+    except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
+        return None
+    return str(cached.path) if cached is not None else None
+
+
+KERNEL = _kernel()
+if KERNEL is None:
+    pytest.skip("no OSv kernel: set JVMKIT_OSV_KERNEL=/path/to/loader-stripped.elf or run "
+                "`jvmkit kernel import osv PATH` (OSv CLI tests skipped)", allow_module_level=True)
+if shutil.which("qemu-system-x86_64") is None:
+    pytest.skip("qemu-system-x86_64 is not installed (OSv CLI tests skipped)", allow_module_level=True)
+
+
+def jvmkit(*args, timeout=BOOT_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def osv_images(samples, jvmkit_cache, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("osv-images")
+    images = {}
+    for name, jar, extra in (("hello", samples["hello"], ()), ("httpd", samples["httpd"], ()),
+                             ("multijar", samples["multijar"], ()),
+                             ("hello-classlog", samples["hello"], ("--jvm-arg=-Xlog:class+load=info",))):
+        image = out / f"{name}.jvmkit"
+        proc = jvmkit("pack", jar, "--target", "osv", "--kernel", KERNEL, "-o", image, "--json", *extra, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        images[name] = image
+    return images
+
+
+def test_hello_runs_through_the_launcher_with_its_cds_archive(osv_images):
+    manifest = json.loads((osv_images["hello"] / "manifest.json").read_text())
+    argv = manifest["boot"]["cmdline"]["argv"]
+    assert manifest["jdk"]["launcher_cds"] == "/jvmkit/launcher.jsa"
+    assert "-XX:SharedArchiveFile=/jvmkit/launcher.jsa" in argv
+    assert argv[argv.index("-cp") + 1] == "jvmkit/agent.jar:app/app.jar"   # as the archive was written
+    proc = jvmkit("run", osv_images["hello"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Hello from jvmkit\n"
+    assert jvmkit("run", osv_images["hello"], "--", "3", "two words").returncode == 3
+    thrown = jvmkit("run", osv_images["hello"], "--", "throw")
+    assert thrown.returncode == 1 and 'Exception in thread "main"' in thrown.stdout + thrown.stderr
+
+
+def test_the_launcher_archive_is_mapped_in_the_guest(osv_images):
+    """The guest JVM takes the Launcher from the archive (-Xlog:class+load says `(top)`), so the
+    relative class path and the files' times in the ROFS match what the host training wrote."""
+    proc = jvmkit("run", osv_images["hello-classlog"])
+    assert proc.returncode == 0, proc.stderr
+    launcher = [l for l in proc.stdout.splitlines() if "io.jvmkit.agent.Launcher " in l]
+    assert launcher and "shared objects file (top)" in launcher[0], proc.stdout[-2000:]
+    assert "Hello from jvmkit" in proc.stdout
+
+
+def test_multijar_sample(osv_images):
+    proc = jvmkit("run", osv_images["multijar"])
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["cities"] == 20 and report["northernmost"] == "Reykjavík"
+
+
+def test_publish_serves_http_from_the_host(osv_images):
+    port = free_port()
+    proc = subprocess.Popen([*JVMKIT, "run", "--publish", f"{port}:8080", str(osv_images["httpd"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        body = None
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline and body is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and body.startswith("hello from jvmkit httpd")
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/exit?code=7", timeout=10).read()
+        assert proc.wait(timeout=60) == 7
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
