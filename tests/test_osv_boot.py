@@ -3,8 +3,9 @@ app, in a bundle written by osv_image; the classic disk from `export`; the seed 
 
 Runs only when an OSv kernel is available: JVMKIT_OSV_KERNEL=/path/to/loader-stripped.elf, or one
 in jvmkit's kernel cache (`jvmkit kernel import osv PATH` / `jvmkit kernel pull osv`). The tests
-boot with QEMU directly (argv from jvmkit.qemu, console through osv_image.ConsoleFilter), since the
-runner's OSv console handling is still to be wired; they print boot-to-main times.
+boot with QEMU directly (argv from jvmkit.qemu, console through osv_image.ConsoleFilter), to check
+the bundle writer on its own; tests/test_osv_cli.py does the same through `jvmkit pack` and
+`jvmkit run`, as a user would. They print boot-to-main times.
 """
 
 from __future__ import annotations
