@@ -7,6 +7,7 @@ cache); images are packed with `--kernel PATH`, so the tests' own cache needs no
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -114,7 +115,10 @@ def test_publish_serves_http_from_the_host(osv_images):
             except OSError:
                 time.sleep(0.5)
         assert body is not None and body.startswith("hello from jvmkit httpd")
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/exit?code=7", timeout=10).read()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/exit?code=7", timeout=10).read()
+        except (OSError, http.client.HTTPException):
+            pass  # OSv powers off at System.exit at once: the reply's last bytes may not leave the guest
         assert proc.wait(timeout=60) == 7
     finally:
         if proc.poll() is None:
