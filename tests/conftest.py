@@ -14,8 +14,11 @@ import io
 import http.server
 import importlib.util
 import os
+import socket
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,22 @@ def isolated_cache(tmp_path, monkeypatch):
     console = ui.Console(stream=io.StringIO())
     monkeypatch.setattr(ui, "_current", console)
     return console
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_body_when_up(url: str, seconds: float) -> str | None:
+    """The body of GET `url` once something answers it, polling every 0.5 s (a booting guest's
+    forwarded port refuses or drops connections until the app listens); None after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return urllib.request.urlopen(url, timeout=3).read().decode()
+        except OSError:
+            time.sleep(0.5)
+    return None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from jvmkit.balloon import agent_build
 from jvmkit.balloon.agent_build import AGENT_MODULES, build_agent
 from jvmkit.balloon.jmx import JmxAuthError, JmxClient, JmxError
@@ -104,11 +105,6 @@ public class LauncherApp {
 
 # ---------------------------------------------------------------- helpers
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Forwarder:

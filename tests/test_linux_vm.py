@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, http_body_when_up
+
 pytestmark = pytest.mark.vm
 
 JVMKIT = [sys.executable, "-m", "jvmkit"]
@@ -52,11 +54,6 @@ def qemu_pids(name: str) -> set[int]:
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{time.monotonic_ns() % 100000}"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_hello_output_only_and_status_zero(images):
@@ -105,13 +102,7 @@ def test_publish_serves_http_from_the_host(images):
     proc = subprocess.Popen([*JVMKIT, "run", "--publish", f"{port}:8080", str(images["httpd"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
-        body = None
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while time.monotonic() < deadline and body is None:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3).read().decode()
-            except OSError:
-                time.sleep(0.5)
+        body = http_body_when_up(f"http://127.0.0.1:{port}/", BOOT_TIMEOUT)
         assert body == "hello from jvmkit httpd\n" or body.startswith("hello from jvmkit httpd")
         urllib.request.urlopen(f"http://127.0.0.1:{port}/exit?code=7", timeout=10).read()
         assert proc.wait(timeout=60) == 7

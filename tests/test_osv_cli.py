@@ -11,15 +11,14 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port, http_body_when_up
 from jvmkit.packager import osv_kernels
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
@@ -50,11 +49,6 @@ def jvmkit(*args, timeout=BOOT_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +101,7 @@ def test_publish_serves_http_from_the_host(osv_images):
     proc = subprocess.Popen([*JVMKIT, "run", "--publish", f"{port}:8080", str(osv_images["httpd"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
-        body = None
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while time.monotonic() < deadline and body is None:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3).read().decode()
-            except OSError:
-                time.sleep(0.5)
+        body = http_body_when_up(f"http://127.0.0.1:{port}/", BOOT_TIMEOUT)
         assert body is not None and body.startswith("hello from jvmkit httpd")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/exit?code=7", timeout=10).read()

@@ -38,6 +38,7 @@ AGENT_MODULES = ("java.base", "java.instrument", "java.management", "java.manage
 
 AGENT_MAIN = "io.jvmkit.agent.Agent"
 LAUNCHER_MAIN = "io.jvmkit.agent.Launcher"
+WARMUP_MAIN = "io.jvmkit.agent.Warmup"  # an empty main: the Launcher's path with no app code
 API_PACKAGE = "io/jvmkit/"
 
 SOURCE_ROOT = Path(__file__).resolve().parent / "guest" / "src"

@@ -28,12 +28,12 @@ import tempfile
 from pathlib import Path
 
 from jvmkit import ui
+from jvmkit.balloon.agent_build import LAUNCHER_MAIN, WARMUP_MAIN
 from jvmkit.cache import ensure_entry
 from jvmkit.errors import JvmkitError
 
 GUEST_ARCHIVE = "/jvmkit/app.jsa"
 GUEST_LAUNCHER_ARCHIVE = "/jvmkit/launcher.jsa"
-WARMUP_MAIN = "io.jvmkit.agent.Warmup"
 LAUNCHER_FORMAT = 1  # bump when the way the launcher archive is trained changes (part of its key)
 
 
@@ -49,16 +49,16 @@ def launcher_key(*, runtime_key: str, agent_key: str, jvm_flags: list[str], mtim
     return "launcher-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def launcher_archive(*, runtime: Path, runtime_key: str, agent_jar: Path, agent_key: str, launcher_main: str,
+def launcher_archive(*, runtime: Path, runtime_key: str, agent: tuple[str, Path], agent_key: str,
                      jvm_flags: list[str], mtime: int, timeout: float = 120) -> Path:
-    """The cached dynamic archive of the Launcher's path (class path `jvmkit/agent.jar`); built on
-    first use by running `launcher_main` with the Warmup main, which runs no application code."""
+    """The cached dynamic archive of the Launcher's path, its class path the agent jar alone
+    (`agent` = its guest path and host file); built on first use by running the Launcher with the
+    Warmup main, which runs no application code."""
     key = launcher_key(runtime_key=runtime_key, agent_key=agent_key, jvm_flags=jvm_flags, mtime=mtime)
 
     def build(tmp: Path) -> None:
-        agent_guest = "/jvmkit/agent.jar"
-        train(runtime=runtime, jvm_flags=jvm_flags, main_class=launcher_main, app_args=[WARMUP_MAIN],
-              app_files=[(agent_guest, agent_jar)], mtime=mtime, timeout=timeout, dest=tmp / "launcher.jsa",
+        train(runtime=runtime, jvm_flags=jvm_flags, main_class=LAUNCHER_MAIN, app_args=[WARMUP_MAIN],
+              app_files=[agent], mtime=mtime, timeout=timeout, dest=tmp / "launcher.jsa",
               what=f"CDS archive of the OSv launcher ({key})")
 
     entry, _ = ensure_entry("cds", key, build, runtime=runtime_key, agent=agent_key)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jvmkit import __version__, cache, ui
+from jvmkit.balloon.agent_build import LAUNCHER_MAIN
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 
@@ -23,7 +24,6 @@ DEFAULT_TARGET = "osv"
 GUEST_RUNTIME = "/jvm"
 GUEST_AGENT = "/jvmkit/agent.jar"
 GUEST_SEED = "/run/jvmkit/seed"
-LAUNCHER_MAIN = "io.jvmkit.agent.Launcher"
 AGENT_FLAGS = (f"-Djvmkit.seed={GUEST_SEED}", f"-javaagent:{GUEST_AGENT}")
 
 
@@ -217,8 +217,8 @@ def pack(req: PackRequest) -> PackResult:
             t = lap("appcds", t)
         elif launcher and runtime.cds_archive is not None:
             try:
-                built = appcds.launcher_archive(runtime=runtime.path, runtime_key=spec.key(), agent_jar=agent.agent_jar,
-                                                agent_key=agent.key, launcher_main=LAUNCHER_MAIN,
+                built = appcds.launcher_archive(runtime=runtime.path, runtime_key=spec.key(),
+                                                agent=(GUEST_AGENT, Path(agent.agent_jar)), agent_key=agent.key,
                                                 jvm_flags=profile_flags, mtime=guest_mtime)
             except JvmkitError as exc:  # an optimisation: the image works without it
                 console.info(f"  note: no CDS archive for the launcher ({exc}); the image starts without one")
