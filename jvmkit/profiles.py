@@ -33,6 +33,7 @@ class Profile:
     max_ram_percentage: float
     flags: tuple[str, ...]
     source: str                     # where it was read from
+    initial_heap_mib: int | None = None   # -XX:InitialHeapSize; None: the JVM's 1/64 of guest memory
 
     @property
     def all_modules(self) -> bool:
@@ -41,13 +42,16 @@ class Profile:
     def jvm_flags(self) -> list[str]:
         """The JVM flags this profile puts on the guest command line."""
         flags = [GCS[self.gc], f"-XX:MaxRAMPercentage={self.max_ram_percentage:g}"]
+        if self.initial_heap_mib is not None:
+            flags.append(f"-XX:InitialHeapSize={self.initial_heap_mib}m")
         if self.gc == "z":  # ZGC gives memory back only after ZUncommitDelay (300 s by default)
             flags.append("-XX:ZUncommitDelay=1")
         return [*flags, *self.flags]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "runtime": self.runtime, "modules": list(self.modules), "gc": self.gc,
-                "max_ram_percentage": self.max_ram_percentage, "flags": list(self.flags),
+                "max_ram_percentage": self.max_ram_percentage, "initial_heap_mib": self.initial_heap_mib,
+                "flags": list(self.flags),
                 "compress": self.compress, "strip_debug": self.strip_debug}
 
 
@@ -93,6 +97,9 @@ def parse_profile(name: str, data: dict, source: str) -> Profile:
     flags = jvm.get("flags", [])
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise UsageError(f"profile {source}: jvm.flags must be a list of strings")
+    initial = jvm.get("initial_heap_mib")
+    if initial is not None and (isinstance(initial, bool) or not isinstance(initial, int) or initial < 1):
+        raise UsageError(f"profile {source}: jvm.initial_heap_mib must be a whole number of MiB (at least 1)")
     return Profile(
         name=name,
         description=str(data.get("description", "")),
@@ -105,6 +112,7 @@ def parse_profile(name: str, data: dict, source: str) -> Profile:
         max_ram_percentage=float(pct),
         flags=tuple(flags),
         source=source,
+        initial_heap_mib=initial,
     )
 
 

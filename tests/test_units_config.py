@@ -212,3 +212,20 @@ def test_launcher_archive_key_follows_what_the_jvm_checks():
     for change in ({"runtime_key": "jdk17-cc"}, {"agent_key": "agent-17-dd"}, {"jvm_flags": ["-XX:+UseSerialGC"]},
                    {"mtime": 1}):
         assert launcher_key(**{**base, **change}) != key
+
+
+def test_profiles_start_the_heap_small_unless_the_user_sizes_it():
+    from jvmkit.packager.pack import defer_heap_sizing
+    from jvmkit.profiles import load_profile, parse_profile
+
+    for name in ("auto", "minimal", "server", "full"):
+        assert "-XX:InitialHeapSize=16m" in load_profile(name).jvm_flags()
+    assert not any(f.startswith("-XX:InitialHeapSize") for f in load_profile("jdk").jvm_flags())  # as installed
+    flags = ["-XX:+UseG1GC", "-XX:MaxRAMPercentage=75", "-XX:InitialHeapSize=16m"]
+    assert defer_heap_sizing(flags, ["-Dx=1"]) == flags
+    for user in (["-Xmx8m"], ["-Xms1g"], ["-XX:MaxHeapSize=12m"], ["-XX:InitialHeapSize=64m"]):
+        assert defer_heap_sizing(flags, user) == flags[:2]
+    with pytest.raises(UsageError, match="initial_heap_mib"):
+        parse_profile("x", {"jvm": {"initial_heap_mib": 0}}, "x.toml")
+    with pytest.raises(UsageError, match="initial_heap_mib"):
+        parse_profile("x", {"jvm": {"initial_heap_mib": "16m"}}, "x.toml")

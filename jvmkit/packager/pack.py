@@ -82,6 +82,18 @@ def source_date_epoch() -> int:
         raise UsageError(f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds") from None
 
 
+# JVM options by which a user sizes the heap; the profile's initial heap size then gives way (an
+# -Xmx below it would stop the JVM: "Initial heap size set to a larger value than the maximum").
+HEAP_SIZE_OPTIONS = ("-Xmx", "-Xms", "-XX:MaxHeapSize=", "-XX:InitialHeapSize=")
+
+
+def defer_heap_sizing(profile_flags: list[str], user_jvm_args: list[str]) -> list[str]:
+    """The profile's flags without its -XX:InitialHeapSize when the user sizes the heap (pure)."""
+    if any(arg.startswith(HEAP_SIZE_OPTIONS) for arg in user_jvm_args):
+        return [flag for flag in profile_flags if not flag.startswith("-XX:InitialHeapSize=")]
+    return list(profile_flags)
+
+
 def guest_java_argv(*, main_class: str, guest_class_path: list[str], profile_flags: list[str],
                     manifest_flags: list[str], user_jvm_args: list[str], launcher: bool,
                     appcds_archive: str | None = None, agent_first: bool = False) -> list[str]:
@@ -197,7 +209,8 @@ def pack(req: PackRequest) -> PackResult:
     class_path = list(app.guest_class_path)
     archive = None
 
-    profile_flags = [*profile.jvm_flags(), *cds_mapping_flags(jdk.release, runtime.cds_archive is not None)]
+    profile_flags = defer_heap_sizing([*profile.jvm_flags(), *cds_mapping_flags(jdk.release, runtime.cds_archive is not None)],
+                                      [*app.manifest_jvm_flags, *req.jvm_args])
     memory_mib = req.memory_mib
     staging = bundles.staging_dir(output, req.force)
     try:
