@@ -14,12 +14,10 @@ from pathlib import Path
 from jvmkit.errors import JvmkitError
 
 QEMU = "qemu-system-x86_64"
-# Machine types an image may ask for, and the -machine argument each gets: `pc` (i440FX; OSv
-# images) and `q35` (linux images: its PCI interrupt links are cheap to set up, where i440FX's LNKx
-# links cost ~0.15 s per virtio device under TCG). On q35 only `low_memory_mib` of guest RAM sits
-# below 4 GiB (see `q35_low_memory_mib`).
-MACHINE_OPTIONS = {"pc": "pc", "q35": "q35"}
-MACHINES = tuple(MACHINE_OPTIONS)
+# Machine types an image may ask for: `pc` (i440FX; OSv images) and `q35` (linux images: its PCI
+# interrupt links are cheap to set up, where i440FX's LNKx links cost ~0.15 s per virtio device
+# under TCG). On q35 only `low_memory_mib` of guest RAM sits below 4 GiB (see `q35_low_memory_mib`).
+MACHINES = ("pc", "q35")
 
 
 def q35_low_memory_mib(initrd_bytes: int, bounce_buffer: bool = False) -> int:
@@ -79,11 +77,10 @@ class VmConfig:
 
 
 def machine_option(c: VmConfig) -> str:
-    """The -machine argument: the machine type's options, and on q35 the split of RAM around 4 GiB."""
-    option = MACHINE_OPTIONS[c.machine]
+    """The -machine argument: the machine type, and on q35 the split of RAM around 4 GiB."""
     if c.machine == "q35":
-        option += f",max-ram-below-4g={c.low_memory_mib}M"
-    return option
+        return f"q35,max-ram-below-4g={c.low_memory_mib}M"
+    return c.machine
 
 
 def qemu_argv(c: VmConfig) -> list[str]:

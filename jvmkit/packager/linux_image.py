@@ -34,9 +34,9 @@ GUEST_SEED = "/run/jvmkit/seed"
 # - swiotlb=noforce: no 64 MiB DMA bounce buffer below 4 GiB. A guest with RAM above 4 GiB sets one
 #   up by default (~0.2 s at 1G, ~0.5 s at 8G with 256M below 4 GiB), for devices that cannot reach
 #   high memory; jvmkit's guests have only virtio-pci devices (64-bit DMA) and serial ports.
-KERNEL_CMDLINE = ("console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_check init_on_alloc=0 "
-                  "cryptomgr.notests swiotlb=noforce i8042.noaux i8042.nomux i8042.nopnp")
 NO_BOUNCE_BUFFER = "swiotlb=noforce"
+KERNEL_CMDLINE = ("console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_check init_on_alloc=0 "
+                  f"cryptomgr.notests {NO_BOUNCE_BUFFER} i8042.noaux i8042.nomux i8042.nopnp")
 ZSTD_LEVEL = 10
 # q35, not pc: with i440FX the kernel evaluates ACPI interrupt links (LNKx) for each virtio-pci
 # device, ~0.15 s apiece under TCG (0.6 s for three); q35's GSI links take a few ms. (pci=noacpi or
