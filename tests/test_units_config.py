@@ -214,6 +214,20 @@ def test_launcher_archive_key_follows_what_the_jvm_checks():
         assert launcher_key(**{**base, **change}) != key
 
 
+def test_profiles_raise_the_jit_thresholds_and_a_user_flag_comes_after():
+    from jvmkit.packager.pack import guest_java_argv
+    from jvmkit.profiles import load_profile
+
+    for name in ("auto", "minimal", "server", "full"):
+        assert "-XX:CompileThresholdScaling=5" in load_profile(name).jvm_flags()
+    assert not any("CompileThresholdScaling" in f for f in load_profile("jdk").jvm_flags())  # as installed
+    argv = guest_java_argv(main_class="Hello", guest_class_path=["/app/app.jar"],
+                           profile_flags=load_profile("auto").jvm_flags(), manifest_flags=[],
+                           user_jvm_args=["-XX:CompileThresholdScaling=1"], launcher=False)
+    scaling = [a for a in argv if a.startswith("-XX:CompileThresholdScaling=")]
+    assert scaling == ["-XX:CompileThresholdScaling=5", "-XX:CompileThresholdScaling=1"]  # HotSpot: the last wins
+
+
 def test_profiles_start_the_heap_small_unless_the_user_sizes_it():
     from jvmkit.packager.pack import defer_heap_sizing
     from jvmkit.profiles import load_profile, parse_profile
