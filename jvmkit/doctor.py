@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from jvmkit import __version__, cache, kvm
+from jvmkit import __version__, cache, iouring, kvm
 from jvmkit.errors import JvmkitError
 from jvmkit.qemu import QEMU, qemu_version
 from jvmkit.units import human
@@ -52,6 +52,9 @@ def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
         else:
             detail = ("usable: " if verdict.usable else "not usable, runs use TCG: ") + verdict.reason
             checks.append(_check("kvm", verdict.usable, detail, "guests run under TCG (slower)", required=False))
+        aio = iouring.io_uring_verdict(QEMU)  # one QEMU start on -machine none, then cached
+        checks.append(_check("io_uring", aio["usable"], aio["reason"],
+                             "OSv root disks use QEMU's thread pool (a little slower)", required=False))
     try:
         import jpype  # noqa: F401
 

@@ -60,6 +60,7 @@ class VmConfig:
     console_log: Path                            # ttyS0: kernel and init messages
     initrd: Path | None = None                   # linux target
     disk: Path | None = None                     # osv target: ROFS disk on virtio-blk
+    disk_aio: str = "threads"                    # the root disk's QEMU aio= mode (iouring.disk_aio)
     app_serial: bool = True                      # ttyS1 → QEMU's stdout (the app's output)
     console_stdio: bool = False                  # osv: ttyS0 → QEMU's stdout, logged to console_log too
     data_disks: tuple[Path, ...] = ()            # osv: more raw virtio-blk disks (vblk1...), read-only
@@ -74,6 +75,12 @@ class VmConfig:
     qemu: str = QEMU
     tcg_tb_mib: int = 64
     extra: tuple[str, ...] = field(default=())
+
+
+# Under TCG a virtio-blk kick handled in the vCPU thread (no ioeventfd) skips a wake-up of QEMU's
+# main loop per request; with aio=io_uring it halved OSv's own count of its disk time (127 -> 71 ms
+# for hello). Under KVM the ioeventfd keeps the kick in the kernel, so it stays on there.
+ROOT_DISK_TCG = ",ioeventfd=off"
 
 
 def machine_option(c: VmConfig) -> str:
@@ -104,8 +111,8 @@ def qemu_argv(c: VmConfig) -> list[str]:
     if c.initrd is not None:
         argv += ["-initrd", str(c.initrd)]
     if c.disk is not None:
-        argv += ["-drive", f"file={c.disk},if=none,id=rootfs,format=raw,readonly=on,cache=unsafe",
-                 "-device", "virtio-blk-pci,drive=rootfs"]
+        argv += ["-drive", f"file={c.disk},if=none,id=rootfs,format=raw,readonly=on,cache=unsafe,aio={c.disk_aio}",
+                 "-device", f"virtio-blk-pci,drive=rootfs{ROOT_DISK_TCG if c.accel == 'tcg' else ''}"]
     for i, path in enumerate(c.data_disks):
         argv += ["-drive", f"file={path},if=none,id=data{i},format=raw,readonly=on",
                  "-device", f"virtio-blk-pci,drive=data{i}"]

@@ -28,7 +28,7 @@ from typing import Callable
 
 import zstandard
 
-from jvmkit import cache, kvm, rundir, ui
+from jvmkit import cache, iouring, kvm, rundir, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager.linux_image import NO_BOUNCE_BUFFER, min_memory_mib
@@ -330,6 +330,7 @@ def run(image_path: Path, options: RunOptions,
             data_disks=tuple(data_disks),
             qemu=qemu,
             machine=machine,
+            disk_aio=iouring.disk_aio(qemu) if files.get("disk") else "threads",
             low_memory_mib=q35_low_memory_mib(initramfs["raw_size"] if initramfs else 0,
                                               bounce_buffer=NO_BOUNCE_BUFFER not in append.split()),
             free_page_reporting=options.free_page_reporting,

@@ -34,9 +34,50 @@ def test_argv_kvm_multi_cpu_and_osv_disk():
     assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
     assert "-initrd" not in argv
     assert any("file=/d/rofs.img" in a and "readonly=on" in a for a in argv)
-    assert "virtio-blk-pci,drive=rootfs" in argv
+    assert "virtio-blk-pci,drive=rootfs" in argv  # KVM keeps the ioeventfd
+    assert any(a.endswith("cache=unsafe,aio=threads") for a in argv)
     tcg2 = qemu_argv(config(cpus=2))
     assert tcg2[tcg2.index("-accel") + 1].startswith("tcg,thread=multi")
+
+
+def test_osv_disk_under_tcg_is_kicked_in_the_vcpu_thread_with_the_probed_aio():
+    argv = qemu_argv(config(initrd=None, disk=Path("/d/rofs.img"), disk_aio="io_uring"))
+    assert "virtio-blk-pci,drive=rootfs,ioeventfd=off" in argv
+    assert "file=/d/rofs.img,if=none,id=rootfs,format=raw,readonly=on,cache=unsafe,aio=io_uring" in argv
+    assert not any("ioeventfd" in a for a in qemu_argv(config()))  # no disk, nothing to kick
+
+
+def test_io_uring_probe_verdicts():
+    """interpret() is pure; the real probe runs this machine's QEMU (no guest, -machine none)."""
+    from jvmkit import iouring
+
+    assert iouring.interpret(0, "")[0] is True
+    usable, reason = iouring.interpret(1, "qemu-system-x86_64: -drive file=x,aio=io_uring: failed to init "
+                                          "linux io_uring ring\n")
+    assert not usable and reason.endswith("(failed to init linux io_uring ring)")
+    assert iouring.interpret(None, "") == (False, "QEMU cannot use aio=io_uring here (timed out)")
+    argv = iouring.probe_argv("qemu-system-x86_64", Path("/t/p.img"))
+    assert argv[argv.index("-machine") + 1] == "none" and "aio=io_uring" in argv[argv.index("-drive") + 1]
+    qemu = __import__("shutil").which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    verdict = iouring.run_probe(qemu)
+    assert isinstance(verdict["usable"], bool) and verdict["reason"] and verdict["host"] == iouring.host_identity(qemu)
+    broken = iouring.run_probe("/nonexistent/qemu")
+    assert broken["usable"] is False and "cannot run" in broken["reason"]
+
+
+def test_io_uring_verdict_is_cached_per_host(tmp_path, monkeypatch):
+    from jvmkit import iouring
+
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(iouring, "run_probe", lambda qemu: calls.append(qemu) or
+                        {"usable": False, "reason": "no", "host": iouring.host_identity(qemu)})
+    assert iouring.disk_aio("q") == "threads" and iouring.disk_aio("q") == "threads"
+    assert calls == ["q"]  # probed once, then read from aio-probe.json
+    (tmp_path / "aio-probe.json").write_text('{"usable": true, "reason": "ok", "host": "another kernel"}')
+    assert iouring.disk_aio("q") == "threads" and calls == ["q", "q"]  # another host's verdict is not used
 
 
 def test_machine_type_comes_from_the_image_and_is_checked():
