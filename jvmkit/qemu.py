@@ -6,6 +6,7 @@ exact command line for every combination of target, accelerator and options is u
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ def find_qemu(binary: str = QEMU) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=8)  # one `qemu --version` per process (the KVM and io_uring verdicts both ask)
 def qemu_version(binary: str = QEMU) -> str | None:
     path = shutil.which(binary)
     if not path:
