@@ -11,20 +11,15 @@ The verdict is cached per host kernel and QEMU version in `aio-probe.json`.
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import tempfile
 from pathlib import Path
 
 from jvmkit import cache
-from jvmkit.qemu import QEMU, qemu_version
+from jvmkit.qemu import QEMU, host_key
 
 PROBE_TIMEOUT = 20.0
 QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
-
-
-def host_identity(qemu: str = QEMU) -> str:
-    return f"{platform.release()}|qemu:{qemu_version(qemu)}"
 
 
 def probe_argv(qemu: str, image: Path) -> list[str]:
@@ -53,7 +48,7 @@ def run_probe(qemu: str = QEMU) -> dict:
             usable, reason = interpret(None, "")
         except OSError as exc:
             usable, reason = False, f"cannot run {qemu}: {exc.strerror}"
-    return {"usable": usable, "reason": reason, "host": host_identity(qemu)}
+    return {"usable": usable, "reason": reason, "host": host_key(qemu)}
 
 
 def _verdict_path() -> Path:
@@ -64,7 +59,7 @@ def io_uring_verdict(qemu: str = QEMU) -> dict:
     """The cached verdict for this host kernel and QEMU, probing (once) when there is none."""
     try:
         verdict = json.loads(_verdict_path().read_text())
-        if verdict.get("host") == host_identity(qemu) and isinstance(verdict.get("usable"), bool):
+        if verdict.get("host") == host_key(qemu) and isinstance(verdict.get("usable"), bool):
             return verdict
     except (OSError, ValueError, AttributeError):
         pass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jvmkit import cache
-from jvmkit.qemu import QEMU, qemu_version
+from jvmkit.qemu import QEMU, host_key
 
 PROBE_VALUE = 0x31
 # mov al, 0x31 ; out 0xf4, al ; hlt ; jmp $-1   (then the 0x55AA boot signature)
@@ -51,7 +50,7 @@ def host_identity(qemu: str = QEMU) -> str:
         dev = f"kvm:{st.st_rdev}"
     except OSError:
         dev = "kvm:none"
-    return f"{platform.release()}|qemu:{qemu_version(qemu)}|{dev}"
+    return f"{host_key(qemu)}|{dev}"
 
 
 def probe_argv(qemu: str, image: Path) -> list[str]:

@@ -7,6 +7,7 @@ exact command line for every combination of target, accelerator and options is u
 from __future__ import annotations
 
 import functools
+import platform
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -157,3 +158,8 @@ def qemu_version(binary: str = QEMU) -> str | None:
         return None
     first = out.splitlines()[0] if out else ""
     return first.split("version", 1)[1].strip().split()[0] if "version" in first else first or None
+
+
+def host_key(binary: str = QEMU) -> str:
+    """What a probe's cached verdict holds for: the host kernel and the QEMU version."""
+    return f"{platform.release()}|qemu:{qemu_version(binary)}"

@@ -6,7 +6,7 @@ import pytest
 
 from jvmkit import kvm
 from jvmkit.errors import JvmkitError, UsageError
-from jvmkit.qemu import PortForward, VmConfig, q35_low_memory_mib, qemu_argv
+from jvmkit.qemu import PortForward, VmConfig, host_key, q35_low_memory_mib, qemu_argv
 from jvmkit.runner import choose_accel, diagnose, parse_exit, parse_publish
 
 
@@ -62,7 +62,7 @@ def test_io_uring_probe_verdicts():
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     verdict = iouring.run_probe(qemu)
-    assert isinstance(verdict["usable"], bool) and verdict["reason"] and verdict["host"] == iouring.host_identity(qemu)
+    assert isinstance(verdict["usable"], bool) and verdict["reason"] and verdict["host"] == host_key(qemu)
     broken = iouring.run_probe("/nonexistent/qemu")
     assert broken["usable"] is False and "cannot run" in broken["reason"]
 
@@ -73,7 +73,7 @@ def test_io_uring_verdict_is_cached_per_host(tmp_path, monkeypatch):
     monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(iouring, "run_probe", lambda qemu: calls.append(qemu) or
-                        {"usable": False, "reason": "no", "host": iouring.host_identity(qemu)})
+                        {"usable": False, "reason": "no", "host": host_key(qemu)})
     assert iouring.disk_aio("q") == "threads" and iouring.disk_aio("q") == "threads"
     assert calls == ["q"]  # probed once, then read from aio-probe.json
     (tmp_path / "aio-probe.json").write_text('{"usable": true, "reason": "ok", "host": "another kernel"}')
