@@ -90,6 +90,7 @@ def test_kvm_probe_verdict_is_honest(images):
 
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     verdict = checks["kvm"]["detail"]
+    assert "aio=io_uring" in checks["io_uring"]["detail"]  # the OSv root disk's probe, usable or not
     run = jvmkit("run", images["hello"])
     if os.path.exists("/dev/kvm") and "not usable" in verdict:
         assert "KVM is not usable" in run.stderr and "using TCG" in run.stderr
