@@ -165,20 +165,3 @@ def prune(older_than_days: float, *, dry_run: bool = False, now: float | None = 
                 with file_lock(entry.path.parent / f".{entry.path.name}.lock"):
                     shutil.rmtree(entry.path, ignore_errors=True)
     return removed
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a file via a temporary sibling and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

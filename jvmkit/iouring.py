@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from jvmkit import cache
+from jvmkit import cache, fileio
 from jvmkit.qemu import QEMU, host_key
 
 PROBE_TIMEOUT = 20.0
@@ -64,7 +64,7 @@ def io_uring_verdict(qemu: str = QEMU) -> dict:
     except (OSError, ValueError, AttributeError):
         pass
     verdict = run_probe(qemu)
-    cache.atomic_write_bytes(_verdict_path(), json.dumps(verdict, indent=2).encode())
+    fileio.atomic_write_bytes(_verdict_path(), json.dumps(verdict, indent=2).encode())
     return verdict
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jvmkit import cache
+from jvmkit import cache, fileio
 from jvmkit.qemu import QEMU, host_key
 
 PROBE_VALUE = 0x31
@@ -176,5 +176,5 @@ def kvm_verdict(qemu: str = QEMU, refresh: bool = False, kernel: Path | None = N
         if verdict is not None and (verdict.depth == "kernel" or kernel is None or not verdict.usable):
             return verdict
     verdict = run_probe(qemu, kernel)
-    cache.atomic_write_bytes(_verdict_path(), json.dumps(verdict.to_dict(), indent=2).encode())
+    fileio.atomic_write_bytes(_verdict_path(), json.dumps(verdict.to_dict(), indent=2).encode())
     return verdict

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from jvmkit import cache
+from jvmkit import cache, fileio
 from jvmkit.errors import JvmkitError, UsageError
 
 FORMAT = 1
@@ -52,7 +52,7 @@ def matches_sha256(file: Path, expected: str) -> bool:
     if sha256_file(file) != expected:
         return False
     try:
-        cache.atomic_write_bytes(stamp, expected.encode())
+        fileio.atomic_write_bytes(stamp, expected.encode())
     except OSError:
         pass  # a read-only cache only costs the hash next time
     return True
