@@ -70,7 +70,7 @@ def find_vm(name: str, env: dict, proc: subprocess.Popen, timeout: float = 120) 
 
 
 def qmp_call(socket_path: str, command: str, **kwargs):
-    from jvmkit.qmp import QmpClient
+    from jvmkit.vm.qmp import QmpClient
 
     with QmpClient.connect(Path(socket_path), timeout=3.0) as qmp:
         return qmp.execute(command, **kwargs)

@@ -149,8 +149,8 @@ def run(image, args, memory_mib, cpus, publish, accel, timeout, verbose, name, b
     stdout; with --verbose the kernel and init messages go to stderr. Exit status: the app's own,
     or 124 (--timeout hit), 125 (the VM failed: panic, crash, QEMU error), 130 (interrupted).
     """
-    from jvmkit.runner import RunOptions
-    from jvmkit.runner import run as do_run
+    from jvmkit.vm.runner import RunOptions
+    from jvmkit.vm.runner import run as do_run
 
     options = RunOptions(memory_mib=memory_mib, cpus=cpus, publish=tuple(publish), accel=accel, timeout=timeout,
                          verbose=verbose, args=tuple(args) if _had_separator() else None, name=name, jmx=balloon)
@@ -175,7 +175,7 @@ def _had_separator() -> bool:
 @output_options()
 def ps():
     """List running VMs."""
-    from jvmkit import rundir
+    from jvmkit.vm import rundir
 
     rows = [r.read_state() | {"name": r.name} for r in rundir.running()]
     console = ui.current()
@@ -199,7 +199,7 @@ def ps():
 @output_options(json_flag=False)
 def stop(name, timeout):
     """Stop the running VM NAME (its `jvmkit run` then exits 130)."""
-    from jvmkit import rundir
+    from jvmkit.vm import rundir
 
     run = rundir.find(name)
     state = run.read_state()

@@ -11,9 +11,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from jvmkit import __version__, cache, iouring, kvm
+from jvmkit import __version__, cache
+from jvmkit.vm import iouring, kvm
 from jvmkit.errors import JvmkitError
-from jvmkit.qemu import QEMU, qemu_version
+from jvmkit.vm.qemu import QEMU, qemu_version
 from jvmkit.units import human
 
 

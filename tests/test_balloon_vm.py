@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jvmkit.qmp import QmpClient
+from jvmkit.vm.qmp import QmpClient
 
 pytestmark = pytest.mark.vm
 

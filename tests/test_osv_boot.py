@@ -3,7 +3,7 @@ app, in a bundle written by osv_image; the classic disk from `export`; the seed 
 
 Runs only when an OSv kernel is available: JVMKIT_OSV_KERNEL=/path/to/loader-stripped.elf, or one
 in jvmkit's kernel cache (`jvmkit kernel import osv PATH` / `jvmkit kernel pull osv`). The tests
-boot with QEMU directly (argv from jvmkit.qemu, console through osv_image.ConsoleFilter), to check
+boot with QEMU directly (argv from jvmkit.vm.qemu, console through osv_image.ConsoleFilter), to check
 the bundle writer on its own; tests/test_osv_cli.py does the same through `jvmkit pack` and
 `jvmkit run`, as a user would. They print boot-to-main times.
 """
@@ -102,7 +102,7 @@ def osv(tmp_path_factory):
     from jvmkit.packager import bundle as bundles
     from jvmkit.packager import osv_image, pack
     from jvmkit.packager.runtime import RuntimeSpec, ensure_runtime
-    from jvmkit.runner import prepare_boot_files
+    from jvmkit.vm.runner import prepare_boot_files
 
     work = tmp_path_factory.mktemp("osv-boot")
     mp = pytest.MonkeyPatch()
@@ -187,8 +187,8 @@ def _run(argv: list[str], console_log: Path, timeout: float = BOOT_TIMEOUT) -> B
 def boot(osv, args: list[str] | None = None, extra: tuple[str, ...] = (), name: str = "boot",
          agent: bool = False) -> Booted:
     from jvmkit.packager.osv_image import runtime_cmdline
-    from jvmkit.qemu import VmConfig, qemu_argv
-    from jvmkit.runner import parse_exit
+    from jvmkit.vm.qemu import VmConfig, qemu_argv
+    from jvmkit.vm.runner import parse_exit
 
     run = osv.work / f"run-{name}-{time.monotonic_ns()}"
     run.mkdir()
@@ -266,7 +266,7 @@ def test_agent_starts_when_a_seed_disk_is_attached(osv):
 
 def test_classic_disk_export_boots(osv):
     from jvmkit.packager.osv_image import export_classic
-    from jvmkit.qemu import find_qemu
+    from jvmkit.vm.qemu import find_qemu
 
     if osv.kernel.loader_image is None:
         pytest.skip("the OSv kernel under test came without a classic loader image (loader.img)")

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from jvmkit import kvm
+from jvmkit.vm import kvm
 from jvmkit.errors import JvmkitError, UsageError
-from jvmkit.qemu import PortForward, VmConfig, host_key, q35_low_memory_mib, qemu_argv
-from jvmkit.runner import choose_accel, diagnose, parse_exit, parse_publish
+from jvmkit.vm.qemu import PortForward, VmConfig, host_key, q35_low_memory_mib, qemu_argv
+from jvmkit.vm.runner import choose_accel, diagnose, parse_exit, parse_publish
 
 
 def config(**kw):
@@ -49,7 +49,7 @@ def test_osv_disk_under_tcg_is_kicked_in_the_vcpu_thread_with_the_probed_aio():
 
 def test_io_uring_probe_verdicts():
     """interpret() is pure; the real probe runs this machine's QEMU (no guest, -machine none)."""
-    from jvmkit import iouring
+    from jvmkit.vm import iouring
 
     assert iouring.interpret(0, "")[0] is True
     usable, reason = iouring.interpret(1, "qemu-system-x86_64: -drive file=x,aio=io_uring: failed to init "
@@ -68,7 +68,7 @@ def test_io_uring_probe_verdicts():
 
 
 def test_io_uring_verdict_is_cached_per_host(tmp_path, monkeypatch):
-    from jvmkit import iouring
+    from jvmkit.vm import iouring
 
     monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path))
     calls = []

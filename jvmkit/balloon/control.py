@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import time
 
-from jvmkit import rundir
+from jvmkit.vm import rundir
 from jvmkit.balloon import policy
 from jvmkit.balloon.host import REQUEST_FILE, RESULT_FILE, STATUS_FILE, QmpBalloon
 from jvmkit.errors import JvmkitError, UsageError
-from jvmkit.qmp import QmpError
+from jvmkit.vm.qmp import QmpError
 
 
 def status_rows(name: str | None) -> list[dict]:

@@ -21,7 +21,7 @@ from jvmkit import ui
 from jvmkit.balloon import policy
 from jvmkit.balloon.policy import MIB
 from jvmkit.errors import JvmkitError
-from jvmkit.qmp import QmpClient, QmpError
+from jvmkit.vm.qmp import QmpClient, QmpError
 
 STATUS_FILE = "balloon.json"
 REQUEST_FILE = "balloon-request.json"
@@ -303,7 +303,7 @@ class Controller:
 def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interval: float,
                      log_path: Path | None) -> int:
     """`jvmkit run --balloon`: the runner plus one controller thread for the VM."""
-    from jvmkit import runner
+    from jvmkit.vm import runner
     from jvmkit.packager import bundle as bundles
 
     manifest = bundles.load(image, verify=False).manifest

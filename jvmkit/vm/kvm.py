@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jvmkit import cache, fileio
-from jvmkit.qemu import QEMU, host_key
+from jvmkit.vm.qemu import QEMU, host_key
 
 PROBE_VALUE = 0x31
 # mov al, 0x31 ; out 0xf4, al ; hlt ; jmp $-1   (then the 0x55AA boot signature)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from jvmkit import cache, fileio
-from jvmkit.qemu import QEMU, host_key
+from jvmkit.vm.qemu import QEMU, host_key
 
 PROBE_TIMEOUT = 20.0
 QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'

@@ -2,7 +2,7 @@
 
 The runner verifies the bundle, unpacks what QEMU boots from into the cache once (keyed by digest),
 chooses the accelerator (KVM only after the probe proved it works), writes the per-run seed and
-run directory, starts QEMU with the argv from jvmkit.qemu, streams the app's serial port to stdout
+run directory, starts QEMU with the argv from jvmkit.vm.qemu, streams the app's serial port to stdout
 (and the console log to stderr with --verbose), and turns the way the guest ended into an exit
 status: the app's own status, or 124 (timeout), 125 (the VM failed), 130 (interrupted).
 QEMU is started with PR_SET_PDEATHSIG, so it never outlives jvmkit, even after a SIGKILL.
@@ -28,11 +28,12 @@ from typing import Callable
 
 import zstandard
 
-from jvmkit import cache, iouring, kvm, rundir, ui
+from jvmkit import cache, ui
+from jvmkit.vm import iouring, kvm, rundir
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager.linux_image import NO_BOUNCE_BUFFER, min_memory_mib
-from jvmkit.qemu import MACHINES, PortForward, VmConfig, find_qemu, q35_low_memory_mib, qemu_argv
+from jvmkit.vm.qemu import MACHINES, PortForward, VmConfig, find_qemu, q35_low_memory_mib, qemu_argv
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILED = 125
@@ -230,7 +231,7 @@ def _tail(path: Path, stop: threading.Event, out) -> None:
 
 def stop_vm(vm: RunningVm, graceful: bool, grace: float = STOP_GRACE) -> None:
     """Stop QEMU within a bounded time: ACPI power-down (if the guest handles it), QMP quit, kill."""
-    from jvmkit.qmp import QmpClient, QmpError
+    from jvmkit.vm.qmp import QmpClient, QmpError
 
     proc = vm.process
     if proc.poll() is not None:
