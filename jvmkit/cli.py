@@ -8,7 +8,6 @@ traceback.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -19,9 +18,11 @@ import click
 
 from jvmkit import __version__, ui
 from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.packager import targets
 from jvmkit.units import human, parse_mib
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+TARGET_NAMES = list(targets.NAMES)
 
 
 def output_options(json_flag: bool = True):
@@ -68,7 +69,7 @@ def cli():
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("jar", required=False, type=click.Path(path_type=Path))
-@click.option("-t", "--target", type=click.Choice(["osv", "linux"]), default=None,
+@click.option("-t", "--target", type=click.Choice(TARGET_NAMES), default=None,
               help="Image kind: an OSv unikernel (default) or a Linux micro-VM.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Image bundle to write [default: ./NAME.jvmkit].")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing output.")
@@ -227,29 +228,29 @@ def inspect(image, no_verify):
     from jvmkit.packager import bundle as bundles
 
     b = bundles.load(image, verify=not no_verify)
-    ui.current().result(describe_manifest(b), b.manifest)
+    ui.current().result(describe_manifest(b), b.manifest.to_json())
 
 
 def describe_manifest(b) -> str:
     m = b.manifest
-    app, jdk, kernel = m["app"], m["jdk"], m.get("kernel", {})
-    size = sum(f["size"] for f in m["files"].values())
+    app, jdk, kernel = m.app, m.jdk, m.kernel
     lines = [
-        f"image      {b.path}  ({human(size)}, format {m['format']}, {m.get('created_by', '?')})",
-        f"target     {m['target']}",
-        f"app        {Path(app.get('jar', '?')).name}  main {app.get('main_class')}",
-        f"class path {':'.join(app.get('class_path', []))}",
-        f"jdk        {jdk['version']}  profile {jdk['profile']['name']}  CDS {'yes' if jdk.get('cds') else 'no'}"
-        f"  runtime {human(jdk.get('runtime_size', 0))}",
-        f"modules    {', '.join(jdk['modules'])}",
-        f"kernel     {kernel.get('name', '?')} {kernel.get('version', '')}  sha256 {str(kernel.get('sha256', '?'))[:16]}",
-        f"command    {' '.join(m['command']['java'])}",
-        f"app args   {' '.join(m['command'].get('args', [])) or '(none)'}",
-        f"defaults   memory {m['defaults']['memory_mib']}M  cpus {m['defaults']['cpus']}",
+        f"image      {b.path}  ({human(m.size)}, format {m.format}, {m.created_by or '?'})",
+        f"target     {m.target}",
+        f"app        {Path(app.jar).name}  main {app.main_class}",
+        f"class path {':'.join(app.class_path)}",
+        f"jdk        {jdk.version}  profile {jdk.profile.get('name', '?')}  CDS {'yes' if jdk.cds else 'no'}"
+        f"  runtime {human(jdk.runtime_size)}",
+        f"modules    {', '.join(jdk.modules)}",
+        f"kernel     {kernel.name or '?'} {kernel.version or ''}  sha256 {str(kernel.sha256 or '?')[:16]}",
+        f"command    {' '.join(m.command.java)}",
+        f"app args   {' '.join(m.command.args) or '(none)'}",
+        f"defaults   memory {m.defaults.memory_mib}M  cpus {m.defaults.cpus}",
+        *targets.get(m.target).describe(m),
         "files",
     ]
-    for role, f in sorted(m["files"].items()):
-        lines.append(f"  {role:<10} {f['path']:<22} {human(f['size']):>10}  sha256 {f['sha256'][:16]}")
+    for role, f in sorted(m.files.items()):
+        lines.append(f"  {role:<10} {f.path:<22} {human(f.size):>10}  sha256 {f.sha256[:16]}")
     return "\n".join(lines)
 
 
@@ -261,10 +262,11 @@ def describe_manifest(b) -> str:
               help="OSv's loader image (build/last/loader.img) [default: the one cached with the image's kernel].")
 @output_options()
 def export(image, output, fmt, loader):
-    """Write an osv IMAGE as one bootable OSv disk (boot loader + command line + filesystem)."""
-    from jvmkit.packager import osv_image
+    """Write IMAGE in a format other engines boot (osv: one bootable OSv disk, raw or qcow2)."""
+    from jvmkit.packager import bundle as bundles
 
-    dest = osv_image.export_classic(image, loader, output, fmt)
+    b = bundles.load(image)
+    dest = targets.get(b.target, "image target").export(b, fmt, output, loader=loader)
     ui.current().result(f"{dest}  {human(dest.stat().st_size)}  {fmt}", {"disk": str(dest), "format": fmt,
                                                                           "size": dest.stat().st_size})
 
@@ -335,7 +337,7 @@ def kernel():
 
 
 @kernel.command("pull")
-@click.argument("target", type=click.Choice(["linux", "osv"]))
+@click.argument("target", type=click.Choice(TARGET_NAMES))
 @click.option("--suite", help="linux: Debian suite [default: the host's, else bookworm].")
 @click.option("--mirror", help="linux: Debian mirror URL [default: from apt's sources].")
 @click.option("--version", "version", help="osv: release tag [default: the newest known].")
@@ -345,25 +347,19 @@ def kernel():
 @output_options()
 def kernel_pull(target, suite, mirror, version, url, refresh, sha256):
     """Download a guest kernel into the cache (verified by SHA-256)."""
-    from jvmkit.packager import kernels, osv_kernels
-
-    if target == "linux":
-        k = kernels.pull_linux(suite=suite, mirror=mirror, refresh=refresh)
-    else:
-        k = osv_kernels.pull_osv(version=version, base_url=url, sha256=sha256)
+    k = targets.get(target).pull_kernel(suite=suite, mirror=mirror, refresh=refresh, version=version, url=url,
+                                        sha256=sha256)
     info = k.describe()
     ui.current().result(f"{target} kernel {info.get('version')} in {info.get('path')}", info)
 
 
 @kernel.command("import")
-@click.argument("target", type=click.Choice(["linux", "osv"]))
+@click.argument("target", type=click.Choice(TARGET_NAMES))
 @click.argument("path", type=click.Path(path_type=Path))
 @output_options()
 def kernel_import(target, path):
     """Add a kernel you built to the cache (OSv loader, or a Linux bzImage/vmlinux)."""
-    from jvmkit.packager import kernels, osv_kernels
-
-    k = osv_kernels.import_osv(path) if target == "osv" else kernels.import_linux(path)
+    k = targets.get(target).import_kernel(path)
     info = k.describe()
     ui.current().result(f"imported {target} kernel {info.get('version')} ({info.get('sha256', '')[:16]})", info)
 

@@ -19,19 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jvmkit import cache, fileio
-from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.errors import UsageError
+from jvmkit.packager.manifest import FORMAT, Manifest, ManifestError
 
-FORMAT = 1
 MANIFEST = "manifest.json"
 SUFFIX = ".jvmkit"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = fileio.sha256_file
 
 
 def _stamp(file: Path, st: os.stat_result) -> Path:
@@ -58,10 +51,6 @@ def matches_sha256(file: Path, expected: str) -> bool:
     return True
 
 
-def file_record(path: Path) -> dict:
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
-
-
 def default_output(name: str, directory: Path | None = None) -> Path:
     return (directory or Path.cwd()) / f"{name}{SUFFIX}"
 
@@ -74,9 +63,12 @@ def staging_dir(output: Path, force: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
 
 
-def write_manifest(staging: Path, manifest: dict) -> None:
-    manifest = {"format": FORMAT, **manifest}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+def manifest_text(manifest: Manifest) -> str:
+    return json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
+
+
+def write_manifest(staging: Path, manifest: Manifest) -> None:
+    (staging / MANIFEST).write_text(manifest_text(manifest))
     os.chmod(staging / MANIFEST, 0o644)
 
 
@@ -95,22 +87,31 @@ def publish(staging: Path, output: Path) -> None:
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def name(self) -> str:
-        return self.manifest.get("name", self.path.name.removesuffix(SUFFIX))
+        return self.manifest.name or self.path.name.removesuffix(SUFFIX)
 
-    def file(self, name: str) -> Path:
-        return self.path / self.manifest["files"][name]["path"]
+    def file(self, role: str) -> Path:
+        return self.path / self.manifest.files[role].path
+
+
+def _inside(bundle: Path, rel: str) -> bool:
+    """Whether a file the manifest names stays inside the bundle directory."""
+    if not rel or os.path.isabs(rel) or "\0" in rel:
+        return False
+    root = os.path.realpath(bundle)
+    return os.path.commonpath([root, os.path.realpath(os.path.join(root, rel))]) == root
 
 
 def load(path: Path, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest and (by default) verify every file it lists."""
+    """Read a bundle's manifest and (by default) verify every file it lists. A missing, foreign,
+    corrupt or truncated image is bad input: one line, exit status 2."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"image {path} does not exist", hint="make one with `jvmkit pack`")
@@ -118,23 +119,31 @@ def load(path: Path, verify: bool = True) -> Bundle:
     if not path.is_dir() or not manifest_path.is_file():
         raise UsageError(f"{path} is not a jvmkit image (no {MANIFEST} inside)", hint="make one with `jvmkit pack`")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        data = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
-        raise JvmkitError(f"image {path} has a corrupt {MANIFEST}: {exc}", hint="pack it again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
-        raise JvmkitError(f"image {path} has manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'}, "
-                          f"this jvmkit reads format {FORMAT}", hint="pack it again with this jvmkit")
+        raise UsageError(f"image {path} has a corrupt {MANIFEST}: {exc}", hint="pack it again") from None
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        raise UsageError(f"image {path} has manifest format {data.get('format')!r}; this jvmkit reads format {FORMAT}",
+                         hint="pack it again with this jvmkit")
+    try:
+        manifest = Manifest.from_json(data)
+    except ManifestError as exc:
+        raise UsageError(f"image {path} has an invalid {MANIFEST}: {exc.message}", hint="pack it again") from None
     bundle = Bundle(path, manifest)
+    for role, record in manifest.files.items():
+        if not _inside(path, record.path):
+            raise UsageError(f"image {path}: file {role!r} points outside the image ({record.path!r})",
+                             hint="this image is damaged or hostile; do not run it")
     if verify:
-        for name, record in manifest["files"].items():
-            file = path / record["path"]
+        for role, record in manifest.files.items():
+            file = path / record.path
             if not file.is_file():
-                raise JvmkitError(f"image {path} is incomplete: {record['path']} is missing", hint="pack it again")
+                raise UsageError(f"image {path} is incomplete: {record.path} is missing", hint="pack it again")
             size = file.stat().st_size
-            if size != record["size"]:
-                raise JvmkitError(f"image {path} is corrupt: {record['path']} has {size} bytes, "
-                                  f"the manifest says {record['size']} (truncated?)", hint="pack it again")
-            if not matches_sha256(file, record["sha256"]):
-                raise JvmkitError(f"image {path} is corrupt: {record['path']} does not match its SHA-256",
-                                  hint="pack it again")
+            if size != record.size:
+                raise UsageError(f"image {path} is corrupt: {record.path} has {size} bytes, "
+                                 f"the manifest says {record.size} (truncated?)", hint="pack it again")
+            if not matches_sha256(file, record.sha256):
+                raise UsageError(f"image {path} is corrupt: {record.path} does not match its SHA-256",
+                                 hint="pack it again")
     return bundle

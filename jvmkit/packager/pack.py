@@ -14,17 +14,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jvmkit import __version__, cache, ui
+from jvmkit import __version__, cache, fileio, guest, ui
 from jvmkit.balloon.agent_build import LAUNCHER_MAIN
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
+from jvmkit.packager import manifest as mf
+from jvmkit.packager import targets
+from jvmkit.packager.targets.base import PackInputs
 
-TARGETS = ("osv", "linux")
-DEFAULT_TARGET = "osv"
-GUEST_RUNTIME = "/jvm"
-GUEST_AGENT = "/jvmkit/agent.jar"
-GUEST_SEED = "/run/jvmkit/seed"
-AGENT_FLAGS = (f"-Djvmkit.seed={GUEST_SEED}", f"-javaagent:{GUEST_AGENT}")
+DEFAULT_TARGET = targets.DEFAULT
+GUEST_AGENT = guest.GUEST_AGENT
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class PackRequest:
     app_args: tuple[str, ...] = ()
     profile: str | None = None
     jdk: Path | None = None
-    target: str = DEFAULT_TARGET
+    target: str = targets.DEFAULT
     memory_mib: int = 512
     memory_given: bool = False  # --memory or jvmkit.toml set it; else pack may raise the default
     cpus: int = 1
@@ -54,7 +53,7 @@ class PackRequest:
 @dataclass(frozen=True)
 class PackResult:
     output: Path
-    manifest: dict
+    manifest: mf.Manifest
     size: int
     seconds: float
     runtime_built: bool
@@ -63,15 +62,15 @@ class PackResult:
     def summary(self) -> str:
         from jvmkit.units import human
 
-        jdk = self.manifest["jdk"]
-        return (f"{self.output}  {human(self.size)}  target={self.manifest['target']}  "
-                f"java={jdk['release']} modules={len(jdk['modules'])}  {self.seconds:.1f}s")
+        jdk = self.manifest.jdk
+        return (f"{self.output}  {human(self.size)}  target={self.manifest.target}  "
+                f"java={jdk.release} modules={len(jdk.modules)}  {self.seconds:.1f}s")
 
     def to_dict(self) -> dict:
-        return {"image": str(self.output), "size": self.size, "target": self.manifest["target"],
-                "modules": self.manifest["jdk"]["modules"], "seconds": round(self.seconds, 3),
+        return {"image": str(self.output), "size": self.size, "target": self.manifest.target,
+                "modules": list(self.manifest.jdk.modules), "seconds": round(self.seconds, 3),
                 "runtime_built": self.runtime_built, "timings": self.timings,
-                "manifest": self.manifest}
+                "manifest": self.manifest.to_json()}
 
 
 def source_date_epoch() -> int:
@@ -96,50 +95,34 @@ def defer_heap_sizing(profile_flags: list[str], user_jvm_args: list[str]) -> lis
 
 def guest_java_argv(*, main_class: str, guest_class_path: list[str], profile_flags: list[str],
                     manifest_flags: list[str], user_jvm_args: list[str], launcher: bool,
-                    appcds_archive: str | None = None, agent_first: bool = False) -> list[str]:
+                    appcds_archive: str | None = None, agent_first: bool = False,
+                    agent_flags: tuple[str, ...] = guest.AGENT_FLAGS) -> list[str]:
     """The java command line inside the guest, without the app's arguments (pure). `agent_first`
     puts the agent jar before the app's class path (an archive trained through the Launcher was
     written with it there)."""
-    argv = [f"{GUEST_RUNTIME}/bin/java", *profile_flags, *manifest_flags]
+    argv = [f"{guest.GUEST_RUNTIME}/bin/java", *profile_flags, *manifest_flags]
     if appcds_archive:
         argv.append(f"-XX:SharedArchiveFile={appcds_archive}")
     # The agent jar is always on the class path (the Shrinker API and the Launcher live there);
-    # the agent itself (AGENT_FLAGS) is started only for runs that ask for it (`run --balloon`).
+    # the agent itself (agent_flags) is started only for runs that ask for it (`run --balloon`).
     agent_jar = GUEST_AGENT.lstrip("/") if guest_class_path and not guest_class_path[0].startswith("/") else GUEST_AGENT
     class_path = [agent_jar, *guest_class_path] if agent_first else [*guest_class_path, agent_jar]
-    argv += [*user_jvm_args, *AGENT_FLAGS, "-cp", ":".join(class_path)]
+    argv += [*user_jvm_args, *agent_flags, "-cp", ":".join(class_path)]
     if launcher:
         argv.append(LAUNCHER_MAIN)
     argv.append(main_class)
     return argv
 
 
-HOST_SPECIFIC = frozenset({"path", "url", "last_used", "created"})
-
-
-def portable(info):
-    """Drop host-specific fields (cache paths, download URLs, times) so manifests are reproducible."""
-    if isinstance(info, dict):
-        return {k: portable(v) for k, v in info.items() if k not in HOST_SPECIFIC}
-    if isinstance(info, list):
-        return [portable(v) for v in info]
-    return info
-
-
-def _linux_memory(req: PackRequest, initramfs_raw_size: int) -> int:
-    """The image's default guest memory: the requested one, raised to what the initramfs needs
-    unless --memory asked for less (then the pack fails with the figure to use)."""
-    from jvmkit.packager.linux_image import min_memory_mib
-
-    need = min_memory_mib(initramfs_raw_size)
-    if req.memory_mib >= need:
+def default_memory(req: PackRequest, floor, output: Path) -> int:
+    """The image's default guest memory: the requested one, raised to the target's floor unless
+    --memory asked for less (then the pack fails with the figure to use, as `run` states it)."""
+    if req.memory_mib >= floor.mib:
         return req.memory_mib
-    unpacked = f"the initramfs unpacks to {initramfs_raw_size / (1 << 20):.0f} MiB"
     if req.memory_given:
-        raise UsageError(f"--memory {req.memory_mib}M is too small for this image: {unpacked}, which "
-                         f"needs a guest of at least {need}M", hint=f"pass --memory {need}M or more")
-    ui.current().info(f"  default guest memory raised from {req.memory_mib}M to {need}M: {unpacked}")
-    return need
+        floor.check(req.memory_mib, f"--memory {req.memory_mib}M", str(output))
+    ui.current().info(f"  default guest memory raised from {req.memory_mib}M to {floor.mib}M: {floor.reason}")
+    return floor.mib
 
 
 def image_name(jar: Path) -> str:
@@ -164,8 +147,7 @@ def pack(req: PackRequest) -> PackResult:
         timings[name] = round(now - t0, 3)
         return now
 
-    if req.target not in TARGETS:
-        raise UsageError(f"--target {req.target!r} is not one of {', '.join(TARGETS)}")
+    target = targets.get(req.target)
     output = req.output or bundles.default_output(image_name(req.jar))
     if output.exists() and not req.force:
         raise UsageError(f"output {output} already exists", hint="use --force to replace it, or -o to choose another path")
@@ -174,19 +156,12 @@ def pack(req: PackRequest) -> PackResult:
     if profile.runtime == "jlink" or jdk.is_jre:  # copying a JDK needs no jmods; a JRE lacks javac for the agent
         jdk.require_jmods()
     t = time.monotonic()
-    console.info(f"jvmkit: packing {req.jar} for target {req.target} (profile {profile.name}, JDK {jdk.version})")
+    console.info(f"jvmkit: packing {req.jar} for target {target.name} (profile {profile.name}, JDK {jdk.version})")
     app = jars.analyze(req.jar, main=req.main, libs=list(req.libs), add_modules=list(req.add_modules),
                        jvm_args=list(req.jvm_args), app_args=list(req.app_args), jdk=jdk)
     t = lap("analyze", t)
     # The kernel first: a missing one is the likeliest failure, and it needs no runtime to find out.
-    if req.target == "linux":
-        from jvmkit.packager import kernels
-
-        kernel = kernels.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
-    else:
-        from jvmkit.packager import osv_image
-
-        kernel = osv_image.resolve_osv_kernel(req.kernel)
+    kernel = target.resolve_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
     t = lap("kernel", t)
     if profile.all_modules or profile.runtime == "copy":  # a copied JDK: its release file lists them
         modules = ("ALL-MODULE-PATH",)
@@ -208,14 +183,14 @@ def pack(req: PackRequest) -> PackResult:
     mtime = source_date_epoch()
     class_path = list(app.guest_class_path)
     archive = None
+    agent_flags = guest.agent_flags(target.agent_seed_path() or guest.GUEST_SEED)
 
     profile_flags = defer_heap_sizing([*profile.jvm_flags(), *cds_mapping_flags(jdk.release, runtime.cds_archive is not None)],
                                       [*app.manifest_jvm_flags, *req.jvm_args])
-    memory_mib = req.memory_mib
     staging = bundles.staging_dir(output, req.force)
     try:
-        launcher = req.target == "osv"
-        guest_mtime = 0 if launcher else mtime  # OSv's ROFS reports mtime 0
+        launcher = target.uses_launcher
+        guest_mtime = target.guest_mtime(mtime)
         if req.appcds:
             jvm_flags = [*profile_flags, *app.manifest_jvm_flags, *req.jvm_args]
             files = [(g, Path(h)) for g, h in app_files]
@@ -242,43 +217,34 @@ def pack(req: PackRequest) -> PackResult:
         argv = guest_java_argv(main_class=app.main_class, guest_class_path=class_path,
                                profile_flags=profile_flags, manifest_flags=list(app.manifest_jvm_flags),
                                user_jvm_args=list(req.jvm_args), launcher=launcher,
-                               appcds_archive=archive, agent_first=launcher and archive is not None)
-        if req.target == "linux":
-            from jvmkit.packager import linux_image
-
-            written = linux_image.write_bundle(staging, kernel=kernel, java_argv=argv, agent_flags=list(AGENT_FLAGS),
-                                               app_args=list(req.app_args),
-                                               runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
-                                               agent_jar=agent.agent_jar, mtime=mtime)
-            kernel_info = portable(kernel.describe())
-            memory_mib = _linux_memory(req, written["files"]["initramfs"]["raw_size"])
-        else:
-            from jvmkit.packager import osv_image
-
-            written = osv_image.write_bundle(staging, kernel=kernel, java_argv=argv, agent_flags=list(AGENT_FLAGS),
-                                             app_args=list(req.app_args),
-                                             runtime=runtime.path, app_files=[(g, Path(h)) for g, h in app_files],
-                                             agent_jar=agent.agent_jar, mtime=mtime)
-            kernel_info = portable(kernel.describe())
+                               appcds_archive=archive, agent_first=launcher and archive is not None,
+                               agent_flags=agent_flags)
+        written = target.write_bundle(staging, PackInputs(
+            kernel=kernel, java_argv=tuple(argv), app_args=tuple(req.app_args), runtime=runtime.path,
+            app_files=tuple((g, Path(h)) for g, h in app_files), agent_jar=Path(agent.agent_jar), mtime=mtime,
+            agent_flags=agent_flags))
+        memory_mib = default_memory(req, target.memory_floor(written.files), output)
         t = lap("image", t)
-        manifest = {
-            "name": output.name.removesuffix(bundles.SUFFIX),
-            "target": req.target,
-            "created_by": f"jvmkit {__version__}",
-            "source_date_epoch": mtime,
-            "app": {**app.to_dict(), "jar_sha256": bundles.sha256_file(req.jar), "args": list(req.app_args)},
-            "jdk": {"version": jdk.version, "release": jdk.release, "modules": list(runtime.modules),
-                    "profile": profile.to_dict(), "cds": runtime.cds_archive is not None,
-                    "runtime_size": runtime.size, "runtime_key": spec.key(),
-                    "appcds": archive if req.appcds else None,
-                    "launcher_cds": archive if archive and not req.appcds else None},
-            "agent": {"path": GUEST_AGENT, "key": agent.key},
-            "kernel": kernel_info,
-            "command": {"java": argv, "args": list(req.app_args), "agent_flags": list(AGENT_FLAGS)},
-            "defaults": {"memory_mib": memory_mib, "cpus": req.cpus},
-            "guest": {"ports": list(req.ports), "jmx_port": 7091},
-            **written,
-        }
+        app_info = {**app.to_dict(), "jar_sha256": fileio.sha256_file(req.jar), "args": list(req.app_args)}
+        manifest = mf.Manifest(
+            name=output.name.removesuffix(bundles.SUFFIX),
+            target=target.name,
+            created_by=f"jvmkit {__version__}",
+            source_date_epoch=mtime,
+            app=mf.decode(mf.AppInfo, app_info, "app"),
+            jdk=mf.JdkInfo(version=jdk.version, release=jdk.release, modules=tuple(runtime.modules),
+                           profile=profile.to_dict(), cds=runtime.cds_archive is not None,
+                           runtime_size=runtime.size, runtime_key=spec.key(),
+                           appcds=archive if req.appcds else None,
+                           launcher_cds=archive if archive and not req.appcds else None),
+            agent=mf.AgentInfo(path=GUEST_AGENT, key=agent.key),
+            kernel=mf.KernelInfo.from_json(target.kernel_info(kernel)),
+            command=mf.CommandInfo(java=tuple(argv), args=tuple(req.app_args), agent_flags=agent_flags),
+            defaults=mf.Defaults(memory_mib=memory_mib, cpus=req.cpus),
+            guest=mf.GuestInfo(ports=tuple(req.ports), jmx_port=guest.JMX_GUEST_PORT),
+            files=written.files,
+            boot=written.boot,
+        )
         (staging / ".app.jsa").unlink(missing_ok=True)
         bundles.write_manifest(staging, manifest)
         size = cache.dir_size(staging)

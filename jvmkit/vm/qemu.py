@@ -46,6 +46,9 @@ class PortForward:
     host_port: int
     guest_port: int
 
+    def spec(self) -> str:
+        return f"{self.host_addr}:{self.host_port}:{self.guest_port}"
+
     def hostfwd(self) -> str:
         return f"hostfwd=tcp:{self.host_addr}:{self.host_port}-:{self.guest_port}"
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import secrets
-import select
-import shlex
 import signal
 import socket
 import subprocess
@@ -28,17 +25,18 @@ from typing import Callable
 
 import zstandard
 
-from jvmkit import cache, ui
-from jvmkit.vm import iouring, kvm, rundir
-from jvmkit.errors import JvmkitError, UsageError
+from jvmkit import cache, guest, proc, ui
+from jvmkit.errors import UsageError
 from jvmkit.packager import bundle as bundles
-from jvmkit.packager.linux_image import NO_BOUNCE_BUFFER, min_memory_mib
-from jvmkit.vm.qemu import MACHINES, PortForward, VmConfig, find_qemu, q35_low_memory_mib, qemu_argv
+from jvmkit.packager import targets
+from jvmkit.packager.targets.base import BootPlan, BootRequest, parse_marker
+from jvmkit.vm import iouring, kvm, rundir
+from jvmkit.vm.qemu import PortForward, VmConfig, find_qemu, qemu_argv
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILED = 125
 EXIT_INTERRUPTED = 130
-JMX_GUEST_PORT = 7091
+JMX_GUEST_PORT = guest.JMX_GUEST_PORT
 STOP_GRACE = 5.0
 
 
@@ -92,22 +90,17 @@ def parse_publish(spec: str) -> PortForward:
     return PortForward(addr, host, guest)
 
 
-def parse_exit(console_text: str, marker: str) -> int | None:
-    """The app's exit status from the guest console, or None when the guest never reported one."""
-    found = re.findall(re.escape(marker) + r"(\d+)", console_text)
-    return int(found[-1]) % 256 if found else None
+parse_exit = parse_marker  # the app's exit status from the guest console, or None
 
 
-def diagnose(console_text: str, qemu_stderr: str, qemu_rc: int | None) -> str:
-    """Why a VM ended without an app status (pure): panic, QEMU error, or unknown."""
-    for line in console_text.splitlines():
-        if "Kernel panic" in line:
-            return "the guest kernel panicked: " + line.split("Kernel panic - ", 1)[-1].strip()
-    for osv_failure in ("Could not mount rofs root filesystem", "Failed to parse command line",
-                        "Failed to load object"):
-        if osv_failure in console_text:
-            line = next(l for l in console_text.splitlines() if osv_failure in l)
-            return "OSv failed: " + line.strip()
+def diagnose(console_text: str, qemu_stderr: str, qemu_rc: int | None, target=None) -> str:
+    """Why a VM ended without an app status (pure): the target's own diagnosis (a panic, OSv's
+    failures), a crash, a QEMU error, or unknown."""
+    candidates = [target] if target is not None else list(targets.all_targets())
+    for t in candidates:
+        reason = t.diagnose(console_text)
+        if reason:
+            return reason
     for line in console_text.splitlines():
         if "Aborted" in line or "page fault" in line.lower():
             return "the guest crashed: " + line.strip()
@@ -118,7 +111,8 @@ def diagnose(console_text: str, qemu_stderr: str, qemu_rc: int | None) -> str:
 
 
 def choose_accel(requested: str, verdict: Callable[[], kvm.KvmVerdict]) -> tuple[str, str]:
-    """(accel, one line saying which and why)."""
+    """(accel, one line saying which and why). `--accel kvm` where the probe says KVM cannot run
+    guests is bad input (exit status 2), like any other request this host cannot meet."""
     if requested == "tcg":
         return "tcg", "using TCG (software emulation), as asked"
     if requested not in ("auto", "kvm"):
@@ -127,12 +121,40 @@ def choose_accel(requested: str, verdict: Callable[[], kvm.KvmVerdict]) -> tuple
     if v.usable:
         return "kvm", "using KVM"
     if requested == "kvm":
-        raise JvmkitError(f"--accel kvm: KVM is not usable here: {v.reason}", hint="use --accel tcg or auto")
+        raise UsageError(f"--accel kvm: KVM is not usable here: {v.reason}", hint="use --accel tcg or auto")
     return "tcg", f"KVM is not usable ({v.reason}); using TCG (software emulation, slower)"
 
 
-def kernel_cmdline(base: str, verbose: bool) -> str:
-    return base + (" loglevel=7" if verbose else " quiet loglevel=1")
+def check_publish(forwards: list[PortForward]) -> None:
+    """Refuse a host port published twice (the same address, or any address and 0.0.0.0) and a
+    guest port published twice (pure)."""
+    for i, fwd in enumerate(forwards):
+        for other in forwards[:i]:
+            same_address = fwd.host_addr == other.host_addr or "0.0.0.0" in (fwd.host_addr, other.host_addr)
+            if fwd.host_port == other.host_port and same_address:
+                raise UsageError(f"--publish: host port {fwd.host_port} is published twice "
+                                 f"({other.spec()} and {fwd.spec()})", hint="give each --publish its own host port")
+            if fwd.guest_port == other.guest_port:
+                raise UsageError(f"--publish: guest port {fwd.guest_port} is published twice "
+                                 f"({other.spec()} and {fwd.spec()})", hint="publish each guest port once")
+
+
+def host_memory_mib() -> int | None:
+    """The host's MemTotal in MiB (None where /proc/meminfo cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(memory_mib: int, asked: str, host_mib: int | None) -> None:
+    """Refuse a guest larger than this host's memory: QEMU would start and then fail or be killed."""
+    if host_mib is not None and memory_mib > host_mib:
+        raise UsageError(f"{asked} is more than this host has ({host_mib}M in all)",
+                         hint=f"use at most --memory {host_mib}M (less, to leave the host room)")
 
 
 # ---- I/O ---------------------------------------------------------------------------------------
@@ -157,11 +179,11 @@ def free_port(addr: str = "127.0.0.1") -> int:
 def prepare_boot_files(image: bundles.Bundle) -> dict[str, Path]:
     """Decompress the bundle's compressed files into the boot cache once (keyed by digest)."""
     result = {}
-    for role, record in sorted(image.manifest["files"].items()):
-        if record.get("compression") != "zstd":
+    for role, record in sorted(image.manifest.files.items()):
+        if record.compression != "zstd":
             result[role] = image.file(role)
             continue
-        key = f"{role}-{record['raw_sha256'][:24]}"
+        key = f"{role}-{record.raw_sha256[:24]}"
 
         def build(tmp: Path, record=record, role=role) -> None:
             dctx = zstandard.ZstdDecompressor()
@@ -180,35 +202,6 @@ def _pdeathsig() -> None:  # runs in the child before exec
     except OSError:
         pass
     os.setpgrp()  # Ctrl-C at the terminal reaches jvmkit only; jvmkit stops QEMU itself
-
-
-def _pump(src, dst) -> None:
-    try:
-        while chunk := os.read(src.fileno(), 65536):
-            dst.write(chunk)
-            dst.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def _pump_osv(src, filt) -> None:
-    """OSv's one console: split into the app's output and OSv's messages (osv_image.ConsoleFilter);
-    an unfinished app line is passed on when the console is idle for 0.2 s."""
-    fd = src.fileno()
-    try:
-        while True:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if not ready:
-                filt.flush_partial()
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            filt.feed(chunk)
-    except (OSError, ValueError):
-        pass
-    finally:
-        filt.close()
 
 
 def _tail(path: Path, stop: threading.Event, out) -> None:
@@ -233,15 +226,15 @@ def stop_vm(vm: RunningVm, graceful: bool, grace: float = STOP_GRACE) -> None:
     """Stop QEMU within a bounded time: ACPI power-down (if the guest handles it), QMP quit, kill."""
     from jvmkit.vm.qmp import QmpClient, QmpError
 
-    proc = vm.process
-    if proc.poll() is not None:
+    process = vm.process
+    if process.poll() is not None:
         return
     try:
         with QmpClient.connect(vm.config.qmp_socket, timeout=2.0) as qmp:
             if graceful:
                 qmp.execute("system_powerdown")
                 try:
-                    proc.wait(timeout=grace)
+                    process.wait(timeout=grace)
                     return
                 except subprocess.TimeoutExpired:
                     pass
@@ -249,10 +242,10 @@ def stop_vm(vm: RunningVm, graceful: bool, grace: float = STOP_GRACE) -> None:
     except (QmpError, OSError):
         pass
     try:
-        proc.wait(timeout=grace)
+        process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        process.kill()
+        process.wait()
 
 
 def run(image_path: Path, options: RunOptions,
@@ -261,92 +254,66 @@ def run(image_path: Path, options: RunOptions,
     console = ui.current()
     image = bundles.load(image_path)
     manifest = image.manifest
-    boot = manifest["boot"]
+    target = targets.get(manifest.target, "image target")
     qemu = find_qemu()
     forwards = [parse_publish(p) for p in options.publish]
+    check_publish(forwards)
     for fwd in forwards:
         check_port_free(fwd)
-    memory = options.memory_mib or manifest["defaults"]["memory_mib"]
-    cpus = options.cpus or manifest["defaults"]["cpus"]
-    if memory < 64:
-        raise UsageError(f"--memory {memory}M is too small for a JVM guest (at least 64M)")
+    memory = options.memory_mib or manifest.defaults.memory_mib
+    cpus = options.cpus or manifest.defaults.cpus
+    asked = f"--memory {memory}M" if options.memory_mib else f"the image's default memory ({memory}M)"
+    target.memory_floor(manifest.files).check(memory, asked, str(image_path), explicit=bool(options.memory_mib))
+    check_memory(memory, asked, host_memory_mib())
     if not 1 <= cpus <= 64:
         raise UsageError(f"--cpus {cpus} is out of range (1-64)")
-    initramfs = manifest["files"].get("initramfs")
-    need = min_memory_mib(initramfs["raw_size"]) if initramfs else 0
-    if memory < need:
-        asked = f"--memory {memory}M" if options.memory_mib else f"the image's default memory ({memory}M)"
-        raise UsageError(f"{asked} is too small for image {image_path}: its initramfs unpacks to "
-                         f"{initramfs['raw_size'] / (1 << 20):.0f} MiB, which needs a guest of at least {need}M",
-                         hint=f"use --memory {need}M or more")
-    machine = boot.get("machine", "pc")
-    if machine not in MACHINES:
-        raise UsageError(f"image {image_path} asks for QEMU machine type {machine!r}, which this jvmkit does not "
-                         f"use (known: {', '.join(MACHINES)})", hint="re-pack the image with this jvmkit")
+    if manifest.boot.machine not in target.machines:
+        raise UsageError(f"image {image_path} asks for QEMU machine type {manifest.boot.machine!r}, which this jvmkit "
+                         f"does not use for {target.name} images (known: {', '.join(target.machines)})",
+                         hint="re-pack the image with this jvmkit")
     files = prepare_boot_files(image)
+    known = kvm.cached_verdict(qemu) is not None
     accel, accel_note = choose_accel(options.accel, lambda: kvm.kvm_verdict(qemu, kernel=files["kernel"]))
-    console.info(f"jvmkit: {accel_note}")
+    # The verdict is cached per host kernel + QEMU: say it when it is new (or with --verbose), not on every run.
+    if options.verbose or not known or accel == "kvm" and options.accel == "kvm":
+        console.info(f"jvmkit: {accel_note}")
 
-    osv = image.target == "osv"
     run = rundir.create(options.name or image.name, explicit=options.name is not None)
     try:
-        fw_cfg: list[tuple[str, Path]] = []
-        data_disks: list[Path] = []
         jmx = None
+        seed = None
         if options.jmx:
             jmx_port = free_port()
-            forwards.append(PortForward("127.0.0.1", jmx_port, JMX_GUEST_PORT))
-            jmx = {"host": "127.0.0.1", "port": jmx_port, "user": "jvmkit", "password": secrets.token_urlsafe(24)}
-            seed = (f"jmx.port={JMX_GUEST_PORT}\njmx.advertise=127.0.0.1:{jmx_port}\n"
-                    f"jmx.user={jmx['user']}\njmx.password={jmx['password']}\n")
-            if osv:  # no fw_cfg reader in OSv: a raw disk the guest reads at boot["seed_device"] (/dev/vblk1)
-                from jvmkit.packager.osv_image import seed_disk_image
-
-                data_disks.append(run.write_secret("seed.img", seed_disk_image(seed.encode())))
-            else:
-                fw_cfg.append((boot["seed_fw_cfg"], run.write_secret("seed", seed.encode())))
-        if options.args is not None and not osv:
-            fw_cfg.append((boot["args_fw_cfg"], run.write_secret("args", shlex.join(options.args).encode())))
-        if osv:  # OSv's loader options precede the program: the whole line is rebuilt for new args
-            from jvmkit.packager.osv_image import runtime_cmdline
-
-            append = runtime_cmdline(boot, list(options.args) if options.args is not None else None, agent=options.jmx)
-        else:
-            append = kernel_cmdline(boot["kernel_cmdline"], options.verbose)
-        config = VmConfig(
-            name=run.name,
-            kernel=files["kernel"],
-            initrd=files.get("initramfs"),
-            disk=files.get("disk"),
-            append=append,
-            memory_mib=memory,
-            cpus=cpus,
-            accel=accel,
-            qmp_socket=run.qmp_socket,
-            console_log=run.console_log,
-            ports=tuple(forwards),
-            fw_cfg=tuple(fw_cfg),
-            app_serial=not osv,
-            console_stdio=osv,
-            data_disks=tuple(data_disks),
-            qemu=qemu,
-            machine=machine,
-            disk_aio=iouring.disk_aio(qemu) if files.get("disk") else "threads",
-            low_memory_mib=q35_low_memory_mib(initramfs["raw_size"] if initramfs else 0,
-                                              bounce_buffer=NO_BOUNCE_BUFFER not in append.split()),
-            free_page_reporting=options.free_page_reporting,
-        )
-        return _boot(image, run, config, options, jmx, on_started, on_stopping)
+            forwards.append(PortForward("127.0.0.1", jmx_port, manifest.guest.jmx_port))
+            jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
+            seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
+                                   jmx_guest_port=manifest.guest.jmx_port).encode()
+        request = BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
+                              verbose=options.verbose)
+        plan = target.boot_plan(manifest, files, request, run.write_secret)
+        config = vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
+                           ports=tuple(forwards), free_page_reporting=options.free_page_reporting)
+        return _boot(image, target, plan, run, config, options, jmx, on_started, on_stopping)
     finally:
         run.remove()
 
 
-def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
+def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: str, qemu: str, run: rundir.RunDir,
+              ports: tuple[PortForward, ...], free_page_reporting: bool = True) -> VmConfig:
+    """The VM to start for a target's boot plan (pure apart from the io_uring probe's cached verdict)."""
+    return VmConfig(
+        name=name, kernel=plan.kernel, initrd=plan.initrd, disk=plan.disk, append=plan.append,
+        memory_mib=memory_mib, cpus=cpus, accel=accel, qmp_socket=run.qmp_socket, console_log=run.console_log,
+        ports=ports, fw_cfg=plan.fw_cfg, app_serial=plan.app_serial, console_stdio=plan.console_stdio,
+        data_disks=plan.data_disks, qemu=qemu, machine=plan.machine,
+        disk_aio=iouring.disk_aio(qemu) if plan.disk else "threads",
+        low_memory_mib=plan.low_memory_mib, free_page_reporting=free_page_reporting,
+    )
+
+
+def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, on_stopping) -> int:
     console = ui.current()
-    boot = image.manifest["boot"]
     argv = qemu_argv(config)
-    if console.debug:
-        console.info("jvmkit: " + shlex.join(argv))
     stop = threading.Event()
     previous = {}
 
@@ -362,24 +329,19 @@ def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
     threads = []
     try:
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=_pdeathsig)
-        vm = RunningVm(run.name, run, config, proc, config.memory_mib, jmx)
-        run.write_state({"name": run.name, "qemu_pid": proc.pid, "jvmkit_pid": os.getpid(),
-                         "image": str(image.path), "target": image.target, "memory_mib": config.memory_mib,
+        qemu_proc = proc.start(argv, what="QEMU", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=_pdeathsig)
+        vm = RunningVm(run.name, run, config, qemu_proc, config.memory_mib, jmx)
+        run.write_state({"name": run.name, "qemu_pid": qemu_proc.pid, "jvmkit_pid": os.getpid(),
+                         "image": str(image.path), "target": target.name, "memory_mib": config.memory_mib,
                          "cpus": config.cpus, "accel": config.accel, "qmp": str(config.qmp_socket),
                          "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}" for p in config.ports],
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
                          "started": time.time()})
         stderr_chunks: list[bytes] = []
-        if boot.get("console_filter") == "osv":
-            from jvmkit.packager.osv_image import ConsoleFilter
-
-            filt = ConsoleFilter(sys.stdout.buffer, sys.stderr.buffer if options.verbose else None)
-            pump = threading.Thread(target=_pump_osv, args=(proc.stdout, filt), daemon=True)
-        else:
-            pump = threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True)
-        threads = [pump, threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)]
+        pump_console = target.console_pump(sys.stdout.buffer, sys.stderr.buffer if options.verbose else None)
+        pump = threading.Thread(target=pump_console, args=(qemu_proc.stdout,), daemon=True)
+        threads = [pump, threading.Thread(target=lambda: stderr_chunks.append(qemu_proc.stderr.read()), daemon=True)]
         if options.verbose and not config.console_stdio:
             threads.append(threading.Thread(target=_tail, args=(run.console_log, tail_stop, sys.stderr), daemon=True))
         for t in threads:
@@ -387,7 +349,7 @@ def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
         if on_started:
             on_started(vm)
         outcome = None
-        while proc.poll() is None:
+        while qemu_proc.poll() is None:
             if stop.is_set():
                 outcome = "interrupted"
                 break
@@ -395,21 +357,21 @@ def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
                 outcome = "timeout"
                 break
             try:
-                proc.wait(timeout=0.1)
+                qemu_proc.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 pass
         if on_stopping:
             on_stopping(vm)
         if outcome is not None:
-            stop_vm(vm, graceful=bool(boot.get("acpi_shutdown")) and outcome == "interrupted")
-        proc.wait()
+            stop_vm(vm, graceful=plan.acpi_shutdown and outcome == "interrupted")
+        qemu_proc.wait()
         for t in threads[:2]:
             t.join(timeout=5)
         tail_stop.set()
         if len(threads) > 2:
             threads[2].join(timeout=2)
         console_text = run.console_log.read_text(errors="replace") if run.console_log.exists() else ""
-        status = parse_exit(console_text, boot["exit_marker"])
+        status = target.parse_exit(image.manifest, console_text)
         if outcome == "timeout":
             console.notice(f"jvmkit: the VM hit --timeout {options.timeout:g}s and was stopped")
             return EXIT_TIMEOUT
@@ -418,7 +380,7 @@ def _boot(image, run, config, options, jmx, on_started, on_stopping) -> int:
             return EXIT_INTERRUPTED
         if status is not None:
             return status
-        reason = diagnose(console_text, b"".join(stderr_chunks).decode(errors="replace"), proc.returncode)
+        reason = diagnose(console_text, b"".join(stderr_chunks).decode(errors="replace"), qemu_proc.returncode, target)
         log = _keep_log(run)
         console.notice(f"jvmkit: error: {reason} (console log: {log})")
         return EXIT_VM_FAILED

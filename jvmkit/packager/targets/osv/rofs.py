@@ -1,6 +1,6 @@
-"""OSv's ROFS (read-only filesystem): a deterministic, streaming writer and a reader.
+"""OSv's ROFS (read-only filesystem): a deterministic, streaming writer.
 
-This module owns the on-disk format only (no MBR, no disks: see `osv_disk.py`). The format, as
+This module owns the on-disk format only (no MBR, no disks: see `disk.py`; the reader is in `readers.py`). The format, as
 OSv's `fs/rofs/rofs_vfsops.cc` and `rofs_vnops.cc` read it, little-endian, 512-byte blocks
 (OSv addresses ROFS blocks as `block << 9` whatever the super block says):
 
@@ -27,8 +27,8 @@ that `read_rofs` round-trips them.
 The writer (`RofsBuilder`) collects entries (host files are only stat'ed), plans the layout up
 front (breadth-first inode order, children sorted by name bytes, file data in inode order, no
 timestamps), then streams everything in one sequential pass, copying file contents from disk in
-chunks. Same entries, same bytes. The reader (`read_rofs`) follows the format as OSv reads it,
-not as the writer writes it, so tests catch writer mistakes.
+chunks. Same entries, same bytes. The reader (`readers.read_rofs`) follows the format as OSv reads
+it, not as the writer writes it, so tests catch writer mistakes.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import io
 import os
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Union
 
+from jvmkit import fileio
 from jvmkit.errors import JvmkitError
 
 BLOCK_SIZE = 512
@@ -351,230 +351,10 @@ def _copy_content(node: _Node, emit) -> None:
 
 def write_atomically(dest: Path, writer):
     """Run `writer(fileobj)` on a temp file next to `dest` (opened w+b, seekable), then fsync and
-    rename it into place; on any error the temp file is removed. Returns what `writer` returns."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w+b") as out:
+    rename it into place (fileio.atomic_path); on any error nothing is left. Returns what `writer` returns."""
+    with fileio.atomic_path(dest) as tmp:
+        with open(tmp, "w+b") as out:
             result = writer(out)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return result
-
-
-# -- reader ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RofsInode:
-    number: int
-    mode: int  # as stored (type bits + permission bits)
-    data_offset: int
-    count: int  # file size, child count, or 1 for a symlink
-
-    @property
-    def kind(self) -> str:
-        if stat.S_ISDIR(self.mode):
-            return DIR
-        if stat.S_ISREG(self.mode):
-            return FILE
-        if stat.S_ISLNK(self.mode):
-            return SYMLINK
-        return "unknown"
-
-
-@dataclass(frozen=True)
-class RofsEntry:
-    path: str  # absolute guest path, "/" for the root
-    kind: str
-    mode: int  # permission bits only
-    size: int  # file size (0 for directories and symlinks)
-    target: str | None  # symlink target
-    inode: int
-
-
-class RofsImage:
-    """A ROFS image parsed the way OSv mounts it. Paths are guest paths like "/jvm/bin/java"."""
-
-    def __init__(self, handle: BinaryIO, offset: int, limit: int | None, owned: bool):
-        self._f = handle
-        self._offset = offset
-        self._owned = owned
-        self.limit = limit  # bytes available to the filesystem (the partition size), if known
-        sb = self._read(0, BLOCK_SIZE, "super block")
-        (self.magic, self.version, self.block_size, self.struct_first_block, self.struct_blocks,
-         dirent_count, symlink_count, inode_count) = _SUPER.unpack_from(sb)
-        if self.magic != MAGIC:
-            raise JvmkitError(f"not a ROFS image: magic {self.magic:#x}, expected {MAGIC:#x}")
-        if self.version != VERSION:
-            raise JvmkitError(f"ROFS version {self.version} is not the version OSv reads ({VERSION})")
-        if self.block_size != BLOCK_SIZE:
-            raise JvmkitError(f"ROFS block size {self.block_size}; OSv needs {BLOCK_SIZE}")
-        if self.struct_blocks == 0:
-            raise JvmkitError("ROFS structure info block count is 0; OSv refuses to mount that")
-        data = self._read(self.struct_first_block * BLOCK_SIZE, self.struct_blocks * BLOCK_SIZE,
-                          "structure info")
-        pos = 0
-
-        def take(n: int, what: str) -> bytes:
-            nonlocal pos
-            if pos + n > len(data):
-                raise JvmkitError(f"ROFS {what} runs past the structure info blocks")
-            pos += n
-            return data[pos - n:pos]
-
-        self.dir_entries: list[tuple[int, bytes]] = []
-        for _ in range(dirent_count):
-            number, length = _DIRENT_HEAD.unpack(take(_DIRENT_HEAD.size, "directory entry table"))
-            name = take(length, "directory entry name")
-            self.dir_entries.append((number, name.split(b"\0", 1)[0]))  # strncpy semantics
-        self.symlinks: list[bytes] = []
-        for _ in range(symlink_count):
-            (length,) = _U16.unpack(take(_U16.size, "symlink table"))
-            self.symlinks.append(take(length, "symlink path").split(b"\0", 1)[0])
-        raw = take(_INODE.size * inode_count, "inode table")
-        self.inodes = [RofsInode(n, m & 0xFFFFFFFF, off, cnt) for m, n, off, cnt in _INODE.iter_unpack(raw)]
-        self._check()
-
-    def _read(self, pos: int, n: int, what: str) -> bytes:
-        if self.limit is not None and pos + n > self.limit:
-            raise JvmkitError(f"ROFS {what} at byte {pos} runs past the end of the partition ({self.limit} bytes)")
-        self._f.seek(self._offset + pos)
-        data = self._f.read(n)
-        if len(data) != n:
-            raise JvmkitError(f"ROFS image truncated: {what} at byte {pos} needs {n} bytes, got {len(data)}")
-        return data
-
-    def _check(self) -> None:
-        if not self.inodes or self.inodes[0].kind != DIR:
-            raise JvmkitError("ROFS inode 1 (the root) is missing or not a directory")
-        for index, inode in enumerate(self.inodes):
-            if inode.number != index + 1:
-                raise JvmkitError(f"ROFS inode at index {index} says it is inode {inode.number}; "
-                                  "OSv keys its file cache on that number")
-            if inode.kind == DIR:
-                if inode.data_offset + inode.count > len(self.dir_entries):
-                    raise JvmkitError(f"ROFS directory inode {inode.number} points past the directory entries")
-            elif inode.kind == SYMLINK:
-                if inode.data_offset >= len(self.symlinks):
-                    raise JvmkitError(f"ROFS symlink inode {inode.number} points past the symlink table")
-            elif inode.kind == FILE:
-                if inode.count and inode.data_offset == 0:
-                    raise JvmkitError(f"ROFS file inode {inode.number} has data in the super block")
-            else:
-                raise JvmkitError(f"ROFS inode {inode.number} has mode {inode.mode:#o}, not a dir, file or symlink")
-        for number, name in self.dir_entries:
-            if not 1 <= number <= len(self.inodes):
-                raise JvmkitError(f"ROFS directory entry {name!r} names inode {number}, out of range")
-
-    # -- navigation, as rofs_lookup / rofs_readdir do it --
-
-    def _children(self, inode: RofsInode) -> list[tuple[int, bytes]]:
-        return self.dir_entries[inode.data_offset:inode.data_offset + inode.count]
-
-    def lookup(self, path: str | bytes) -> RofsInode:
-        """The inode at `path` (symlinks are not followed)."""
-        inode = self.inodes[0]
-        for part in (p for p in os.fsencode(path).split(b"/") if p):
-            if inode.kind != DIR:
-                raise FileNotFoundError(f"{os.fsdecode(path)}: not a directory on the way")
-            for number, name in self._children(inode):
-                if name == part:  # strcmp, first match wins
-                    inode = self.inodes[number - 1]
-                    break
-            else:
-                raise FileNotFoundError(os.fsdecode(path))
-        return inode
-
-    def listdir(self, path: str | bytes = "/") -> list[str]:
-        """Names in a directory, in on-disk (readdir) order, without "." and ".."."""
-        inode = self.lookup(path)
-        if inode.kind != DIR:
-            raise NotADirectoryError(os.fsdecode(path))
-        return [os.fsdecode(name) for _, name in self._children(inode)]
-
-    def readlink(self, path: str | bytes) -> str:
-        inode = self.lookup(path)
-        if inode.kind != SYMLINK:
-            raise OSError(f"{os.fsdecode(path)} is not a symlink")
-        return os.fsdecode(self.symlinks[inode.data_offset])
-
-    def iter_chunks(self, path: str | bytes, chunk: int = _CHUNK) -> Iterator[bytes]:
-        inode = self.lookup(path)
-        if inode.kind != FILE:
-            raise IsADirectoryError(os.fsdecode(path)) if inode.kind == DIR else OSError(f"{os.fsdecode(path)} is not a file")
-        start = inode.data_offset * BLOCK_SIZE
-        done = 0
-        while done < inode.count:
-            n = min(chunk, inode.count - done)
-            yield self._read(start + done, n, f"data of {os.fsdecode(path)}")
-            done += n
-
-    def read_bytes(self, path: str | bytes) -> bytes:
-        return b"".join(self.iter_chunks(path))
-
-    def walk(self) -> Iterator[RofsEntry]:
-        """Every entry, root first, depth first in on-disk order. Refuses duplicate names in a
-        directory (OSv could never reach the second) and directories reachable twice."""
-        seen: set[int] = set()
-        stack: list[tuple[str, int]] = [("/", 1)]
-        while stack:
-            path, number = stack.pop()
-            inode = self.inodes[number - 1]
-            if inode.kind == DIR:
-                if number in seen:
-                    raise JvmkitError(f"ROFS directory inode {number} is reachable twice (at {path})")
-                seen.add(number)
-            target = os.fsdecode(self.symlinks[inode.data_offset]) if inode.kind == SYMLINK else None
-            size = inode.count if inode.kind == FILE else 0
-            yield RofsEntry(path, inode.kind, inode.mode & 0o7777, size, target, number)
-            if inode.kind == DIR:
-                children = self._children(inode)
-                names = [name for _, name in children]
-                if len(set(names)) != len(names):
-                    raise JvmkitError(f"ROFS directory {path} has duplicate names")
-                for child_number, name in reversed(children):
-                    stack.append((path.rstrip("/") + "/" + os.fsdecode(name), child_number))
-
-    def entries(self) -> dict[str, RofsEntry]:
-        return {entry.path: entry for entry in self.walk()}
-
-    @property
-    def size(self) -> int:
-        """Bytes the filesystem spans (super block through the structure info)."""
-        return (self.struct_first_block + self.struct_blocks) * BLOCK_SIZE
-
-    def close(self) -> None:
-        if self._owned:
-            self._f.close()
-
-    def __enter__(self) -> "RofsImage":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_rofs(source: str | os.PathLike | BinaryIO, *, offset: int = 0, limit: int | None = None) -> RofsImage:
-    """Parse the ROFS image in `source` (a path or a seekable binary file) starting at byte
-    `offset`, optionally bounded to `limit` bytes (a partition's size). Raises JvmkitError if OSv
-    would not mount it. Close the result (or use it as a context manager) when given a path."""
-    if isinstance(source, (str, bytes, os.PathLike)):
-        try:
-            handle = open(source, "rb")
-        except OSError as exc:
-            raise JvmkitError(f"can't open ROFS image {os.fsdecode(source)}: {exc.strerror}") from exc
-        try:
-            return RofsImage(handle, offset, limit, owned=True)
-        except BaseException:
-            handle.close()
-            raise
-    return RofsImage(source, offset, limit, owned=False)

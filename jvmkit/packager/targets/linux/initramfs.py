@@ -1,4 +1,4 @@
-"""The `linux` target: a Debian cloud kernel plus an initramfs that runs the app as the only program.
+"""The linux target's initramfs and its `/init`: everything the guest runs, in one cpio archive.
 
 The initramfs (cpio newc, zstd) holds a static busybox, the decompressed virtio modules, the trimmed
 runtime at /jvm, the app under /app, the guest agent under /jvmkit, /dev/console, and `/init`.
@@ -7,26 +7,22 @@ that QEMU user networking offers, copies the per-run seed from fw_cfg, runs java
 the second serial port (ttyS1, the runner's stdout), reports java's exit status on the console
 (ttyS0) as `jvmkit-exit=N`, and powers off.
 
-The bundle stores the kernel (uncompressed vmlinux with a PVH note, so QEMU boots it directly) and
-the initramfs zstd-compressed; `jvmkit run` unpacks both once into the cache, keyed by digest.
+The bundle stores it zstd-compressed (see target.py for the rest of the bundle).
 """
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from pathlib import Path
 
-import zstandard
-
-from jvmkit import ui
-from jvmkit.packager import bundle, native_libs
-from jvmkit.packager.cpio import CpioWriter
+from jvmkit.guest import GUEST_AGENT, GUEST_SEED
+from jvmkit.packager.manifest import FileRecord
+from jvmkit.packager.targets.linux.cpio import CpioWriter
+from jvmkit.packager.zstd import compressed_writer, record
 
 EXIT_MARKER = "jvmkit-exit="
 ARGS_FW_CFG = "opt/io.jvmkit/args"
 SEED_FW_CFG = "opt/io.jvmkit/seed"
-GUEST_SEED = "/run/jvmkit/seed"
 # Boot-time choices, each measured under TCG (the guest runs one application):
 # - init_on_alloc=0: the Debian kernel zeroes every kernel allocation by default (~0.5 s); user
 #   pages are still zeroed by the kernel as always.
@@ -37,7 +33,6 @@ GUEST_SEED = "/run/jvmkit/seed"
 NO_BOUNCE_BUFFER = "swiotlb=noforce"
 KERNEL_CMDLINE = ("console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_check init_on_alloc=0 "
                   f"cryptomgr.notests {NO_BOUNCE_BUFFER} i8042.noaux i8042.nomux i8042.nopnp")
-ZSTD_LEVEL = 10
 # q35, not pc: with i440FX the kernel evaluates ACPI interrupt links (LNKx) for each virtio-pci
 # device, ~0.15 s apiece under TCG (0.6 s for three); q35's GSI links take a few ms. (pci=noacpi or
 # acpi=noirq avoid the links on pc too, but lose MSI-X and trip kernel warnings.)
@@ -118,26 +113,12 @@ reboot -f  # QEMU runs with -no-reboot: a reboot ends the VM, with or without AC
 """
 
 
-def write_initramfs(dest: Path, *, init: str, busybox: Path, modules: list[Path], runtime: Path,
+def write_initramfs(staging: Path, name: str, *, init: str, busybox: Path, modules: list[Path], runtime: Path,
                     app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int,
-                    libs: list[tuple[str, Path]] = ()) -> dict:
-    """Write the zstd-compressed initramfs; returns its record (digests of both forms, sizes)."""
-    raw_digest = hashlib.sha256()
-    raw_size = 0
-
-    class _Hashing:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def write(self, data: bytes) -> int:
-            nonlocal raw_size
-            raw_digest.update(data)
-            raw_size += len(data)
-            return self.inner.write(data)
-
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
-    with open(dest, "wb") as out, compressor.stream_writer(out, closefd=False) as zout:
-        cpio = CpioWriter(_Hashing(zout), mtime=mtime)
+                    libs: list[tuple[str, Path]] = ()) -> FileRecord:
+    """Write the zstd-compressed initramfs `staging/name`; returns its record (digests of both forms)."""
+    with compressed_writer(staging / name) as sink:
+        cpio = CpioWriter(sink, mtime=mtime)
         for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "root", "run", "sys", "tmp"):
             cpio.add_dir(d)
         cpio.add_char_device("dev/console", 5, 1)
@@ -158,44 +139,6 @@ def write_initramfs(dest: Path, *, init: str, busybox: Path, modules: list[Path]
             cpio.add_file(guest, host, mode=mode)
         cpio.add_tree(runtime, "jvm")
         cpio.add_dir("jvmkit")
-        cpio.add_file("jvmkit/agent.jar", agent_jar, mode=0o644)
+        cpio.add_file(GUEST_AGENT.lstrip("/"), agent_jar, mode=0o644)
         cpio.close()
-    return {"raw_sha256": raw_digest.hexdigest(), "raw_size": raw_size}
-
-
-def compress_file(source: Path, dest: Path) -> dict:
-    """zstd-compress a file (the kernel) deterministically; returns digests of the raw form."""
-    digest = hashlib.sha256()
-    size = 0
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
-    with open(source, "rb") as src, open(dest, "wb") as out, compressor.stream_writer(out, closefd=False) as zout:
-        while chunk := src.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-            zout.write(chunk)
-    return {"raw_sha256": digest.hexdigest(), "raw_size": size}
-
-
-def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[str], runtime: Path,
-                 agent_flags: list[str] = (),
-                 app_files: list[tuple[str, Path]], agent_jar: Path, mtime: int) -> dict:
-    """Fill `staging` with the linux bundle's files; returns the manifest's `files` and boot data."""
-    console = ui.current()
-    modules = list(kernel.modules)
-    libs = native_libs.runtime_native_deps(runtime)
-    init = init_script(java_argv, app_args, [m.name for m in modules], native_libs.library_dirs(libs), agent_flags)
-    with console.step("initramfs: busybox, modules, runtime, app (cpio + zstd)"):
-        initrd = write_initramfs(staging / "initramfs.cpio.zst", init=init, busybox=kernel.busybox,
-                                 modules=modules, runtime=runtime, app_files=app_files,
-                                 agent_jar=agent_jar, mtime=mtime, libs=libs)
-    with console.step(f"kernel: Linux {kernel.version} (zstd)"):
-        kern = compress_file(kernel.vmlinux, staging / "vmlinux.zst")
-    files = {
-        "kernel": {"path": "vmlinux.zst", "compression": "zstd", **kern,
-                   **bundle.file_record(staging / "vmlinux.zst")},
-        "initramfs": {"path": "initramfs.cpio.zst", "compression": "zstd", **initrd,
-                      **bundle.file_record(staging / "initramfs.cpio.zst")},
-    }
-    boot = {"kernel_cmdline": KERNEL_CMDLINE, "exit_marker": EXIT_MARKER, "app_console": "ttyS1",
-            "seed_fw_cfg": SEED_FW_CFG, "args_fw_cfg": ARGS_FW_CFG, "machine": MACHINE}
-    return {"files": files, "boot": boot}
+    return record(staging, name, sink)

@@ -1,0 +1,270 @@
+"""The image manifest (`manifest.json`) as frozen, versioned dataclasses.
+
+`Manifest.from_json(data)` checks every field's type on the way in (an image may come from
+someone else: a wrong type or a missing field is one line naming the field, never a KeyError deep
+in the runner) and `to_json()` writes the same key layout back, so a manifest round-trips. The
+`boot` section belongs to the target: each target names its own dataclass (`Target.boot_type`),
+and `from_json` picks it by the manifest's `target`.
+
+Format 1 is what every jvmkit so far has written. Keys that jvmkit used to write and no code ever
+read (`boot.quiet_append`, `boot.verbose_append`, `boot.app_console`, `boot.seed_device`,
+`boot.console_filter`) are ignored on the way in and no longer written; unknown keys are ignored
+too, so an older jvmkit's image still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from jvmkit.errors import UsageError
+
+FORMAT = 1
+
+
+class ManifestError(UsageError):
+    """A manifest field is missing or has the wrong type (bad input: exit status 2)."""
+
+
+def omit_none() -> dict:
+    """Field metadata: leave the key out of the JSON when the value is None."""
+    return {"omit_none": True}
+
+
+# ---- a small codec: dataclasses <-> JSON-shaped data, with type checks ---------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _decode(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _decode(option, value, where)
+            except ManifestError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ManifestError(f"{where} must not be null")
+    if dataclasses.is_dataclass(tp):
+        return decode(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ManifestError(f"{where} must be a list")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        items = [_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, dict):
+            raise ManifestError(f"{where} must be an object")
+        args = typing.get_args(tp)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _decode(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ManifestError(f"{where} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(f"{where} must be a whole number")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ManifestError(f"{where} must be {'a string' if tp is str else 'true or false'}")
+        return value
+    raise TypeError(f"manifest codec: unsupported type {tp!r} at {where}")
+
+
+def decode(cls, data, where: str = "manifest"):
+    """Build dataclass `cls` from JSON-shaped `data`, checking every field (unknown keys ignored)."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where} must be an object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f.name
+        if key not in data:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ManifestError(f"{where}.{key} is missing")
+        values[key] = _decode(hints[key], data[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def encode(value):
+    """JSON-shaped data from a dataclass (tuples become lists; `omit_none` fields left out when None)."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is None and f.metadata.get("omit_none"):
+                continue
+            if f.metadata.get("flatten"):
+                out.update(encode(v))
+                continue
+            out[f.name] = encode(v)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
+    return value
+
+
+# ---- the sections -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of the bundle: where it is, its digest and size, and (compressed files) the same
+    for its raw form, which `run` unpacks into the boot cache."""
+
+    path: str
+    sha256: str
+    size: int
+    compression: str | None = field(default=None, metadata=omit_none())
+    raw_sha256: str | None = field(default=None, metadata=omit_none())
+    raw_size: int | None = field(default=None, metadata=omit_none())
+    rofs_offset: int | None = field(default=None, metadata=omit_none())   # osv disk: where its ROFS starts
+    rofs_size: int | None = field(default=None, metadata=omit_none())
+
+
+@dataclass(frozen=True)
+class AppInfo:
+    jar: str
+    main_class: str
+    class_path: tuple[str, ...]
+    jar_sha256: str
+    args: tuple[str, ...] = ()
+    main_class_source: str | None = None
+    class_path_sources: tuple[str, ...] = ()
+    modular: bool = False
+    multi_release: bool = False
+    add_opens: tuple[str, ...] = ()
+    add_exports: tuple[str, ...] = ()
+    launcher_agent: str | None = None
+    enable_native_access: Any = False
+    jdeps_modules: tuple[str, ...] = ()
+    add_modules: tuple[str, ...] = ()
+    manifest_jvm_flags: tuple[str, ...] = ()
+    jvm_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JdkInfo:
+    version: str
+    release: int
+    modules: tuple[str, ...]
+    profile: dict[str, Any]
+    cds: bool = False
+    runtime_size: int = 0
+    runtime_key: str | None = None
+    appcds: str | None = None
+    launcher_cds: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    path: str
+    key: str
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What kernel the image boots. Targets describe their kernels differently (a Debian package
+    and its modules, an OSv build and its loader image); the common fields are typed, the rest is
+    kept as it was written (`details`)."""
+
+    name: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+    target: str | None = None
+    has_balloon: bool | None = field(default=None, metadata=omit_none())
+    loader_image_sha256: str | None = field(default=None, metadata=omit_none())
+    details: dict[str, Any] = field(default_factory=dict, metadata={"flatten": True})
+
+    @classmethod
+    def from_json(cls, data, where: str = "manifest.kernel") -> "KernelInfo":
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} must be an object")
+        typed = {f.name for f in dataclasses.fields(cls)} - {"details"}
+        base = decode(cls, {k: v for k, v in data.items() if k in typed}, where)
+        return dataclasses.replace(base, details={k: v for k, v in data.items() if k not in typed})
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    java: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    agent_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Defaults:
+    memory_mib: int
+    cpus: int
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    ports: tuple[int, ...] = ()
+    jmx_port: int = 7091
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    target: str
+    app: AppInfo
+    jdk: JdkInfo
+    agent: AgentInfo
+    kernel: KernelInfo
+    command: CommandInfo
+    defaults: Defaults
+    files: dict[str, FileRecord]
+    boot: Any                        # the target's boot dataclass (Target.boot_type)
+    guest: GuestInfo = GuestInfo()
+    created_by: str = ""
+    source_date_epoch: int = 0
+    format: int = FORMAT
+
+    @classmethod
+    def from_json(cls, data) -> "Manifest":
+        from jvmkit.packager import targets
+
+        if not isinstance(data, dict):
+            raise ManifestError("manifest must be a JSON object")
+        fmt = data.get("format")
+        if fmt != FORMAT:
+            raise ManifestError(f"manifest format {fmt!r} is not the format {FORMAT} this jvmkit reads")
+        name = data.get("target")
+        target = targets.lookup(name) if isinstance(name, str) else None
+        if target is None:
+            raise ManifestError(f"manifest.target {name!r} is not one of {', '.join(targets.names())}")
+        plain = {k: v for k, v in data.items() if k not in ("kernel", "boot")}
+        plain.setdefault("kernel", {})
+        plain["boot"] = None
+        base = decode(cls, {**plain, "kernel": {}}, "manifest")
+        kernel = KernelInfo.from_json(data.get("kernel", {}))
+        boot = decode(target.boot_type, data.get("boot"), "manifest.boot")
+        return dataclasses.replace(base, kernel=kernel, boot=boot)
+
+    def to_json(self) -> dict:
+        return encode(self)
+
+    def file(self, role: str) -> FileRecord | None:
+        return self.files.get(role)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files.values())

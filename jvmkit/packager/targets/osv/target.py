@@ -1,0 +1,150 @@
+"""The `osv` target: an OSv unikernel (the loader ELF, booted directly through its PVH note) and a
+raw disk whose MBR partition #2 holds a ROFS written by jvmkit (see image.py for the layout).
+
+The app runs through jvmkit's Launcher (a returning `main` would otherwise never power OSv off).
+OSv has no fw_cfg reader, so the app arguments of `jvmkit run IMAGE -- ARGS` and the guest agent's
+flags reach the guest on a rebuilt boot command line, and the per-run seed on a small raw disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from jvmkit import ui
+from jvmkit.errors import JvmkitError
+from jvmkit.packager.manifest import Manifest
+from jvmkit.packager.targets.base import BootPlan, BootRequest, BundleFiles, PackInputs, Target, pump_filtered
+from jvmkit.packager.targets.osv import disk as osv_disk
+from jvmkit.packager.targets.osv import image
+from jvmkit.packager.targets.osv.console import EXIT_LINE, ConsoleFilter
+from jvmkit.packager.zstd import compress_file
+
+# What OSv prints when it cannot start the app (the runner's diagnosis when no status came).
+FAILURES = ("Could not mount rofs root filesystem", "Failed to parse command line", "Failed to load object")
+
+
+@dataclass(frozen=True)
+class OsvCmdline:
+    """What the boot command line is made of, so `run` can rebuild it with other app arguments
+    or with the guest agent's flags."""
+
+    argv: tuple[str, ...]
+    agent_flags: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+    rootfs: str = image.ROOTFS
+
+
+@dataclass(frozen=True)
+class OsvBoot:
+    kernel_cmdline: str                          # the image's own line: default args, no agent
+    cmdline: OsvCmdline
+    exit_marker: str = EXIT_LINE
+    acpi_shutdown: bool = True                   # OSv powers off on ACPI's power button
+    machine: str = "pc"
+    libraries: tuple[str, ...] = ()              # host libraries put into /usr/lib (shown by inspect)
+
+
+class OsvTarget(Target):
+    name = "osv"
+    description = "an OSv unikernel: OSv kernel + a ROFS disk written by jvmkit"
+    boot_type = OsvBoot
+    machines = ("pc",)
+    uses_launcher = True
+    export_formats = ("raw", "qcow2")
+
+    # ---- pack ----
+    def resolve_kernel(self, path, *, suite=None, mirror=None):
+        from jvmkit.packager import osv_kernels
+
+        return osv_kernels.resolve_osv_kernel(path)
+
+    def guest_mtime(self, mtime: int) -> int:
+        return 0  # OSv's ROFS reports mtime 0 for every file
+
+    def agent_seed_path(self) -> str:
+        return image.SEED_DEVICE
+
+    def write_bundle(self, staging: Path, inputs: PackInputs) -> BundleFiles:
+        """The disk and the kernel, zstd-compressed. ROFS stores no timestamps, so `mtime` is
+        not needed for the same inputs to give the same bytes."""
+        console = ui.current()
+        kernel = inputs.kernel
+        if getattr(kernel, "elf", None) is None:
+            raise JvmkitError("the OSv kernel has no loader ELF to boot", hint="import OSv's build/last/loader-stripped.elf")
+        argv = image.guest_argv(list(inputs.java_argv), image.runtime_release(inputs.runtime))
+        agent = tuple(flag for flag in inputs.agent_flags if flag in argv)
+        options, env = list(image.BOOT_OPTIONS), dict(image.GUEST_ENV)
+        image.boot_cmdline(argv, list(inputs.app_args), env, options)  # with the agent: refuses a too-long line early
+        cmdline = image.boot_cmdline([a for a in argv if a not in agent], list(inputs.app_args), env, options)
+        libraries = image.support_libraries(inputs.runtime)
+        rofs = image.build_rofs(runtime=inputs.runtime, app_files=list(inputs.app_files), agent_jar=inputs.agent_jar,
+                                libraries=libraries)
+        with console.step("ROFS disk: runtime, app, agent, libraries (zstd)"):
+            fd, tmp_name = tempfile.mkstemp(prefix=".disk.", suffix=".img", dir=staging)
+            os.close(fd)
+            raw = Path(tmp_name)
+            try:
+                info = osv_disk.write_rofs_disk(rofs, raw)
+                disk = compress_file(raw, staging, "disk.img.zst", rofs_offset=info.rofs_offset,
+                                     rofs_size=info.rofs_size)
+            finally:
+                raw.unlink(missing_ok=True)
+        with console.step(f"kernel: OSv {getattr(kernel, 'version', '?')} (zstd)"):
+            kern = compress_file(Path(kernel.elf), staging, "kernel.zst")
+        boot = OsvBoot(kernel_cmdline=cmdline,
+                       cmdline=OsvCmdline(argv=tuple(argv), agent_flags=agent, args=tuple(inputs.app_args), env=env,
+                                          options=tuple(options)),
+                       libraries=tuple(soname for soname, _ in libraries))
+        return BundleFiles(files={"kernel": kern, "disk": disk}, boot=boot)
+
+    # ---- run ----
+    def boot_plan(self, manifest: Manifest, files: dict[str, Path], request: BootRequest,
+                  write_secret: Callable[[str, bytes], Path]) -> BootPlan:
+        boot: OsvBoot = manifest.boot
+        data_disks = ()
+        if request.seed is not None:
+            data_disks = (write_secret("seed.img", image.seed_disk_image(request.seed)),)
+        args = list(request.args) if request.args is not None else None
+        return BootPlan(kernel=files["kernel"], disk=files["disk"], data_disks=data_disks,
+                        append=image.runtime_cmdline(boot, args, agent=request.seed is not None),
+                        machine=boot.machine, app_serial=False, console_stdio=True,
+                        acpi_shutdown=boot.acpi_shutdown)
+
+    def console_pump(self, stdout: BinaryIO, stderr: BinaryIO | None):
+        filt = ConsoleFilter(stdout, stderr)
+        return lambda pipe: pump_filtered(pipe, filt)
+
+    def diagnose(self, console_text: str) -> str | None:
+        for failure in FAILURES:
+            if failure in console_text:
+                line = next(l for l in console_text.splitlines() if failure in l)
+                return "OSv failed: " + line.strip()
+        return None
+
+    def has_balloon(self, manifest: Manifest) -> bool:
+        return bool(manifest.kernel.has_balloon)
+
+    def describe(self, manifest: Manifest) -> list[str]:
+        return [f"libraries  {', '.join(manifest.boot.libraries) or '(none)'}"]
+
+    # ---- kernels, export ----
+    def pull_kernel(self, *, version=None, url=None, sha256=None, **_):
+        from jvmkit.packager import osv_kernels
+
+        return osv_kernels.pull_osv(version=version, base_url=url, sha256=sha256)
+
+    def import_kernel(self, path: Path):
+        from jvmkit.packager import osv_kernels
+
+        return osv_kernels.import_osv(path)
+
+    def export(self, image_bundle, fmt: str, dest: Path, *, loader: Path | None = None, **_) -> Path:
+        from jvmkit.packager.targets.osv.export import export_classic
+
+        return export_classic(image_bundle, loader, dest, fmt)

@@ -1,0 +1,47 @@
+"""The bundle's compressed files: deterministic zstd streams and their manifest records.
+
+A compressed file's record carries the digest and size of both forms: `run` checks the compressed
+bytes it was given and unpacks the raw form into the boot cache once, keyed by the raw digest.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+from jvmkit import fileio
+from jvmkit.packager.manifest import FileRecord
+
+ZSTD_LEVEL = 10
+
+
+@contextmanager
+def compressed_writer(dest: Path) -> Iterator[fileio.HashingWriter]:
+    """A sink whose bytes are written zstd-compressed to `dest`; it hashes and counts the raw
+    bytes (`.hexdigest()`, `.size`) for the file's record."""
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+    with open(dest, "wb") as out, compressor.stream_writer(out, closefd=False) as zout:
+        sink = fileio.HashingWriter(zout)
+        yield sink
+
+
+def record(staging: Path, name: str, raw: fileio.HashingWriter, **extra) -> FileRecord:
+    """The manifest record of `staging/name`, a zstd file whose raw form went through `raw`."""
+    path = staging / name
+    return FileRecord(path=name, sha256=fileio.sha256_file(path), size=path.stat().st_size, compression="zstd",
+                      raw_sha256=raw.hexdigest(), raw_size=raw.size, **extra)
+
+
+def compress_file(source: Path, staging: Path, name: str, **extra) -> FileRecord:
+    """zstd-compress `source` to `staging/name` deterministically; returns its record."""
+    with compressed_writer(staging / name) as sink, open(source, "rb") as src:
+        _copy(src, sink)
+    return record(staging, name, sink, **extra)
+
+
+def _copy(src: BinaryIO, sink) -> None:
+    while chunk := src.read(fileio.CHUNK):
+        sink.write(chunk)
