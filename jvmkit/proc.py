@@ -52,11 +52,14 @@ def last_line(*outputs: str | bytes | None) -> str:
 def run(argv: Sequence[str | os.PathLike], *, what: str | None = None, timeout: float | None = 600,
         check: bool = True, text: bool = True, input: str | bytes | None = None,
         capture: bool = True, merge_stderr: bool = False, cwd: str | os.PathLike | None = None,
-        env: Mapping[str, str] | None = None, stdin=None, hint: str | None = None) -> subprocess.CompletedProcess:
+        env: Mapping[str, str] | None = None, stdin=None, hint: str | None = None,
+        timeout_is_error: bool = True) -> subprocess.CompletedProcess:
     """Run a program to completion. `what` names it in errors (default: the program's file name).
 
     Raises JvmkitError when the program cannot be started, exceeds `timeout` seconds, or (with
-    `check`) exits non-zero; the message carries the last line it wrote to stderr (or stdout)."""
+    `check`) exits non-zero; the message carries the last line it wrote to stderr (or stdout).
+    A probe that judges a hang itself passes `timeout_is_error=False` and gets `returncode None`
+    with what the program wrote until it was killed."""
     args = _argv(argv)
     name = what or Path(args[0]).name
     _log(args, cwd)
@@ -75,8 +78,14 @@ def run(argv: Sequence[str | os.PathLike], *, what: str | None = None, timeout: 
         raise JvmkitError(f"cannot run {name}: {args[0]} is not executable", hint=hint) from None
     except OSError as exc:
         raise JvmkitError(f"cannot run {name} ({args[0]}): {exc.strerror or exc}", hint=hint) from None
-    except subprocess.TimeoutExpired:
-        raise JvmkitError(f"{name} did not finish within {timeout:g} s", hint=hint) from None
+    except subprocess.TimeoutExpired as exc:
+        if timeout_is_error:
+            raise JvmkitError(f"{name} did not finish within {timeout:g} s", hint=hint) from None
+        out, err = exc.stdout, exc.stderr
+        if text:
+            out = out.decode("utf-8", "replace") if isinstance(out, bytes) else (out or "")
+            err = err.decode("utf-8", "replace") if isinstance(err, bytes) else (err or "")
+        return subprocess.CompletedProcess(args, None, out, err)
     if check and proc.returncode != 0:
         raise JvmkitError(f"{name} failed (exit status {proc.returncode}): {last_line(proc.stderr, proc.stdout)}",
                           hint=hint)

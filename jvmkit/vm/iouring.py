@@ -11,20 +11,19 @@ The verdict is cached per host kernel and QEMU version in `aio-probe.json`.
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 
-from jvmkit import cache, fileio
+from jvmkit import cache, fileio, proc
+from jvmkit.errors import JvmkitError
+from jvmkit.vm import qemu as qemu_argvs
 from jvmkit.vm.qemu import QEMU, host_key
 
 PROBE_TIMEOUT = 20.0
 QMP_QUIT = '{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
 
 
-def probe_argv(qemu: str, image: Path) -> list[str]:
-    return [qemu, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
-            "-drive", f"file={image},if=none,id=probe,format=raw,readonly=on,aio=io_uring", "-qmp", "stdio"]
+probe_argv = qemu_argvs.aio_probe_argv
 
 
 def interpret(returncode: int | None, stderr: str) -> tuple[bool, str]:
@@ -41,13 +40,11 @@ def run_probe(qemu: str = QEMU) -> dict:
         image = Path(tmp) / "probe.img"
         image.write_bytes(bytes(512))
         try:
-            proc = subprocess.run(probe_argv(qemu, image), input=QMP_QUIT, capture_output=True, text=True,
-                                  timeout=PROBE_TIMEOUT)
-            usable, reason = interpret(proc.returncode, proc.stderr)
-        except subprocess.TimeoutExpired:
-            usable, reason = interpret(None, "")
-        except OSError as exc:
-            usable, reason = False, f"cannot run {qemu}: {exc.strerror}"
+            done = proc.run(probe_argv(qemu, image), what="the io_uring probe's QEMU", input=QMP_QUIT,
+                            timeout=PROBE_TIMEOUT, check=False, timeout_is_error=False)
+            usable, reason = interpret(done.returncode, done.stderr or "")
+        except JvmkitError as exc:
+            usable, reason = False, exc.message
     return {"usable": usable, "reason": reason, "host": host_key(qemu)}
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jvmkit import cache, fileio
+from jvmkit import cache, fileio, proc
+from jvmkit.errors import JvmkitError
+from jvmkit.vm import qemu
 from jvmkit.vm.qemu import QEMU, host_key
 
 PROBE_VALUE = 0x31
@@ -53,11 +54,7 @@ def host_identity(qemu: str = QEMU) -> str:
     return f"{host_key(qemu)}|{dev}"
 
 
-def probe_argv(qemu: str, image: Path) -> list[str]:
-    return [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-machine", "pc", "-accel", "kvm", "-m", "16M",
-            "-drive", f"file={image},format=raw,if=ide",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+probe_argv = qemu.kvm_boot_sector_argv
 
 
 def interpret(returncode: int | None, output: str) -> tuple[bool, str]:
@@ -98,23 +95,19 @@ def interpret_kernel(console: str, qemu_output: str, ended: bool) -> tuple[bool,
     return False, f"a test guest kernel failed under KVM: {text[:160] or 'no message'}"
 
 
-def run_kernel_probe(qemu: str, kernel: Path) -> KvmVerdict:
-    host = host_identity(qemu)
+def run_kernel_probe(qemu_bin: str, kernel: Path) -> KvmVerdict:
+    host = host_identity(qemu_bin)
     with tempfile.TemporaryDirectory(prefix="jvmkit-kvm-probe.") as tmp:
         log = Path(tmp) / "console.log"
-        argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "128M",
-                "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
-                "-serial", f"file:{log}"]
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-        except OSError as exc:
-            return KvmVerdict(False, f"could not start {qemu}: {exc.strerror}", host, time.time())
+            probe = proc.start(qemu.kvm_kernel_argv(qemu_bin, kernel, log), what="the KVM probe's QEMU",
+                               stdout=proc.PIPE, stderr=proc.STDOUT, text=True)
+        except JvmkitError as exc:
+            return KvmVerdict(False, exc.message, host, time.time())
         start = time.monotonic()
         ended = False
         while True:
-            if proc.poll() is not None:
+            if probe.poll() is not None:
                 ended = True
                 break
             elapsed = time.monotonic() - start
@@ -124,9 +117,9 @@ def run_kernel_probe(qemu: str, kernel: Path) -> KvmVerdict:
             if any(mark in console for mark in KERNEL_OK):
                 break
             time.sleep(0.1)
-        if proc.poll() is None:
-            proc.kill()
-        output = proc.communicate()[0] or ""
+        if probe.poll() is None:
+            probe.kill()
+        output = probe.communicate()[0] or ""
         console = log.read_text(errors="replace") if log.exists() else ""
     usable, reason = interpret_kernel(console, output, ended)
     return KvmVerdict(usable, reason, host, time.time(), depth="kernel")
@@ -142,13 +135,11 @@ def run_probe(qemu: str = QEMU, kernel: Path | None = None) -> KvmVerdict:
         image = Path(tmp) / "probe.img"
         image.write_bytes(BOOT_SECTOR)
         try:
-            proc = subprocess.run(probe_argv(qemu, image), stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=PROBE_TIMEOUT)
-            usable, reason = interpret(proc.returncode, proc.stdout + proc.stderr)
-        except subprocess.TimeoutExpired:
-            usable, reason = interpret(None, "")
-        except OSError as exc:
-            usable, reason = False, f"could not start {qemu}: {exc.strerror}"
+            done = proc.run(probe_argv(qemu, image), what="the KVM probe's QEMU", timeout=PROBE_TIMEOUT,
+                            check=False, timeout_is_error=False)
+            usable, reason = interpret(done.returncode, (done.stdout or "") + (done.stderr or ""))
+        except JvmkitError as exc:
+            usable, reason = False, exc.message
     if usable:
         reason += " (a boot-sector test only; the first `jvmkit run` tests a real kernel)"
     return KvmVerdict(usable, reason, host, time.time(), depth="boot-sector")

@@ -1,7 +1,8 @@
-"""The QEMU command line, built in one place from a frozen `VmConfig`.
+"""The QEMU command line, built in one place: VMs from a frozen `VmConfig`, and the probes.
 
-Nothing else in jvmkit assembles QEMU arguments. `qemu_argv(config)` is a pure function, so the
-exact command line for every combination of target, accelerator and options is unit-tested.
+Nothing else in jvmkit assembles QEMU arguments. `qemu_argv(config)` and the probe argv builders
+are pure functions, so the exact command line for every combination of target, accelerator and
+options is unit-tested.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import functools
 import platform
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +150,30 @@ def qemu_argv(c: VmConfig) -> list[str]:
     return argv
 
 
+# ---- the probes' guests (kvm.py, iouring.py) ----------------------------------------------------
+
+def kvm_boot_sector_argv(qemu: str, image: Path) -> list[str]:
+    """A 512-byte boot sector under KVM that reports through isa-debug-exit (kvm.BOOT_SECTOR)."""
+    return [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-machine", "pc", "-accel", "kvm", "-m", "16M",
+            "-drive", f"file={image},format=raw,if=ide",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+
+
+def kvm_kernel_argv(qemu: str, kernel: Path, console_log: Path) -> list[str]:
+    """The guest kernel jvmkit is about to run, booted under KVM with no root filesystem."""
+    return [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "128M",
+            "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
+            "-serial", f"file:{console_log}"]
+
+
+def aio_probe_argv(qemu: str, image: Path) -> list[str]:
+    """QEMU opening a one-sector drive with aio=io_uring on no machine, driven over QMP on stdio."""
+    return [qemu, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+            "-drive", f"file={image},if=none,id=probe,format=raw,readonly=on,aio=io_uring", "-qmp", "stdio"]
+
+
 def find_qemu(binary: str = QEMU) -> str:
     path = shutil.which(binary)
     if not path:
@@ -163,9 +187,12 @@ def qemu_version(binary: str = QEMU) -> str | None:
     path = shutil.which(binary)
     if not path:
         return None
+    from jvmkit import proc
+    from jvmkit.errors import JvmkitError
+
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        out = proc.run([path, "--version"], what="qemu --version", timeout=10, check=False).stdout
+    except JvmkitError:
         return None
     first = out.splitlines()[0] if out else ""
     return first.split("version", 1)[1].strip().split()[0] if "version" in first else first or None
