@@ -16,10 +16,10 @@ import functools
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from jvmkit import proc
 from jvmkit.errors import JvmkitError, UsageError
 
 MIN_RELEASE = 11  # jlink, jdeps --multi-release and the guest launcher need at least this
@@ -138,20 +138,17 @@ def _is_exe(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise JvmkitError(f"cannot run {argv[0]}: {exc}") from None
+def _run(argv: list[str], timeout: float = 60) -> proc.CompletedProcess:
+    return proc.run(argv, timeout=timeout, check=False)
 
 
 @functools.lru_cache(maxsize=None)
 def _jlink_links_runtime(jlink: str) -> bool:
     try:
-        proc = subprocess.run([jlink, "--help"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        done = proc.run([jlink, "--help"], timeout=60, check=False)
+    except JvmkitError:
         return False
-    return "Linking from run-time image enabled" in proc.stdout + proc.stderr
+    return "Linking from run-time image enabled" in done.stdout + done.stderr
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,10 +163,8 @@ def _modules(home: str, jmods: str | None, java: str) -> tuple[str, ...]:
         release = {}
     if release.get("MODULES", "").strip():
         return tuple(sorted(set(release["MODULES"].split())))
-    proc = _run([java, "--list-modules"])
-    if proc.returncode != 0:
-        raise JvmkitError(f"{java} --list-modules failed: {(proc.stderr or proc.stdout).strip()[:200]}")
-    names = {line.strip().split("@", 1)[0] for line in proc.stdout.splitlines() if line.strip()}
+    done = proc.run([java, "--list-modules"], what=f"{java} --list-modules", timeout=60)
+    names = {line.strip().split("@", 1)[0] for line in done.stdout.splitlines() if line.strip()}
     return tuple(sorted(names))
 
 
@@ -182,8 +177,8 @@ def _version_of(home: Path, java: Path) -> tuple[int, str]:
     version = info.get("JAVA_VERSION")
     runtime = info.get("JAVA_RUNTIME_VERSION") or info.get("FULL_VERSION")
     if not version:
-        proc = _run([str(java), "-version"])
-        version, runtime = parse_java_version_output(proc.stderr + proc.stdout)
+        done = _run([str(java), "-version"])
+        version, runtime = parse_java_version_output(done.stderr + done.stdout)
         if not version:
             raise JvmkitError(f"cannot tell which Java {java} is: `java -version` printed no version",
                               hint="pass --jdk PATH to a working JDK")

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jvmkit import proc
 from jvmkit.cache import ensure_entry
 from jvmkit.errors import JvmkitError
 
@@ -124,14 +124,10 @@ def _compile(javac: Path, release: int, out: Path) -> None:
         "-d", str(out),
         *(str(p) for p in sources),
     ]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    except FileNotFoundError:
-        raise JvmkitError(f"cannot run javac at {javac}", hint="point --jdk or JAVA_HOME at a full JDK") from None
-    except subprocess.TimeoutExpired:
-        raise JvmkitError(f"javac ({javac}) took more than 5 minutes compiling the guest agent") from None
-    if proc.returncode != 0:
-        lines = [l.strip() for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+    done = proc.run(argv, what=f"javac ({javac}) compiling the guest agent", timeout=300, check=False,
+                    hint="point --jdk or JAVA_HOME at a full JDK")
+    if done.returncode != 0:
+        lines = [l.strip() for l in (done.stderr + done.stdout).splitlines() if l.strip()]
         first = next((l for l in lines if "error" in l.lower()), lines[0] if lines else "no output")
         raise JvmkitError(
             f"compiling the guest agent with {javac} --release {release} failed: {first}"

@@ -23,11 +23,10 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from pathlib import Path
 
-from jvmkit import ui
+from jvmkit import proc, ui
 from jvmkit.balloon.agent_build import LAUNCHER_MAIN, WARMUP_MAIN
 from jvmkit.cache import ensure_entry
 from jvmkit.errors import JvmkitError
@@ -84,25 +83,22 @@ def train(*, runtime: Path, jvm_flags: list[str], main_class: str, app_args: lis
                 "-cp", cp, main_class, *app_args]
         label = what or f"AppCDS: training run of {main_class} on the host (at most {timeout:g}s)"
         with console.step(label):
+            training = proc.start(argv, what="the AppCDS training run", cwd=root, stdout=proc.PIPE,
+                                  stderr=proc.STDOUT, text=True, start_new_session=True)
             try:
-                proc = subprocess.Popen(argv, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            except OSError as exc:
-                raise JvmkitError(f"cannot start the AppCDS training run: {exc.strerror}") from None
-            try:
-                output, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGTERM)  # the JVM writes the archive on this exit path too
+                output, _ = training.communicate(timeout=timeout)
+            except proc.TimeoutExpired:
+                os.killpg(training.pid, signal.SIGTERM)  # the JVM writes the archive on this exit path too
                 try:
-                    output, _ = proc.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    output, _ = proc.communicate()
+                    output, _ = training.communicate(timeout=30)
+                except proc.TimeoutExpired:
+                    os.killpg(training.pid, signal.SIGKILL)
+                    output, _ = training.communicate()
         if console.debug and output:
             console.info(output.rstrip())
         if not archive.is_file() or archive.stat().st_size == 0:
             last = [line for line in (output or "").splitlines() if line.strip()][-1:] or ["no output"]
-            raise JvmkitError(f"the AppCDS training run wrote no archive (exit {proc.returncode}: {last[0]})",
+            raise JvmkitError(f"the AppCDS training run wrote no archive (exit {training.returncode}: {last[0]})",
                               hint="check that the app runs on the host with these --arg values, or drop --appcds")
         shutil.copyfile(archive, dest)
     return dest
