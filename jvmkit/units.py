@@ -34,3 +34,11 @@ def human(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def mib_text(mib: int) -> str:
+    """A MiB count as a user would write it for --memory: `512M`, `2G`, `1T` (pure)."""
+    for unit, size in (("T", 1 << 20), ("G", 1 << 10)):
+        if mib >= size and mib % size == 0:
+            return f"{mib // size}{unit}"
+    return f"{mib}M"

@@ -141,6 +141,10 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class AppInfo:
+    """The app as `jar.analyze` found it: its jar (file name only: no host paths in manifests), the
+    main class and where it came from, the guest class path, what jdeps found, and the JVM flags
+    its manifest asks for (Add-Opens, Launcher-Agent, ...)."""
+
     jar: str
     main_class: str
     class_path: tuple[str, ...]
@@ -162,6 +166,9 @@ class AppInfo:
 
 @dataclass(frozen=True)
 class JdkInfo:
+    """The runtime in the image: the build JDK's version, the modules jlink kept, the profile it was
+    made with, and its CDS archives (default, AppCDS, or the OSv Launcher's)."""
+
     version: str
     release: int
     modules: tuple[str, ...]
@@ -175,6 +182,8 @@ class JdkInfo:
 
 @dataclass(frozen=True)
 class AgentInfo:
+    """The guest agent jar's place in the image and its build key."""
+
     path: str
     key: str
 
@@ -204,6 +213,9 @@ class KernelInfo:
 
 @dataclass(frozen=True)
 class CommandInfo:
+    """The guest's java command line (without app arguments), the default app arguments, and which
+    of its words start the guest agent (those are used only by `run --balloon`)."""
+
     java: tuple[str, ...]
     args: tuple[str, ...] = ()
     agent_flags: tuple[str, ...] = ()
@@ -211,12 +223,16 @@ class CommandInfo:
 
 @dataclass(frozen=True)
 class Defaults:
+    """What `run` gives the guest unless told otherwise."""
+
     memory_mib: int
     cpus: int
 
 
 @dataclass(frozen=True)
 class GuestInfo:
+    """Ports the app listens on in the guest (documentation for `--publish`), and the agent's JMX port."""
+
     ports: tuple[int, ...] = ()
     jmx_port: int = 7091
 

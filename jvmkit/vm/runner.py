@@ -27,6 +27,7 @@ import zstandard
 
 from jvmkit import cache, guest, proc, ui
 from jvmkit.errors import UsageError
+from jvmkit.units import mib_text
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager import targets
 from jvmkit.packager.targets.base import BootPlan, BootRequest, parse_marker
@@ -153,8 +154,8 @@ def host_memory_mib() -> int | None:
 def check_memory(memory_mib: int, asked: str, host_mib: int | None) -> None:
     """Refuse a guest larger than this host's memory: QEMU would start and then fail or be killed."""
     if host_mib is not None and memory_mib > host_mib:
-        raise UsageError(f"{asked} is more than this host has ({host_mib}M in all)",
-                         hint=f"use at most --memory {host_mib}M (less, to leave the host room)")
+        raise UsageError(f"{asked} is more than this host has ({mib_text(host_mib)} in all)",
+                         hint=f"use at most --memory {mib_text(host_mib)} (less, to leave the host room)")
 
 
 # ---- I/O ---------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def run(image_path: Path, options: RunOptions,
         check_port_free(fwd)
     memory = options.memory_mib or manifest.defaults.memory_mib
     cpus = options.cpus or manifest.defaults.cpus
-    asked = f"--memory {memory}M" if options.memory_mib else f"the image's default memory ({memory}M)"
+    asked = f"--memory {mib_text(memory)}" if options.memory_mib else f"the image's default memory ({mib_text(memory)})"
     target.memory_floor(manifest.files).check(memory, asked, str(image_path), explicit=bool(options.memory_mib))
     check_memory(memory, asked, host_memory_mib())
     if not 1 <= cpus <= 64:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, ClassVar
 
 from jvmkit.errors import UsageError
+from jvmkit.units import mib_text
 from jvmkit.packager.manifest import FileRecord, Manifest
 
 # The smallest guest any jvmkit image gets: below this a JVM does not start in any target.
@@ -82,9 +83,9 @@ class MemoryFloor:
 
     def check(self, memory_mib: int, asked: str, image: str, *, explicit: bool = True) -> None:
         if memory_mib < self.mib:
-            what = asked if explicit else f"the image's default memory ({memory_mib}M)"
-            raise UsageError(f"{what} is too small for image {image}: it needs at least {self.mib}M ({self.reason})",
-                             hint=f"use --memory {self.mib}M or more")
+            what = asked if explicit else f"the image's default memory ({mib_text(memory_mib)})"
+            raise UsageError(f"{what} is too small for image {image}: it needs at least {mib_text(self.mib)} "
+                             f"({self.reason})", hint=f"use --memory {mib_text(self.mib)} or more")
 
 
 def parse_marker(console_text: str, marker: str) -> int | None:
