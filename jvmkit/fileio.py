@@ -8,11 +8,14 @@ failure leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from jvmkit.errors import JvmkitError
 
 CHUNK = 1 << 20
 
@@ -88,3 +91,39 @@ def write_private(path: str | os.PathLike, data: bytes) -> Path:
         out.write(data)
     os.chmod(path, 0o600)
     return path
+
+
+class Window(io.RawIOBase):
+    """A read-only stream of the `size` bytes of `inner` that start at byte `offset`.
+
+    A seekable `inner` (an open file: an ar member of a .deb) is read positionally, seeking before
+    every read, so the handle may be shared. An unseekable one (a decompressor's stream) is
+    advanced once by reading and dropping `offset` bytes; if it ends before that, JvmkitError
+    names `what` (with `hint`). Reads past the window's end return b"". Closing the window leaves
+    `inner` open. Wrap it in `io.BufferedReader` for many small reads."""
+
+    def __init__(self, inner: BinaryIO, offset: int, size: int, *, what: str = "the stream",
+                 hint: str | None = None):
+        super().__init__()
+        self._inner, self._start, self._size, self._pos = inner, offset, max(0, size), 0
+        self._positional = bool(getattr(inner, "seekable", lambda: False)())
+        skip = 0 if self._positional else offset
+        while skip:
+            chunk = inner.read(min(skip, CHUNK))
+            if not chunk:
+                raise JvmkitError(f"{what} is shorter than expected: it ends before byte {offset}", hint=hint)
+            skip -= len(chunk)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        if self._positional:
+            self._inner.seek(self._start + self._pos)
+        data = self._inner.read(n)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

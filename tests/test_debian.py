@@ -1,5 +1,8 @@
-"""Tests of jvmkit.packager.debian: apt sources, Release/Packages, versions, ar/.deb, safe unpacking,
-and the download path against a fake archive served on 127.0.0.1 (no real mirror is contacted)."""
+"""Tests of the jvmkit.packager.debian package: apt sources (sources.py), versions (versions.py),
+Release/Packages and the index cache (archive.py), gpgv (signature.py), ar/.deb and safe unpacking
+(deb.py), and the download path against a fake archive served on 127.0.0.1 (no real mirror is
+contacted). The public API is used through the package's re-exports (`debian.open_archive`, ...)
+as callers use it."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import zstandard
 
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian
+from jvmkit.packager.debian import sources as apt
+from jvmkit.packager.debian import signature, versions
 
 # Documentation addresses only (RFC 5737): no real host name appears in these tests.
 MAIN = "http://192.0.2.10/debian"
@@ -173,7 +178,7 @@ Components: main
 
 
 def test_parse_one_line_sources():
-    sources = debian.parse_sources_list(ONE_LINE, origin="sources.list")
+    sources = apt.parse_sources_list(ONE_LINE, origin="sources.list")
     assert [(s.uri, s.suites, s.components) for s in sources] == [
         (MAIN, ("bookworm",), ("main", "contrib")),
         (MAIN, ("bookworm-updates",), ("main",)),
@@ -185,7 +190,7 @@ def test_parse_one_line_sources():
 
 
 def test_parse_deb822_sources():
-    sources = debian.parse_sources_deb822(DEB822)
+    sources = apt.parse_sources_deb822(DEB822)
     assert [(s.uri, s.suites) for s in sources] == [
         (MAIN, ("bookworm", "bookworm-updates")),
         ("http://192.0.2.12/debian", ("bookworm", "bookworm-updates")),
@@ -204,7 +209,7 @@ def test_read_apt_sources_reads_list_and_sources_files_only(tmp_path):
     (etc / "sources.list.d" / "extra.list").write_text(f"deb {SECURITY} bookworm-security main\n")
     (etc / "sources.list.d" / "old.list.disabled-by-admin").write_text("deb http://192.0.2.40/x bookworm main\n")
     (etc / "sources.list.d" / "x.sources.save").write_text("Types: deb\nURIs: http://192.0.2.41/y\n")
-    uris = [s.uri for s in debian.read_apt_sources(etc)]
+    uris = [s.uri for s in apt.read_apt_sources(etc)]
     assert "http://192.0.2.40/x" not in uris and "http://192.0.2.41/y" not in uris
     assert uris[0] == MAIN and SECURITY in uris and "http://192.0.2.30/node_20.x" in uris
 
@@ -222,41 +227,44 @@ def test_read_apt_sources_reads_list_and_sources_files_only(tmp_path):
     ("deb http://192.0.2.1/ubuntu jammy main", False),
 ])
 def test_is_debian_source(line, expected):
-    (source,) = debian.parse_sources_list(line)
-    assert debian.is_debian_source(source) is expected
+    (source,) = apt.parse_sources_list(line)
+    assert apt.is_debian_source(source) is expected
 
 
 def test_plan_slots_from_apt_sources():
-    sources = debian.parse_sources_deb822(DEB822) + debian.parse_sources_list("deb http://192.0.2.1/apt cloud-sdk-bookworm main")
-    slots = debian.plan_slots("bookworm", sources)
+    sources = (apt.parse_sources_deb822(DEB822)
+               + apt.parse_sources_list("deb http://192.0.2.1/apt cloud-sdk-bookworm main"))
+    slots = apt.plan_slots("bookworm", sources)
     assert [(s.suite, [r.uri for r in s.repos], s.required) for s in slots] == [
         ("bookworm", [MAIN, "http://192.0.2.12/debian"], True),
         ("bookworm-updates", [MAIN, "http://192.0.2.12/debian"], False),
         ("bookworm-security", [SECURITY], False),
     ]
     # another suite than apt's: same mirrors; a suffixed suite alone
-    assert [s.suite for s in debian.plan_slots("trixie", sources)] == ["trixie", "trixie-updates", "trixie-security"]
-    assert [s.suite for s in debian.plan_slots("bookworm-backports", sources)] == ["bookworm-backports"]
+    assert [s.suite for s in apt.plan_slots("trixie", sources)] == ["trixie", "trixie-updates", "trixie-security"]
+    assert [s.suite for s in apt.plan_slots("bookworm-backports", sources)] == ["bookworm-backports"]
 
 
 def test_plan_slots_explicit_mirror_and_no_debian_source():
-    slots = debian.plan_slots("bookworm", [], mirror="http://127.0.0.1:1/debian/")
+    slots = apt.plan_slots("bookworm", [], mirror="http://127.0.0.1:1/debian/")
     assert [(s.suite, s.repos[0].uri, s.required) for s in slots] == [
         ("bookworm", "http://127.0.0.1:1/debian", True), ("bookworm-updates", "http://127.0.0.1:1/debian", False)]
     with pytest.raises(JvmkitError, match="--mirror"):
-        debian.plan_slots("bookworm", debian.parse_sources_list("deb http://192.0.2.1/node nodistro main"))
+        apt.plan_slots("bookworm", apt.parse_sources_list("deb http://192.0.2.1/node nodistro main"))
 
 
 def test_host_suite(tmp_path, monkeypatch):
     osr = tmp_path / "os-release"
     osr.write_text('ID=debian\nVERSION_CODENAME=trixie\nPRETTY_NAME="Debian"\n')
-    assert debian.host_suite(osr) == "trixie"
+    assert apt.host_suite(osr) == "trixie"
     osr.write_text("ID=ubuntu\nID_LIKE=debian\nVERSION_CODENAME=jammy\n")
-    assert debian.host_suite(osr) is None
-    assert debian.host_suite(tmp_path / "missing") is None
-    monkeypatch.setattr(debian, "host_suite", lambda *a: None)
-    assert debian.choose_suite(None) == debian.DEFAULT_SUITE == "bookworm"
-    assert debian.choose_suite("sid") == "sid"
+    assert apt.host_suite(osr) is None
+    assert apt.host_suite(tmp_path / "missing") is None
+    monkeypatch.setattr(apt, "host_suite", lambda *a: "trixie")  # choose_suite looks it up in sources.py
+    assert apt.choose_suite(None) == "trixie"
+    monkeypatch.setattr(apt, "host_suite", lambda *a: None)
+    assert apt.choose_suite(None) == apt.DEFAULT_SUITE == "bookworm"
+    assert apt.choose_suite("sid") == "sid"
 
 
 # ---- Release and Packages ---------------------------------------------------------------------------
@@ -304,14 +312,14 @@ def test_parse_packages():
 
 
 def test_parse_relations_and_satisfies():
-    rels = debian.parse_relations("libc6:any (>= 2.34) | libc6.1 [amd64], foo (<< 2~), bar")
-    assert rels == [[debian.Relation("libc6", ">=", "2.34"), debian.Relation("libc6.1")],
-                    [debian.Relation("foo", "<<", "2~")], [debian.Relation("bar")]]
-    assert debian.satisfies("2.36-9", ">=", "2.34")
-    assert not debian.satisfies("2", "<<", "2~")
-    assert debian.satisfies("1.9", "<<", "2~")
-    assert debian.satisfies("1:0", ">>", "9")
-    assert debian.satisfies("anything", None, None)
+    rels = versions.parse_relations("libc6:any (>= 2.34) | libc6.1 [amd64], foo (<< 2~), bar")
+    assert rels == [[versions.Relation("libc6", ">=", "2.34"), versions.Relation("libc6.1")],
+                    [versions.Relation("foo", "<<", "2~")], [versions.Relation("bar")]]
+    assert versions.satisfies("2.36-9", ">=", "2.34")
+    assert not versions.satisfies("2", "<<", "2~")
+    assert versions.satisfies("1.9", "<<", "2~")
+    assert versions.satisfies("1:0", ">>", "9")
+    assert versions.satisfies("anything", None, None)
 
 
 def sha(data: bytes) -> str:
@@ -373,8 +381,8 @@ VERSIONS = [
 
 @pytest.mark.parametrize("a, b, expected", VERSIONS)
 def test_version_compare(a, b, expected):
-    assert debian.version_compare(a, b) == expected
-    assert debian.version_compare(b, a) == -expected
+    assert versions.version_compare(a, b) == expected
+    assert versions.version_compare(b, a) == -expected
 
 
 @pytest.mark.skipif(shutil.which("dpkg") is None, reason="dpkg not installed (cross-check of the table only)")
@@ -385,7 +393,7 @@ def test_version_table_agrees_with_dpkg():
 
 
 def test_newest_by_version_key():
-    assert max(["6.1.176-1", "6.1.192-2", "6.1.99-1", "6.1.192-2~bpo"], key=debian.version_key) == "6.1.192-2"
+    assert max(["6.1.176-1", "6.1.192-2", "6.1.99-1", "6.1.192-2~bpo"], key=versions.version_key) == "6.1.192-2"
 
 
 # ---- ar and .deb -------------------------------------------------------------------------------------
@@ -651,6 +659,26 @@ def test_bad_inrelease_signature_is_refused(fake_archive_root):
         debian.open_archive("bookworm", fa.url)
 
 
+def host_inrelease() -> Path | None:
+    """An InRelease apt downloaded on this host (really signed by Debian), if any."""
+    return next(iter(sorted(Path("/var/lib/apt/lists").glob("*_dists_*_InRelease"))), None)
+
+
+@pytest.mark.skipif(shutil.which("gpgv") is None or not debian.DEFAULT_KEYRING.is_file() or host_inrelease() is None,
+                    reason="needs gpgv, the Debian archive keyring and an InRelease file apt downloaded")
+def test_a_real_inrelease_verifies_and_tampering_is_refused(tmp_path):
+    real, keyring = host_inrelease(), debian.DEFAULT_KEYRING
+    assert signature.verify_signature(real, None, keyring, "InRelease") == f"verified (gpgv, {keyring})"
+    text = real.read_text()
+    changed = tmp_path / "InRelease"
+    changed.write_text(text.replace("Origin: Debian", "Origin: Debiam", 1))
+    with pytest.raises(JvmkitError, match="did not verify"):
+        signature.verify_signature(changed, None, keyring, "InRelease")
+    changed.write_text("Origin: Attacker\n\n" + text)  # gpgv accepts text before the signed block; we don't
+    with pytest.raises(JvmkitError, match="signed text differs"):
+        signature.verify_signature(changed, None, keyring, "InRelease")
+
+
 def test_keyring_none_skips_verification(fake_archive_root, monkeypatch):
     fa = fake_archive_root
     fa.add_suite("bookworm", [("demo", "1", b"x")],
@@ -674,7 +702,7 @@ def test_offline_uses_a_stale_cached_index(fake_archive_root, isolated_cache, mo
     fa.add_suite("bookworm", [("demo", "1", b"x")])
     debian.open_archive("bookworm", fa.url)
     age_index_cache()
-    monkeypatch.setattr(debian, "session", lambda: _Unreachable())
+    monkeypatch.setattr(debian.archive, "session", lambda: _Unreachable())  # where open_archive looks it up
     archive = debian.open_archive("bookworm", fa.url)
     assert archive.newest("demo").version == "1" and archive.indexes[0].from_cache
     assert "using the cached index" in isolated_cache.stream.getvalue()
@@ -696,7 +724,7 @@ def test_fetch_deb_progress_cache_and_reuse(fake_archive_root, isolated_cache):
     path = debian.fetch_deb(pkgs["demo"])
     assert path.read_bytes() == data and path.name == f"{sha(data)}.deb"
     assert "demo 1.0-1" in isolated_cache.stream.getvalue()  # the progress bar's label
-    assert not [p for p in path.parent.iterdir() if p.suffix == ".part"]
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, f".{path.stem}.lock"])  # no temporaries
     n = fa.requests_for("pool/")
     assert debian.fetch_deb(pkgs["demo"]) == path and fa.requests_for("pool/") == n  # reused
     path.write_bytes(b"corrupted")  # a damaged cache file is replaced
@@ -727,8 +755,11 @@ def test_fetch_deb_404_and_unreachable(fake_archive_root):
 
 
 def test_no_host_name_is_hard_coded():
+    from jvmkit import fetch
     from jvmkit.packager import kernels
 
-    for module in (debian, kernels):
-        source = Path(module.__file__).read_text()
-        assert "debian.org" not in source and not re.search(r"https?://", source), module.__name__
+    files = sorted(Path(debian.__file__).parent.glob("*.py")) + [Path(kernels.__file__), Path(fetch.__file__)]
+    assert len(files) >= 7
+    for path in files:
+        source = path.read_text()
+        assert "debian.org" not in source and not re.search(r"https?://", source), path
