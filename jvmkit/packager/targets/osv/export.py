@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 import zstandard
 
@@ -13,27 +12,6 @@ from jvmkit import fileio, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager.manifest import KernelInfo
 from jvmkit.packager.targets.osv import disk as osv_disk
-
-
-class _Window:
-    """A read-only stream of the next `size` bytes of `inner` (after skipping `skip`)."""
-
-    def __init__(self, inner: BinaryIO, skip: int, size: int):
-        self.inner = inner
-        while skip:
-            chunk = inner.read(min(skip, 1 << 20))
-            if not chunk:
-                raise JvmkitError("the image's disk is shorter than its manifest says", hint="pack it again")
-            skip -= len(chunk)
-        self.left = size
-
-    def read(self, n: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        n = self.left if n is None or n < 0 else min(n, self.left)
-        data = self.inner.read(n)
-        self.left -= len(data)
-        return data
 
 
 def _find_loader_image(kernel: KernelInfo) -> Path | None:
@@ -84,7 +62,8 @@ def export_classic(image, loader_image: str | os.PathLike | None, dest: str | os
     cmdline = image.manifest.boot.kernel_cmdline
     with open(image.file("disk"), "rb") as compressed:
         reader = zstandard.ZstdDecompressor().stream_reader(compressed)
-        rofs = _Window(reader, int(record.rofs_offset), int(record.rofs_size))
+        rofs = fileio.Window(reader, int(record.rofs_offset), int(record.rofs_size), what="the image's disk",
+                             hint="pack it again")
         if fmt == "raw":
             osv_disk.write_classic_disk(loader, cmdline, rofs, dest)
             return dest
