@@ -57,7 +57,7 @@ def test_config_wrong_type_and_balloon_table(tmp_path):
 def test_config_merge_flags_override(tmp_path, monkeypatch):
     write(tmp_path, 'jar = "build/app.jar"\nmain = "a.Main"\nmemory = "1G"\ntarget = "linux"\nargs = ["x"]\n')
     monkeypatch.chdir(tmp_path)
-    req = config.pack_request(None, {"memory_mib": 256}, None)
+    req = config.pack_request({"memory_mib": 256})
     assert req.jar == tmp_path / "build/app.jar" and req.main == "a.Main"
     assert req.memory_mib == 256 and req.target == "linux" and req.app_args == ("x",)
 

@@ -27,28 +27,7 @@ GUEST_SEED = "/run/jvmkit/seed"
 AGENT_FLAGS = (f"-Djvmkit.seed={GUEST_SEED}", f"-javaagent:{GUEST_AGENT}")
 
 
-@dataclass(frozen=True)
-class PackRequest:
-    jar: Path
-    main: str | None = None
-    libs: tuple[Path, ...] = ()
-    add_modules: tuple[str, ...] = ()
-    jvm_args: tuple[str, ...] = ()
-    app_args: tuple[str, ...] = ()
-    profile: str | None = None
-    jdk: Path | None = None
-    target: str = DEFAULT_TARGET
-    memory_mib: int = 512
-    memory_given: bool = False  # --memory or jvmkit.toml set it; else pack may raise the default
-    cpus: int = 1
-    output: Path | None = None
-    force: bool = False
-    kernel: Path | None = None
-    appcds: bool = False
-    train_timeout: float = 60.0
-    suite: str | None = None
-    mirror: str | None = None
-    ports: tuple[int, ...] = ()
+from jvmkit.config import PackRequest
 
 
 @dataclass(frozen=True)

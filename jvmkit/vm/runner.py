@@ -42,18 +42,7 @@ JMX_GUEST_PORT = 7091
 STOP_GRACE = 5.0
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    memory_mib: int | None = None
-    cpus: int | None = None
-    publish: tuple[str, ...] = ()
-    accel: str = "auto"
-    timeout: float | None = None
-    verbose: bool = False
-    args: tuple[str, ...] | None = None     # None: the image's default app arguments
-    name: str | None = None
-    jmx: bool = False                       # forward the guest agent's JMX port (the balloon needs it)
-    free_page_reporting: bool = True
+from jvmkit.config import RunOptions
 
 
 @dataclass
