@@ -1,7 +1,9 @@
 """The `jvmkit` command line (click): parsing, output mode, error printing and exit codes.
 
-Each command is a thin shell over a module that does the work. A `JvmkitError` becomes one line
-on stderr (`jvmkit: error: ...`) and its exit code; only `--debug` (or JVMKIT_DEBUG=1) shows a
+Each command is a thin shell over a module that does the work; the options of `pack` and `run`
+come from the settings table (jvmkit.settings, merged with jvmkit.toml by jvmkit.config). Every
+failure is one line on stderr (see `main`): a click usage error or a `UsageError` exits 2, another
+`JvmkitError` 1, an unexpected exception (a bug) 70; only `--debug` (or JVMKIT_DEBUG=1) shows a
 traceback.
 """
 
@@ -54,6 +56,10 @@ def cli():
       jvmkit pack app.jar --target linux      # -> app.jvmkit/ (trimmed JDK + CDS + kernel)
       jvmkit run app.jvmkit -- arg1 arg2      # boot it; exit status = the app's
       jvmkit run --balloon app.jvmkit         # give idle heap memory back to the host
+
+    pack and run also read their settings from ./jvmkit.toml (or --config FILE); each option's
+    --help names its key. Exit status: 0 done, 1 the environment (a missing tool, an unreachable
+    mirror), 2 bad input, 70 a bug in jvmkit, 130 interrupted; `run` exits with the app's status.
     """
 
 

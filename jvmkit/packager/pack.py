@@ -44,7 +44,7 @@ class PackResult:
 
         jdk = self.manifest["jdk"]
         return (f"{self.output}  {human(self.size)}  target={self.manifest['target']}  "
-                f"java={jdk['release']} modules={len(jdk['modules'])}  {self.seconds:.1f}s")
+                f"java={jdk['release']} runtime_modules={len(jdk['modules'])}  {self.seconds:.1f}s")
 
     def to_dict(self) -> dict:
         return {"image": str(self.output), "size": self.size, "target": self.manifest["target"],
