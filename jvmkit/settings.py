@@ -44,6 +44,9 @@ def _is(value, types: tuple) -> bool:
 
 
 class Kind:
+    """A setting's type: its field annotation, the click type of its option, and how a jvmkit.toml
+    value is checked and converted (`from_toml`; paths against the file's directory)."""
+
     annotation: object = str
     toml_types: tuple = (str,)
     noun = "a string"
