@@ -1,12 +1,15 @@
 """The `jvmkit` command line (click): parsing, output mode, error printing and exit codes.
 
-Each command is a thin shell over a module that does the work. A `JvmkitError` becomes one line
-on stderr (`jvmkit: error: ...`) and its exit code; only `--debug` (or JVMKIT_DEBUG=1) shows a
+Each command is a thin shell over a module that does the work; the options of `pack` and `run`
+come from the settings table (jvmkit.settings, merged with jvmkit.toml by jvmkit.config). Every
+failure is one line on stderr (see `main`): a click usage error or a `UsageError` exits 2, another
+`JvmkitError` 1, an unexpected exception (a bug) 70; only `--debug` (or JVMKIT_DEBUG=1) shows a
 traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -17,7 +20,9 @@ from pathlib import Path
 import click
 
 from jvmkit import __version__, ui
-from jvmkit.errors import JvmkitError, UsageError
+from jvmkit import config as configs
+from jvmkit.config import cli_options as settings_options
+from jvmkit.errors import EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, JvmkitError
 from jvmkit.packager import targets
 from jvmkit.units import human, parse_mib
 
@@ -33,7 +38,7 @@ def output_options(json_flag: bool = True):
         @click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
         @functools.wraps(func)
         def wrapper(*args, debug=False, quiet=False, json_out=False, **kwargs):
-            ui.configure(quiet=quiet, json=json_out, debug=debug or bool(os.environ.get("JVMKIT_DEBUG")))
+            ui.configure(quiet=quiet, json=json_out, debug=debug or _env_debug())
             return func(*args, **kwargs)
 
         if json_flag:
@@ -41,15 +46,6 @@ def output_options(json_flag: bool = True):
         return wrapper
 
     return decorate
-
-
-def size_mib(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_mib(value, f"--{param.name.replace('_mib', '').replace('_', '-')}")
-    except UsageError as exc:
-        raise click.BadParameter(exc.message) from None
 
 
 @click.group(context_settings=CONTEXT)
@@ -62,52 +58,34 @@ def cli():
       jvmkit pack app.jar --target linux      # -> app.jvmkit/ (trimmed JDK + CDS + kernel)
       jvmkit run app.jvmkit -- arg1 arg2      # boot it; exit status = the app's
       jvmkit run --balloon app.jvmkit         # give idle heap memory back to the host
+
+    pack and run also read their settings from ./jvmkit.toml (or --config FILE); each option's
+    --help names its key. Exit status: 0 done, 1 the environment (a missing tool, an unreachable
+    mirror), 2 bad input, 70 a bug in jvmkit, 130 interrupted; `run` exits with the app's status.
     """
 
 
 # ---- pack ----------------------------------------------------------------------------------------
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("jar", required=False, type=click.Path(path_type=Path))
-@click.option("-t", "--target", type=click.Choice(TARGET_NAMES), default=None,
-              help="Image kind: an OSv unikernel (default) or a Linux micro-VM.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Image bundle to write [default: ./NAME.jvmkit].")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing output.")
-@click.option("--main", "main_class", metavar="CLASS", help="Main class, when the jar's manifest has none.")
-@click.option("--lib", "libs", multiple=True, type=click.Path(path_type=Path), metavar="JAR",
-              help="Extra class-path jar (repeatable).")
-@click.option("--add-modules", "add_modules", multiple=True, metavar="M[,M...]",
-              help="JDK modules to add to what jdeps finds.")
-@click.option("--jvm-arg", "jvm_args", multiple=True, metavar="ARG", help="JVM option for the guest (repeatable).")
-@click.option("--arg", "app_args", multiple=True, metavar="ARG", help="Default argument for the app (repeatable).")
-@click.option("--profile", metavar="NAME|FILE.toml", help="JDK profile [default: auto]; see --list-profiles.")
+@settings_options("pack")
 @click.option("--list-profiles", is_flag=True, help="List the JDK profiles and exit.")
-@click.option("--jdk", type=click.Path(path_type=Path), help="Build JDK [default: JAVA_HOME, else java on PATH].")
-@click.option("--memory", "memory_mib", callback=size_mib, metavar="SIZE", help="Default guest memory [512M].")
-@click.option("--cpus", type=click.IntRange(1, 64), default=None, help="Default guest vCPUs [1].")
-@click.option("--kernel", type=click.Path(path_type=Path), help="Use this guest kernel instead of the cached one.")
-@click.option("--appcds", is_flag=True, help="Train an AppCDS archive by running the app on the host (runs your code).")
-@click.option("--train-timeout", type=float, default=None, metavar="SECONDS", help="Bound on the AppCDS training run [60].")
-@click.option("--suite", help="Debian suite for the linux kernel [default: the host's, else bookworm].")
-@click.option("--mirror", help="Debian mirror URL [default: from apt's sources].")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="jvmkit.toml to read [default: ./jvmkit.toml if present].")
 @output_options()
-def pack(jar, list_profiles, config_path, **flags):
+def pack(list_profiles, config_path, **settings):
     """Pack JAR with a trimmed JDK into a bootable VM image.
 
     Analyses the jar (manifest, Class-Path, jdeps), builds a runtime with only the modules the app
     needs (jlink, cached) plus a CDS archive, adds the guest agent, and writes NAME.jvmkit/ for the
-    chosen target. Prints one summary line (or --json).
+    chosen target. Prints one summary line (or --json). Settings not given as options come from
+    jvmkit.toml (its top level), each option's [jvmkit.toml: KEY] says which key.
     """
-    from jvmkit import config as configs
     from jvmkit.packager.pack import pack as do_pack
 
     console = ui.current()
     if list_profiles:
         _print_profiles(console)
         return
-    request = configs.pack_request(jar, flags, config_path)
-    result = do_pack(request)
+    result = do_pack(configs.pack_request(settings, config_path))
     console.result(result.summary(), result.to_dict())
 
 
@@ -125,41 +103,25 @@ def _print_profiles(console):
 @cli.command(context_settings=CONTEXT)
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--memory", "memory_mib", callback=size_mib, metavar="SIZE", help="Guest memory [the image's default].")
-@click.option("--cpus", type=click.IntRange(1, 64), help="Guest vCPUs [the image's default].")
-@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
-              help="Forward a host TCP port to the guest (host side 127.0.0.1 unless ADDR is given).")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
-              help="Accelerator: KVM only if a real probe succeeds (auto), or force one.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Stop the VM after this long (exit status 124).")
-@click.option("-v", "--verbose", is_flag=True, help="Show kernel and init messages on stderr.")
-@click.option("--name", help="VM name for ps/stop/balloon [default: image name + random suffix].")
-@click.option("--balloon", is_flag=True, help="Run the JVM-aware memory balloon for this VM.")
-@click.option("--min-memory", "min_memory_mib", callback=size_mib, metavar="SIZE",
-              help="Balloon floor: never shrink the guest below this [default: a share of --memory].")
-@click.option("--balloon-interval", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
-              metavar="SECONDS", help="How often the balloon re-decides.")
-@click.option("--balloon-log", type=click.Path(path_type=Path), help="Write every balloon decision as JSON lines.")
+@settings_options("run")
 @output_options(json_flag=False)
-def run(image, args, memory_mib, cpus, publish, accel, timeout, verbose, name, balloon, min_memory_mib,
-        balloon_interval, balloon_log):
+def run(image, args, config_path, **settings):
     """Boot IMAGE under QEMU; the exit status is the app's.
 
     Arguments after `--` replace the image's default app arguments. The app's output goes to
     stdout; with --verbose the kernel and init messages go to stderr. Exit status: the app's own,
     or 124 (--timeout hit), 125 (the VM failed: panic, crash, QEMU error), 130 (interrupted).
+    Settings not given as options come from jvmkit.toml's [run] and [balloon] tables, each
+    option's [jvmkit.toml: KEY] says which key.
     """
-    from jvmkit.vm.runner import RunOptions
     from jvmkit.vm.runner import run as do_run
 
-    options = RunOptions(memory_mib=memory_mib, cpus=cpus, publish=tuple(publish), accel=accel, timeout=timeout,
-                         verbose=verbose, args=tuple(args) if _had_separator() else None, name=name, jmx=balloon)
-    if balloon:
+    options = configs.run_options(settings, config_path, args=tuple(args) if _had_separator() else None)
+    if options.balloon:
         from jvmkit.balloon.host import run_with_balloon
 
-        status = run_with_balloon(image, options, min_memory_mib=min_memory_mib, interval=balloon_interval,
-                                  log_path=balloon_log)
+        status = run_with_balloon(image, dataclasses.replace(options, jmx=True), min_memory_mib=options.min_memory_mib,
+                                  interval=options.balloon_interval, log_path=options.balloon_log)
         # The JMX client's JVM lives in this process (JPype); threads still blocked in a Java call
         # would abort a normal interpreter shutdown, so leave directly once everything is flushed.
         sys.stdout.flush()
@@ -425,22 +387,101 @@ def balloon_set(name, size, timeout):
 
 # ---- entry point -------------------------------------------------------------------------------------
 
+def _env_debug() -> bool:
+    return os.environ.get("JVMKIT_DEBUG", "") not in ("", "0")
+
+
+def _debug_wanted() -> bool:
+    argv = sys.argv[1:]
+    before_args = argv[:argv.index("--")] if "--" in argv else argv
+    return ui.current().debug or _env_debug() or "--debug" in before_args
+
+
+def _command_path(ctx: click.Context | None) -> str:
+    """`jvmkit run` for an error in `run`'s arguments; from argv when click gives no context."""
+    if ctx is not None:
+        return ctx.command_path
+    words, group = ["jvmkit"], cli
+    for arg in sys.argv[1:]:
+        if arg == "--" or not isinstance(group, click.Group):
+            break
+        if arg.startswith("-"):
+            continue
+        sub = group.get_command(None, arg)  # type: ignore[arg-type]
+        if sub is None:
+            break
+        words.append(arg)
+        group = sub
+    return " ".join(words)
+
+
+def _param_name(param: click.Parameter | None, fallback: str | None = None) -> str:
+    if isinstance(param, click.Option):
+        return next((o for o in param.opts if o.startswith("--")), param.opts[0])
+    if isinstance(param, click.Argument):
+        return param.human_readable_name.strip("[]").rstrip(".")
+    return (fallback or "a parameter").strip("'")
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split()).rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+def usage_line(exc: click.UsageError) -> str:
+    """One line for a click usage error: what is wrong, naming the option or argument, and the
+    --help to read (pure but for argv when click has no context)."""
+    if isinstance(exc, click.MissingParameter):
+        what = exc.param_type or (exc.param.param_type_name if exc.param else "parameter")
+        message = f"missing {what} {_param_name(exc.param, exc.param_hint)}"
+        choices = getattr(getattr(exc.param, "type", None), "choices", None)
+        if choices:
+            message += f" (one of: {', '.join(map(str, choices))})"
+    elif isinstance(exc, click.BadParameter):
+        message = f"{_param_name(exc.param, exc.param_hint)}: {_sentence(exc.message)}"
+    elif isinstance(exc, click.NoSuchOption):
+        message = f"no such option {exc.option_name}"
+        if exc.possibilities:
+            message += f" (did you mean {' or '.join(sorted(exc.possibilities))}?)"
+    else:
+        message = _sentence(exc.message)
+    return f"{message} (see {_command_path(exc.ctx)} --help)"
+
+
 def main() -> None:
+    """Run the CLI; map every way it can end to one line on stderr and an exit status:
+    2 bad input (click's usage errors, UsageError), 1 other JvmkitError (the environment: missing
+    tools, an unreachable mirror, a full disk), 70 a bug in jvmkit (EX_SOFTWARE), 130 interrupted."""
     try:
         cli.main(prog_name="jvmkit", standalone_mode=False)
-    except click.exceptions.Abort:
-        print("jvmkit: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("jvmkit: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `jvmkit` or `jvmkit GROUP`: help, as click 8.1 did
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        print(f"jvmkit: error: {usage_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        print(f"jvmkit: error: {_sentence(exc.format_message())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except JvmkitError as exc:
-        if ui.current().debug:
+        if _debug_wanted():
             traceback.print_exc()
         print(f"jvmkit: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("jvmkit: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug: say so in one line, the traceback only on request
+        if _debug_wanted():
+            traceback.print_exc()
+            hint = "the traceback is above"
+        else:
+            hint = "--debug or JVMKIT_DEBUG=1 shows the traceback"
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        print(f"jvmkit: internal error: {' '.join(detail.split())} (a bug in jvmkit; {hint})", file=sys.stderr)
+        sys.exit(EXIT_SOFTWARE)

@@ -22,6 +22,22 @@ def _check(name: str, ok: bool, detail: str, fix: str | None = None, required: b
     return {"name": name, "ok": ok, "detail": detail, "fix": None if ok else fix, "required": required}
 
 
+def kvm_fix(reason: str) -> str | None:
+    """What the user can do about an unusable KVM, from the probe's reason (pure); None when there
+    is nothing to suggest. (That runs fall back to TCG is said by the check's detail, not here.)"""
+    lowered = reason.lower()
+    if "permission" in lowered:
+        return ("add yourself to the kvm group (sudo usermod -aG kvm $USER, then log in again), "
+                "or make /dev/kvm readable and writable for you")
+    if "does not exist" in lowered or "not available" in lowered:
+        return ("load KVM: sudo modprobe kvm_intel (or kvm_amd), with VT-x/AMD-V enabled in the firmware; "
+                "inside a VM, enable nested virtualisation on its host")
+    if "/dev/kvm exists" in lowered or "test guest" in lowered:
+        return ("this KVM cannot run ordinary guests (common in nested VMs): enable nested virtualisation "
+                "where this machine runs (kvm_intel/kvm_amd nested=1 on its host), then `jvmkit doctor --probe-kvm`")
+    return None
+
+
 def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
     from jvmkit import jdk as jdks
 
@@ -52,10 +68,10 @@ def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
                                  required=False))
         else:
             detail = ("usable: " if verdict.usable else "not usable, runs use TCG: ") + verdict.reason
-            checks.append(_check("kvm", verdict.usable, detail, "guests run under TCG (slower)", required=False))
+            checks.append(_check("kvm", verdict.usable, detail, kvm_fix(verdict.reason), required=False))
         aio = iouring.io_uring_verdict(QEMU)  # one QEMU start on -machine none, then cached
-        checks.append(_check("io_uring", aio["usable"], aio["reason"],
-                             "OSv root disks use QEMU's thread pool (a little slower)", required=False))
+        detail = aio["reason"] if aio["usable"] else f"{aio['reason']}; OSv root disks use QEMU's thread pool (a little slower)"
+        checks.append(_check("io_uring", aio["usable"], detail, None, required=False))  # no fix to offer
     try:
         import jpype  # noqa: F401
 

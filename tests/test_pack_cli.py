@@ -200,3 +200,39 @@ def test_untrimmed_profile_needs_no_jmods(samples, tmp_path):
 
     raw = manifest["files"]["initramfs"]["raw_size"]
     assert manifest["defaults"]["memory_mib"] == min_memory_mib(raw) > 512  # raised for the large initramfs
+
+
+def test_jlink_progress_counts_roots_and_the_runtime(tmp_path, monkeypatch, capsys):
+    """jlink's line says how many root modules it was given and how many the runtime got (the
+    count the pack summary shows as runtime_modules=); a real jlink of java.logging (+ java.base)."""
+    from jvmkit import jdk as jdks, ui
+    from jvmkit.packager.runtime import RuntimeSpec, ensure_runtime
+
+    monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
+    jdk = jdks.find_jdk(None)
+    spec = RuntimeSpec(jdk_home=str(jdk.home), jdk_version=jdk.version, jdk_release=jdk.release,
+                       modules=("java.logging",), compress="zip", strip_debug=True, cds=False)
+    ui.configure()
+    runtime = ensure_runtime(spec, jdk.jlink, jdk.jmods)
+    assert runtime.modules == ("java.base", "java.logging")
+    err = capsys.readouterr().err
+    assert f"jlink: 1 root module from JDK {jdk.version}" in err
+    assert "jlink: 1 root module -> 2 in the runtime, done in" in err
+    assert "module(s)" not in err
+
+
+def test_run_takes_memory_from_jvmkit_toml(samples, tmp_path):
+    """`jvmkit run` reads ./jvmkit.toml's [run] table: a too small `memory` there is refused before
+    QEMU starts, as --memory is (no guest boots); a flag overrides the file."""
+    image = tmp_path / "hello.jvmkit"
+    packed = jvmkit("pack", samples["hello"], "--target", "linux", "-o", image, "-q")
+    assert packed.returncode == 0, packed.stderr
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "jvmkit.toml").write_text('memory = "1G"\n[run]\nmemory = "32M"\n')
+    proc = subprocess.run([*JVMKIT, "run", str(image)], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, cwd=work)
+    assert proc.returncode == 2 and "32M is too small" in one_line_error(proc)
+    proc = subprocess.run([*JVMKIT, "run", "--config", str(work / "jvmkit.toml"), "--memory", "16M", str(image)],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert proc.returncode == 2 and "16M is too small" in one_line_error(proc)

@@ -6,11 +6,15 @@ import json
 import os
 import time
 
+from pathlib import Path
+
 import pytest
 
 from jvmkit import cache, config, profiles
 from jvmkit.errors import UsageError
 from jvmkit.units import parse_mib, parse_size
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("text,expected", [("512M", 512 * 2**20), ("1G", 2**30), ("2048", 2048 * 2**20),
@@ -57,7 +61,7 @@ def test_config_wrong_type_and_balloon_table(tmp_path):
 def test_config_merge_flags_override(tmp_path, monkeypatch):
     write(tmp_path, 'jar = "build/app.jar"\nmain = "a.Main"\nmemory = "1G"\ntarget = "linux"\nargs = ["x"]\n')
     monkeypatch.chdir(tmp_path)
-    req = config.pack_request(None, {"memory_mib": 256}, None)
+    req = config.pack_request({"memory_mib": 256})
     assert req.jar == tmp_path / "build/app.jar" and req.main == "a.Main"
     assert req.memory_mib == 256 and req.target == "linux" and req.app_args == ("x",)
 
@@ -66,6 +70,176 @@ def test_config_not_toml(tmp_path):
     with pytest.raises(UsageError) as err:
         config.load_config(write(tmp_path, "main = \n"))
     assert "not valid TOML" in err.value.message
+
+
+def test_config_values_are_checked_where_they_are_written(tmp_path):
+    """Ranges and choices as the flags have them, with the file and line (`cpus = 0` became 1)."""
+    cases = {'cpus = 0\n': ":1: 'cpus' must be between 1 and 64, not 0",
+             'main = "a.B"\ntarget = "windows"\n': ":2: 'target' must be one of osv, linux, not 'windows'",
+             'memory = "lots"\n': ":1: 'memory' must be a size such as 512M or 2G, not 'lots'",
+             'ports = [8080, 0]\n': ":1: every item of 'ports' must be between 1 and 65535, not 0",
+             '[run]\ncpus = 2\ntimeout = 0\n': ":3: 'run.timeout' must be more than 0, not 0",
+             '[balloon]\ninterval = 0.1\n': ":2: 'balloon.interval' must be at least 0.5, not 0.1",
+             'run.memory = true\n': ":1: 'run.memory' must be a size such as 512M or 2G"}
+    for text, message in cases.items():
+        with pytest.raises(UsageError) as err:
+            config.load_config(write(tmp_path, text))
+        assert err.value.message == f"{tmp_path / 'jvmkit.toml'}{message}", text
+
+
+def test_config_unknown_key_says_where_it_belongs(tmp_path):
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, 'jar = "a.jar"\npublish = ["8080:8080"]\n'))
+    assert ":2: unknown key 'publish'; `publish` belongs under [run]" in err.value.message
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, '[run]\ncpu = 2\n'))
+    assert ":2: unknown key 'run.cpu'; did you mean 'cpus'?" in err.value.message
+    with pytest.raises(UsageError) as err:
+        config.load_config(write(tmp_path, 'balloon = true\n'))
+    assert "'balloon' must be a table ([balloon]); `balloon = ...` belongs under [run]" in err.value.message
+
+
+def test_run_reads_its_tables_and_flags_win(tmp_path, monkeypatch):
+    write(tmp_path, 'memory = "2G"\n[run]\nmemory = "768M"\npublish = ["8080:8080"]\naccel = "tcg"\n'
+                    'balloon = true\n[balloon]\nmin_memory = 300\ninterval = 5\nlog = "logs/b.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    opts = config.run_options({}, None, args=("x",))
+    assert (opts.memory_mib, opts.cpus, opts.publish, opts.accel) == (768, None, ("8080:8080",), "tcg")
+    assert (opts.balloon, opts.min_memory_mib, opts.balloon_interval) == (True, 300, 5.0)
+    assert opts.balloon_log == tmp_path / "logs" / "b.jsonl" and opts.args == ("x",) and not opts.jmx
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # --config FILE: paths stay relative to the file
+    flagged = config.run_options({"memory_mib": 1024, "publish": ("9090:80",), "balloon_interval": 1.0},
+                                 tmp_path / "jvmkit.toml")
+    assert (flagged.memory_mib, flagged.publish, flagged.balloon_interval) == (1024, ("9090:80",), 1.0)
+    assert flagged.balloon_log == tmp_path / "logs" / "b.jsonl" and flagged.args is None
+    assert config.run_options({}).memory_mib is None  # no ./jvmkit.toml here: the image's defaults
+    with pytest.raises(Exception):
+        flagged.memory_mib = 1  # frozen
+
+
+def test_pack_request_records_whether_memory_was_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not config.pack_request({"jar": tmp_path / "a.jar"}).memory_given
+    write(tmp_path, 'jar = "a.jar"\nmemory = 1024\nadd_modules = ["java.sql,java.xml"]\nports = [8080]\n')
+    req = config.pack_request({"add_modules": ()})
+    assert (req.memory_mib, req.memory_given, req.add_modules, req.ports) == (1024, True, ("java.sql", "java.xml"),
+                                                                               (8080,))
+    assert config.pack_request({"add_modules": ("jdk.httpserver, java.sql",)}).add_modules == ("jdk.httpserver",
+                                                                                                "java.sql")
+    (tmp_path / "jvmkit.toml").unlink()
+    with pytest.raises(UsageError) as err:
+        config.pack_request({})
+    assert err.value.message == "no JAR given" and "`jar = ...` in jvmkit.toml" in err.value.hint
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(title)
+    return text[start:text.index("\n#", start + len(title))]
+
+
+def test_readme_and_sample_toml_files_are_valid():
+    block = _readme_section("## Build tools").split("```toml\n", 1)[1].split("```", 1)[0]
+    assert "[run]" in block and "[balloon]" in block
+    config.validate(__import__("tomllib").loads(block), block, Path("README.md"))
+    for sample in sorted((ROOT / "samples").glob("*/jvmkit.toml")):
+        config.load_config(sample)
+
+
+def test_readme_cli_tables_name_every_option_and_its_toml_key():
+    """The README's pack and run tables list each option with its jvmkit.toml key, as SETTINGS has them."""
+    import re
+
+    from jvmkit.settings import settings_for
+
+    for command, title in (("pack", "### `jvmkit pack"), ("run", "### `jvmkit run")):
+        rows = [re.split(r"(?<!\\)\|", line)[1:-1] for line in _readme_section(title).splitlines()
+                if line.startswith("| ") and not line.startswith("| option")]
+        table = [(set(re.findall(r"--[a-z][a-z-]*", row[0])), set(re.findall(r"`([a-z_.]+)`", row[1])))
+                 for row in rows]
+        listed_keys = set().union(*(keys for _, keys in table))
+        for s in settings_for(command):
+            if s.internal or s.argument:
+                continue
+            if not s.flags:
+                assert s.key in listed_keys, (command, s.key)
+                continue
+            row = next((keys for flags, keys in table if s.option_name() in flags), None)
+            assert row is not None, (command, s.option_name())
+            assert (s.key in row) if s.key else True, (command, s.option_name(), s.key, row)
+        known = {s.key for s in settings_for(command) if s.key}
+        assert listed_keys <= known, listed_keys - known
+
+
+def test_options_and_their_help_come_from_the_table():
+    import click
+
+    from jvmkit.cli import cli
+    from jvmkit.settings import help_text, settings_for
+
+    for command in ("pack", "run"):
+        cmd = cli.commands[command]
+        ctx = click.Context(cmd, info_name=command)
+        options = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+        for s in settings_for(command):
+            if s.flags:
+                opts, text = options[s.dest].get_help_record(ctx)
+                assert s.option_name() in opts and text.startswith(help_text(s)), (command, s.dest)
+                assert f"[jvmkit.toml: {s.key}]" in text if s.key else "jvmkit.toml" not in text
+        assert "JAR" in cmd.get_usage(ctx) if command == "pack" else "IMAGE" in cmd.get_usage(ctx)
+
+
+def test_run_hands_the_balloon_settings_over(tmp_path, monkeypatch):
+    """[balloon] and --balloon-* reach the host agent. The agent itself is replaced here: a balloon
+    run boots a guest (tests/test_balloon_vm.py does); only the hand-over is checked."""
+    from click.testing import CliRunner
+
+    from jvmkit.balloon import host
+    from jvmkit.cli import cli
+
+    seen = {}
+
+    class Handed(Exception):
+        pass
+
+    def fake(image, options, **kwargs):
+        seen.update(image=image, options=options, **kwargs)
+        raise Handed  # before run() leaves with os._exit
+
+    monkeypatch.setattr(host, "run_with_balloon", fake)
+    write(tmp_path, '[run]\nballoon = true\n[balloon]\nmin_memory = "300M"\nlog = "b.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run", "--balloon-interval", "3", "app.jvmkit", "--", "a1"])
+    assert isinstance(result.exception, Handed), result.output
+    assert seen["min_memory_mib"] == 300 and seen["interval"] == 3.0 and seen["log_path"] == tmp_path / "b.jsonl"
+    assert seen["options"].jmx and str(seen["image"]) == "app.jvmkit"
+
+
+def test_pack_summary_says_which_modules_it_counts():
+    from jvmkit.packager.pack import PackResult
+
+    result = PackResult(output=Path("a.jvmkit"), manifest={"target": "linux", "jdk": {"release": 17, "modules": ["a"] * 9}},
+                        size=2**20, seconds=1.0, runtime_built=True)
+    assert "java=17 runtime_modules=9" in result.summary()
+
+
+def test_doctor_says_how_to_fix_kvm_not_that_tcg_is_used():
+    from jvmkit.doctor import kvm_fix
+    from jvmkit.vm import kvm
+
+    reasons = [kvm.interpret(1, "Could not access KVM kernel module: Permission denied")[1],
+               kvm.interpret(1, "Could not access KVM kernel module: No such file or directory")[1],
+               kvm.interpret(1, "KVM internal error. Suberror: 1 emulation failure")[1],
+               kvm.interpret_kernel("", "", ended=False)[1],
+               "/dev/kvm does not exist"]
+    fixes = [kvm_fix(r) for r in reasons]
+    assert "kvm group" in fixes[0] and "/dev/kvm" in fixes[0]
+    assert "modprobe kvm_intel" in fixes[1] and "kvm_amd" in fixes[4]
+    assert all("nested virtualisation" in f for f in fixes[1:])
+    assert not any("TCG" in f for f in fixes)
+    assert kvm_fix("could not start qemu-system-x86_64: No such file or directory") is None  # nothing to suggest
 
 
 def test_profiles_bundled_and_valid():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jvmkit import __version__, cache, fileio, guest, ui
 from jvmkit.balloon.agent_build import LAUNCHER_MAIN
+from jvmkit.config import PackRequest
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager import manifest as mf
@@ -25,29 +26,6 @@ from jvmkit.packager.targets.base import PackInputs
 DEFAULT_TARGET = targets.DEFAULT
 GUEST_AGENT = guest.GUEST_AGENT
 
-
-@dataclass(frozen=True)
-class PackRequest:
-    jar: Path
-    main: str | None = None
-    libs: tuple[Path, ...] = ()
-    add_modules: tuple[str, ...] = ()
-    jvm_args: tuple[str, ...] = ()
-    app_args: tuple[str, ...] = ()
-    profile: str | None = None
-    jdk: Path | None = None
-    target: str = targets.DEFAULT
-    memory_mib: int = 512
-    memory_given: bool = False  # --memory or jvmkit.toml set it; else pack may raise the default
-    cpus: int = 1
-    output: Path | None = None
-    force: bool = False
-    kernel: Path | None = None
-    appcds: bool = False
-    train_timeout: float = 60.0
-    suite: str | None = None
-    mirror: str | None = None
-    ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +42,7 @@ class PackResult:
 
         jdk = self.manifest.jdk
         return (f"{self.output}  {human(self.size)}  target={self.manifest.target}  "
-                f"java={jdk.release} modules={len(jdk.modules)}  {self.seconds:.1f}s")
+                f"java={jdk.release} runtime_modules={len(jdk.modules)}  {self.seconds:.1f}s")
 
     def to_dict(self) -> dict:
         return {"image": str(self.output), "size": self.size, "target": self.manifest.target,
@@ -169,7 +147,7 @@ def pack(req: PackRequest) -> PackResult:
         modules = jars.required_modules(app.jdeps_modules if profile.add_jdeps_modules else (),
                                         list(req.add_modules), list(agent_build.AGENT_MODULES),
                                         list(profile.modules))
-    console.info(f"  main class {app.main_class}; JDK modules: {', '.join(modules)}")
+    console.info(f"  main class {app.main_class}; root modules for jlink: {', '.join(modules)}")
     spec = RuntimeSpec(jdk_home=str(jdk.home), jdk_version=jdk.version, jdk_release=jdk.release,
                        modules=tuple(modules), compress=profile.compress, strip_debug=profile.strip_debug,
                        cds=profile.runtime != "copy", copy=profile.runtime == "copy")

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,10 @@ def explain_jlink_failure(output: str) -> str:
     return lines[-1] if lines else "jlink failed without a message"
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _read_release_modules(runtime: Path) -> tuple[str, ...]:
     try:
         for line in (runtime / "release").read_text().splitlines():
@@ -139,13 +144,20 @@ def _build(spec: RuntimeSpec, jlink: Path, jmods: Path, dest: Path) -> None:
     if spec.copy:
         _copy_jdk(spec, dest)
         return
-    with console.step(f"jlink: {len(spec.modules)} module(s) from JDK {spec.jdk_version}"):
-        proc = _run([str(jlink), *jlink_args(spec, jmods, out)], "jlink")
+    # The runtime's modules are the roots given to --add-modules plus all they require: say both,
+    # as the pack summary counts the runtime's (runtime_modules=).
+    roots = ("all modules" if spec.modules == ("ALL-MODULE-PATH",)
+             else plural(len(spec.modules), "root module"))
+    started = time.monotonic()
+    console.info(f"  jlink: {roots} from JDK {spec.jdk_version} ...")
+    proc = _run([str(jlink), *jlink_args(spec, jmods, out)], "jlink")
     if proc.returncode != 0:
         if "No space left" in proc.stdout:
             raise JvmkitError(f"no space left on the device that holds {dest}",
                               hint="free space, or point JVMKIT_CACHE at a larger disk")
         raise JvmkitError(f"jlink failed: {explain_jlink_failure(proc.stdout)}")
+    console.info(f"  jlink: {roots} -> {len(_read_release_modules(out))} in the runtime, "
+                 f"done in {time.monotonic() - started:.1f}s")
     if spec.cds:
         java = out / "bin" / "java"
         with console.step("CDS: default class data sharing archive"):

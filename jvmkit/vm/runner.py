@@ -26,6 +26,7 @@ from typing import Callable
 import zstandard
 
 from jvmkit import cache, guest, proc, ui
+from jvmkit.config import RunOptions
 from jvmkit.errors import UsageError
 from jvmkit.units import mib_text
 from jvmkit.packager import bundle as bundles
@@ -39,20 +40,6 @@ EXIT_VM_FAILED = 125
 EXIT_INTERRUPTED = 130
 JMX_GUEST_PORT = guest.JMX_GUEST_PORT
 STOP_GRACE = 5.0
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    memory_mib: int | None = None
-    cpus: int | None = None
-    publish: tuple[str, ...] = ()
-    accel: str = "auto"
-    timeout: float | None = None
-    verbose: bool = False
-    args: tuple[str, ...] | None = None     # None: the image's default app arguments
-    name: str | None = None
-    jmx: bool = False                       # forward the guest agent's JMX port (the balloon needs it)
-    free_page_reporting: bool = True
 
 
 @dataclass
