@@ -220,8 +220,10 @@ def test_run_hands_the_balloon_settings_over(tmp_path, monkeypatch):
 def test_pack_summary_says_which_modules_it_counts():
     from jvmkit.packager.pack import PackResult
 
-    result = PackResult(output=Path("a.jvmkit"), manifest={"target": "linux", "jdk": {"release": 17, "modules": ["a"] * 9}},
-                        size=2**20, seconds=1.0, runtime_built=True)
+    from types import SimpleNamespace
+
+    manifest = SimpleNamespace(target="linux", jdk=SimpleNamespace(release=17, modules=("a",) * 9))
+    result = PackResult(output=Path("a.jvmkit"), manifest=manifest, size=2**20, seconds=1.0, runtime_built=True)
     assert "java=17 runtime_modules=9" in result.summary()
 
 
@@ -338,7 +340,16 @@ def test_bundle_check_hashes_a_file_once_until_it_changes(tmp_path, monkeypatch)
     image = tmp_path / "x.jvmkit"
     image.mkdir()
     (image / "disk.img").write_bytes(b"rofs" * 1000)
-    bundle.write_manifest(image, {"files": {"disk": {"path": "disk.img", **bundle.file_record(image / "disk.img")}}})
+    from jvmkit import fileio
+    from jvmkit.packager.manifest import Manifest
+
+    record = {"path": "disk.img", "sha256": fileio.sha256_file(image / "disk.img"), "size": 4000}
+    bundle.write_manifest(image, Manifest.from_json({
+        "format": 1, "name": "x", "target": "linux", "files": {"disk": record},
+        "app": {"jar": "x.jar", "main_class": "X", "class_path": ["/app/app.jar"], "jar_sha256": "0" * 64},
+        "jdk": {"version": "17", "release": 17, "modules": ["java.base"], "profile": {}},
+        "agent": {"path": "/jvmkit/agent.jar", "key": "k"}, "kernel": {}, "command": {"java": ["/jvm/bin/java"]},
+        "defaults": {"memory_mib": 512, "cpus": 1}, "boot": {"kernel_cmdline": "console=ttyS0"}}))
     hashed = []
     real = bundle.sha256_file
     monkeypatch.setattr(bundle, "sha256_file", lambda p: hashed.append(p.name) or real(p))
