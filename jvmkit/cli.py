@@ -345,12 +345,12 @@ def kernel():
 @output_options()
 def kernel_pull(target, suite, mirror, version, url, refresh, sha256):
     """Download a guest kernel into the cache (verified by SHA-256)."""
-    from jvmkit.packager import kernels, osv_kernels
+    from jvmkit.packager.kernels import linux, osv
 
     if target == "linux":
-        k = kernels.pull_linux(suite=suite, mirror=mirror, refresh=refresh)
+        k = linux.pull_linux(suite=suite, mirror=mirror, refresh=refresh)
     else:
-        k = osv_kernels.pull_osv(version=version, base_url=url, sha256=sha256)
+        k = osv.pull_osv(version=version, base_url=url, sha256=sha256)
     info = k.describe()
     ui.current().result(f"{target} kernel {info.get('version')} in {info.get('path')}", info)
 
@@ -361,9 +361,9 @@ def kernel_pull(target, suite, mirror, version, url, refresh, sha256):
 @output_options()
 def kernel_import(target, path):
     """Add a kernel you built to the cache (OSv loader, or a Linux bzImage/vmlinux)."""
-    from jvmkit.packager import kernels, osv_kernels
+    from jvmkit.packager.kernels import linux, osv
 
-    k = osv_kernels.import_osv(path) if target == "osv" else kernels.import_linux(path)
+    k = osv.import_osv(path) if target == "osv" else linux.import_linux(path)
     info = k.describe()
     ui.current().result(f"imported {target} kernel {info.get('version')} ({info.get('sha256', '')[:16]})", info)
 
@@ -372,9 +372,9 @@ def kernel_import(target, path):
 @output_options()
 def kernel_ls():
     """List cached kernels."""
-    from jvmkit.packager import kernels
+    from jvmkit.packager.kernels import store
 
-    rows = kernels.list_kernels()
+    rows = store.list_kernels()
     lines = [f"{'TARGET':<6} {'VERSION':<28} {'SHA256':<16} {'SIZE':>10}"]
     lines += [f"{r['target']:<6} {r['version']:<28} {r['sha256'][:16]:<16} {human(r['size']):>10}" for r in rows]
     ui.current().result("\n".join(lines) if rows else "no kernels cached (see `jvmkit kernel pull`)", {"kernels": rows})

@@ -727,8 +727,8 @@ def test_fetch_deb_404_and_unreachable(fake_archive_root):
 
 
 def test_no_host_name_is_hard_coded():
-    from jvmkit.packager import kernels
+    from jvmkit.packager.kernels import bzimage, linux, modules, store
 
-    for module in (debian, kernels):
+    for module in (debian, linux, store, bzimage, modules):
         source = Path(module.__file__).read_text()
         assert "debian.org" not in source and not re.search(r"https?://", source), module.__name__

@@ -56,7 +56,7 @@ from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager import native_libs, osv_disk
 from jvmkit.packager.linux_image import compress_file
-from jvmkit.packager.osv_kernels import resolve_osv_kernel  # noqa: F401  (pack.py calls it from here)
+from jvmkit.packager.kernels.osv import resolve_osv_kernel  # noqa: F401  (pack.py calls it from here)
 from jvmkit.packager.rofs import RofsBuilder
 
 GUEST_RUNTIME = "/jvm"
@@ -199,7 +199,7 @@ def write_bundle(staging: Path, *, kernel, java_argv: list[str], app_args: list[
                  agent_flags: list[str] | None = None, lib_dirs: list[str] | None = None) -> dict:
     """Fill `staging` with the osv bundle's files; returns the manifest's `files` and `boot`.
 
-    `kernel` is an `osv_kernels.OsvKernel` (anything with `.elf`). `agent_flags` (default: pack's
+    `kernel` is a `kernels.osv.OsvKernel` (anything with `.elf`). `agent_flags` (default: pack's
     AGENT_FLAGS) are left out of the image's own command line; `runtime_cmdline(boot, agent=True)`
     puts them back for runs with a seed. `mtime` is unused: ROFS stores no timestamps (OSv reports
     mtime 0 for every ROFS file), so the same inputs give the same bytes anyway."""
@@ -384,13 +384,13 @@ class _Window:
 
 
 def _find_loader_image(kernel_info: Mapping) -> Path | None:
-    from jvmkit.packager import osv_kernels
+    from jvmkit.packager.kernels import osv
 
     wanted = kernel_info.get("loader_image_sha256")
-    for row in osv_kernels.list_osv_kernels():
+    for row in osv.list_osv_kernels():
         if not row.get("loader_image"):
             continue
-        kernel = osv_kernels.load_osv_kernel(Path(row["path"]))
+        kernel = osv.load_osv_kernel(Path(row["path"]))
         if kernel.loader_image is None:
             continue
         if (wanted and kernel.loader_image_sha256 == wanted) or (not wanted and kernel.sha256 == kernel_info.get("sha256")):

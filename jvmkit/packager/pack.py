@@ -180,9 +180,9 @@ def pack(req: PackRequest) -> PackResult:
     t = lap("analyze", t)
     # The kernel first: a missing one is the likeliest failure, and it needs no runtime to find out.
     if req.target == "linux":
-        from jvmkit.packager import kernels
+        from jvmkit.packager.kernels import linux
 
-        kernel = kernels.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
+        kernel = linux.resolve_linux_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
     else:
         from jvmkit.packager import osv_image
 
