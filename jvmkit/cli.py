@@ -330,9 +330,9 @@ def kernel_import(target, path):
 @output_options()
 def kernel_ls():
     """List cached kernels."""
-    from jvmkit.packager import kernels
+    from jvmkit.packager.kernels import store
 
-    rows = kernels.list_kernels()
+    rows = store.list_kernels()
     lines = [f"{'TARGET':<6} {'VERSION':<28} {'SHA256':<16} {'SIZE':>10}"]
     lines += [f"{r['target']:<6} {r['version']:<28} {r['sha256'][:16]:<16} {human(r['size']):>10}" for r in rows]
     ui.current().result("\n".join(lines) if rows else "no kernels cached (see `jvmkit kernel pull`)", {"kernels": rows})

@@ -85,9 +85,9 @@ def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items())) or "empty"
     checks.append(_check("cache", True, f"{cache.cache_root()} ({summary}; {human(sum(e.size for e in entries))})"))
     try:
-        from jvmkit.packager import kernels
+        from jvmkit.packager.kernels import store
 
-        ks = kernels.list_kernels()
+        ks = store.list_kernels()
         detail = ", ".join(f"{k['target']} {k['version']}" for k in ks) or "none cached (pack pulls one on first use)"
         checks.append(_check("kernels", True, detail, required=False))
     except Exception as exc:  # a doctor never dies on a broken cache

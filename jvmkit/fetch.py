@@ -202,6 +202,6 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
                                     "nothing was kept", url=url, hint=hint)
             actual = sink.hexdigest()
             if expected is not None and actual != expected:
-                raise DownloadError(f"{what}: {url} has SHA-256 {actual}, not the expected {expected}; "
-                                    "nothing was kept", url=url, hint=hint)
+                raise DownloadError(f"{what}: {url} does not match its SHA-256 (expected {expected}, "
+                                    f"got {actual}); refused, nothing was kept", url=url, hint=hint)
     return Downloaded(path=dest, size=sink.size, sha256=actual)

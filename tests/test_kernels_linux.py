@@ -1,6 +1,7 @@
-"""Tests of the Linux part of jvmkit.packager.kernels: bzImage payloads (zstd/xz/gzip/LZ4), ELF notes
-(PVH), modinfo, module load order, and a whole `pull_linux` against a fake Debian archive served on
-127.0.0.1 with synthetic packages. One opt-in test (JVMKIT_TEST_NETWORK=1) pulls the real kernel from
+"""Tests of the Linux side of jvmkit.packager.kernels (and of the ELF reader it uses): bzImage
+payloads (zstd/xz/gzip/LZ4, our LZ4 decoder against the `lz4` package's), ELF notes (PVH), modinfo,
+module load order, and a whole `pull_linux` against a fake Debian archive served on 127.0.0.1 with
+synthetic packages. One opt-in test (JVMKIT_TEST_NETWORK=1) pulls the real kernel from
 the mirror apt is configured with and boots it under QEMU."""
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from conftest import serve_directory
 import zstandard
 
 from jvmkit.errors import JvmkitError
-from jvmkit.packager import debian, kernels
+from jvmkit.packager import debian
+from jvmkit.packager import elf as elfs
+from jvmkit.packager.kernels import bzimage, linux, modules, store
 
 
 # A fresh cache, no mirror or keyring overrides, and a console whose output the test can read.
@@ -114,24 +117,24 @@ def ko_blob(name: str, depends: str) -> bytes:
 
 
 def test_pvh_note_found_in_segment_and_section():
-    assert kernels.pvh_entry(vmlinux_blob()) == 0x1000850
-    assert kernels.pvh_entry(make_elf(notes=PVH_NOTES, note_segment=False)) == 0x1000850  # SHT_NOTE fallback
-    assert kernels.pvh_entry(vmlinux_blob(with_pvh=False)) is None
-    assert kernels.pvh_entry(make_elf(notes=note(b"Foo", 18, b"\0" * 8))) is None
-    assert kernels.pvh_entry(make_elf(notes=note(b"Xen", 18, struct.pack("<I", 0x2000)))) == 0x2000
-    assert kernels.pvh_entry(b"MZ not an elf") is None
-    names = [(n, t) for n, t, _ in kernels.elf_notes(vmlinux_blob())]
+    assert elfs.pvh_entry(vmlinux_blob()) == 0x1000850
+    assert elfs.pvh_entry(make_elf(notes=PVH_NOTES, note_segment=False)) == 0x1000850  # SHT_NOTE fallback
+    assert elfs.pvh_entry(vmlinux_blob(with_pvh=False)) is None
+    assert elfs.pvh_entry(make_elf(notes=note(b"Foo", 18, b"\0" * 8))) is None
+    assert elfs.pvh_entry(make_elf(notes=note(b"Xen", 18, struct.pack("<I", 0x2000)))) == 0x2000
+    assert elfs.pvh_entry(b"MZ not an elf") is None
+    names = [(n, t) for n, t, _ in elfs.elf_notes(vmlinux_blob())]
     assert names == [("Xen", 6), ("GNU", 3), ("Xen", 18)]
 
 
 def test_static_elf_and_modinfo():
-    assert kernels.is_static_elf(make_elf(body=b"x"))
-    assert not kernels.is_static_elf(make_elf(interp=True))
-    assert not kernels.is_static_elf(b"#!/bin/sh\n")
-    info = kernels.modinfo(ko_blob("virtio_net", "virtio_ring,virtio,net_failover"))
+    assert elfs.is_static_elf(make_elf(body=b"x"))
+    assert not elfs.is_static_elf(make_elf(interp=True))
+    assert not elfs.is_static_elf(b"#!/bin/sh\n")
+    info = modules.modinfo(ko_blob("virtio_net", "virtio_ring,virtio,net_failover"))
     assert info["depends"] == ["virtio_ring,virtio,net_failover"] and info["name"] == ["virtio_net"]
     with pytest.raises(ValueError):
-        kernels.modinfo(b"not elf")
+        modules.modinfo(b"not elf")
 
 
 # ---- bzImage payloads --------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ def lz4_literal_block(data: bytes) -> bytes:
 
 
 def lz4_legacy(blocks: list[bytes], total: int) -> bytes:
-    out = struct.pack("<I", kernels.LZ4_LEGACY_MAGIC)
+    out = struct.pack("<I", bzimage.LZ4_LEGACY_MAGIC)
     for block in blocks:
         out += struct.pack("<I", len(block)) + block
     return out + struct.pack("<I", total)  # the kernel's appended uncompressed size
@@ -159,23 +162,60 @@ def test_lz4_block_sequences():
     # "abc", then a match 3 back of length 9 (overlapping), then a last literal run "xyz"
     block = bytes([0x35]) + b"abc" + b"\x03\x00" + bytes([0x30]) + b"xyz"
     out = bytearray()
-    kernels.lz4_block_decompress(block, out, 0, len(block))
+    bzimage.lz4_block_decompress(block, out, 0, len(block))
     assert bytes(out) == b"abcabcabcabcxyz"
     # long literal run and long match (length extension bytes)
     lit = bytes(range(200)) + b"Z" * 100
     block = (bytes([0xFF, 255, len(lit) - 15 - 255]) + lit + b"\x01\x00" + bytes([255, 10])
              + bytes([0x10]) + b"!")
     out = bytearray()
-    kernels.lz4_block_decompress(block, out, 0, len(block))
+    bzimage.lz4_block_decompress(block, out, 0, len(block))
     assert bytes(out) == lit + b"Z" * (4 + 15 + 255 + 10) + b"!"
     with pytest.raises(ValueError):
-        kernels.lz4_block_decompress(b"\x10a\x05\x00", bytearray(), 0, 4)  # offset beyond the output
+        bzimage.lz4_block_decompress(b"\x10a\x05\x00", bytearray(), 0, 4)  # offset beyond the output
 
 
 def test_lz4_legacy_frame_with_trailing_size():
     a, b = b"A" * 100, bytes(range(256))
     frame = lz4_legacy([lz4_literal_block(a), lz4_literal_block(b)], len(a) + len(b))
-    assert kernels.lz4_legacy_decompress(frame) == a + b
+    assert bzimage.lz4_legacy_decompress(frame) == a + b
+    assert bzimage.lz4_legacy_decompress(frame, fast=False) == a + b
+
+
+def _lz4_block_module():
+    try:
+        import lz4.block
+    except ImportError:
+        pytest.skip("the lz4 package is not installed (pip install 'jvmkit[fast]' or lz4>=4): "
+                    "nothing to check our LZ4 decoder against")
+    return lz4.block
+
+
+def test_our_lz4_decoder_matches_the_lz4_package():
+    """Real LZ4 blocks (made by the lz4 package, both of its modes) through our pure-Python decoder
+    and through the package's: the same bytes, and the fast path is the one in use."""
+    lz4_block = _lz4_block_module()
+    import random
+
+    rng = random.Random(20240)
+    data = b"".join([
+        vmlinux_blob(), rng.randbytes(150_000), b"abc" * 20_000, bytes(70_000),
+        b"".join(rng.choice([b"virtio", b"balloon", b"\0\0\0\x01", b"jvmkit "]) for _ in range(40_000)),
+        bytes(range(256)) * 400, rng.randbytes(5),
+    ])
+    for mode in ("default", "high_compression"):
+        blocks = [lz4_block.compress(data[i:i + (1 << 16)], mode=mode, store_size=False)
+                  for i in range(0, len(data), 1 << 16)]
+        frame = lz4_legacy(blocks, len(data))
+        theirs = b"".join(lz4_block.decompress(b, uncompressed_size=1 << 16) for b in blocks)
+        ours = bzimage.lz4_legacy_decompress(frame, fast=False)
+        assert theirs == data and ours == data, mode
+        assert bzimage.lz4_block is lz4_block and bzimage.lz4_legacy_decompress(frame) == data
+    # a block the package refuses (it decompresses to more than a legacy block may) is decoded by ours
+    big = bytes(bzimage.LZ4_LEGACY_BLOCK + 4096)
+    assert bzimage.lz4_legacy_decompress(lz4_legacy([lz4_block.compress(big, store_size=False)], len(big))) == big
+    with pytest.raises(ValueError, match="corrupt LZ4"):
+        bzimage.lz4_legacy_decompress(lz4_legacy([b"\x10a\x05\x00"], 1))  # offset beyond the output
 
 
 def make_bzimage(payload: bytes, *, setup_sects: int = 2, header: bool = True,
@@ -203,11 +243,11 @@ def test_extract_vmlinux_from_header_payload(fmt):
         "lzma": lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
     }[fmt](elf)
     image = make_bzimage(payload)
-    header = kernels.bzimage_header(image)
+    header = bzimage.bzimage_header(image)
     assert header["protocol"] == 0x20F and header["payload_offset"] == 3 * 512 + 77 + 4 + 26 + 3 + 7
-    assert kernels.payload_candidates(image)[0][:2] == (header["payload_offset"], fmt)
-    assert kernels.extract_vmlinux(image) == (elf, fmt)
-    assert kernels.kernel_release(image) == "6.1.0-99-cloud-amd64"
+    assert bzimage.payload_candidates(image)[0][:2] == (header["payload_offset"], fmt)
+    assert bzimage.extract_vmlinux(image) == (elf, fmt)
+    assert bzimage.kernel_release(image) == "6.1.0-99-cloud-amd64"
 
 
 @pytest.mark.parametrize("fmt", ["zstd", "xz", "gzip"])
@@ -217,25 +257,25 @@ def test_extract_vmlinux_by_scanning_without_a_header(fmt):
     payload = {"zstd": zstandard.ZstdCompressor().compress, "gzip": gzip.compress,
                "xz": lambda d: lzma.compress(d, format=lzma.FORMAT_XZ)}[fmt](elf)
     image = make_bzimage(payload, header=False)
-    assert kernels.bzimage_header(image) is None
-    assert kernels.extract_vmlinux(image) == (elf, fmt)
+    assert bzimage.bzimage_header(image) is None
+    assert bzimage.extract_vmlinux(image) == (elf, fmt)
 
 
 def test_extract_vmlinux_refuses_non_elf_payloads():
     image = make_bzimage(zstandard.ZstdCompressor().compress(b"not an ELF kernel" * 10))
     with pytest.raises(ValueError, match="no compressed ELF kernel"):
-        kernels.extract_vmlinux(image)
+        bzimage.extract_vmlinux(image)
 
 
 def test_kernel_release_from_vmlinux_banner():
-    assert kernels.kernel_release(vmlinux_blob()) == "6.1.0-99-cloud-amd64"
-    assert kernels.kernel_release(b"nothing here") is None
+    assert bzimage.kernel_release(vmlinux_blob()) == "6.1.0-99-cloud-amd64"
+    assert bzimage.kernel_release(b"nothing here") is None
 
 
 def test_parse_kernel_config():
     text = "# comment\nCONFIG_PVH=y\nCONFIG_VIRTIO_BALLOON=m\n# CONFIG_FOO is not set\nCONFIG_STR=\"a b\"\n"
-    assert kernels.parse_kernel_config(text) == {"CONFIG_PVH": "y", "CONFIG_VIRTIO_BALLOON": "m",
-                                                 "CONFIG_FOO": "n", "CONFIG_STR": "a b"}
+    assert linux.parse_kernel_config(text) == {"CONFIG_PVH": "y", "CONFIG_VIRTIO_BALLOON": "m",
+                                               "CONFIG_FOO": "n", "CONFIG_STR": "a b"}
 
 
 # ---- modules ---------------------------------------------------------------------------------------------
@@ -253,13 +293,13 @@ REAL_GRAPH = {
 
 
 def test_module_name():
-    assert kernels.module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz") == "virtio_rng"
-    assert kernels.module_name("virtio_net.ko") == "virtio_net"
-    assert kernels.module_name("a/b/qemu_fw_cfg.ko.zst") == "qemu_fw_cfg"
+    assert modules.module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz") == "virtio_rng"
+    assert modules.module_name("virtio_net.ko") == "virtio_net"
+    assert modules.module_name("a/b/qemu_fw_cfg.ko.zst") == "qemu_fw_cfg"
 
 
 def test_plan_modules_dependencies_first():
-    plan = kernels.plan_modules(kernels.GUEST_MODULES, REAL_GRAPH.get, {"rng_core"}, kernels.OPTIONAL_MODULES)
+    plan = modules.plan_modules(modules.GUEST_MODULES, REAL_GRAPH.get, {"rng_core"}, modules.OPTIONAL_MODULES)
     order = list(plan.order)
     assert order == ["virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio", "virtio_pci",
                      "virtio_balloon", "failover", "net_failover", "virtio_net", "virtio_rng", "qemu_fw_cfg"]
@@ -272,24 +312,24 @@ def test_plan_modules_dependencies_first():
 def test_plan_modules_builtin_optional_missing_and_cycles():
     graph = dict(REAL_GRAPH)
     del graph["virtio_rng"]
-    plan = kernels.plan_modules(kernels.GUEST_MODULES, graph.get, {"virtio_pci", "qemu_fw_cfg", "virtio"},
-                                kernels.OPTIONAL_MODULES)
+    plan = modules.plan_modules(modules.GUEST_MODULES, graph.get, {"virtio_pci", "qemu_fw_cfg", "virtio"},
+                                modules.OPTIONAL_MODULES)
     assert "virtio_pci" not in plan.order and "virtio" not in plan.order
     assert plan.builtin == ("virtio_pci", "virtio", "qemu_fw_cfg") and plan.missing == ("virtio_rng",)
     del graph["failover"]
     with pytest.raises(JvmkitError, match="no module failover .needed by net_failover."):
-        kernels.plan_modules(["virtio_net"], graph.get, set())
+        modules.plan_modules(["virtio_net"], graph.get, set())
     with pytest.raises(JvmkitError, match="cycle: a -> b -> a"):
-        kernels.plan_modules(["a"], {"a": ("b",), "b": ("a",)}.get, set())
+        modules.plan_modules(["a"], {"a": ("b",), "b": ("a",)}.get, set())
 
 
 def test_parse_modules_dep_and_builtin():
     dep = ("kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz\n"
            "kernel/net/core/failover.ko.xz:\n")
-    parsed = kernels.parse_modules_dep(dep)
+    parsed = modules.parse_modules_dep(dep)
     assert parsed["virtio_net"] == ("kernel/drivers/net/virtio_net.ko.xz", ("net_failover", "failover"))
     assert parsed["failover"][1] == ()
-    assert kernels.parse_modules_builtin("kernel/crypto/rng.ko\nkernel/drivers/char/hw_random/rng-core.ko\n") == \
+    assert modules.parse_modules_builtin("kernel/crypto/rng.ko\nkernel/drivers/char/hw_random/rng-core.ko\n") == \
         {"rng", "rng_core"}
 
 
@@ -300,11 +340,11 @@ def test_module_tree_reads_modinfo_and_decompresses(tmp_path):
     (root / "kernel/drivers/virtio/virtio_balloon.ko.zst").write_bytes(
         zstandard.ZstdCompressor().compress(ko_blob("virtio_balloon", "virtio")))
     (root / "modules.builtin").write_text("kernel/drivers/virtio/virtio_ring.ko\n")
-    tree = kernels.ModuleTree(root)
+    tree = modules.ModuleTree(root)
     assert tree.deps_of("virtio_balloon") == ("virtio",) and tree.deps_of("nope") is None
     assert tree.data("virtio")[:4] == b"\x7fELF" and "virtio_ring" in tree.builtin
     (root / "modules.dep").write_text("kernel/drivers/virtio/virtio_balloon.ko.zst: kernel/x/other.ko\n")
-    assert kernels.ModuleTree(root).deps_of("virtio_balloon") == ("other",)
+    assert modules.ModuleTree(root).deps_of("virtio_balloon") == ("other",)
 
 
 # ---- choosing packages -----------------------------------------------------------------------------------
@@ -332,16 +372,16 @@ def test_choose_kernel_package_follows_the_newest_metapackage():
         stanza("linux-image-6.1.0-57-cloud-amd64", "6.1.193-1"),  # not (yet) what the metapackage picks
     ]))
     archive = debian.Archive("bookworm", [main, security])
-    chosen = kernels.choose_kernel_package(archive)
+    chosen = linux.choose_kernel_package(archive)
     assert (chosen.name, chosen.version, chosen.suite) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2",
                                                            "bookworm-security")
     # without the metapackage: the newest versioned cloud image
     no_meta = debian.Archive("bookworm", [index("bookworm", "\n".join([
         stanza("linux-image-6.1.0-50-cloud-amd64", "6.1.176-1"), stanza("linux-image-6.1.0-9-cloud-amd64", "6.1.27-1"),
         stanza("linux-image-6.1.0-50-amd64", "6.1.199-1")]))])
-    assert kernels.choose_kernel_package(no_meta).name == "linux-image-6.1.0-50-cloud-amd64"
+    assert linux.choose_kernel_package(no_meta).name == "linux-image-6.1.0-50-cloud-amd64"
     with pytest.raises(JvmkitError, match="--suite"):
-        kernels.choose_kernel_package(debian.Archive("sid", [index("sid", stanza("busybox-static", "1"))]))
+        linux.choose_kernel_package(debian.Archive("sid", [index("sid", stanza("busybox-static", "1"))]))
 
 
 # ---- the whole pull against a fake archive ---------------------------------------------------------------
@@ -447,7 +487,7 @@ def fake_mirror(served):
 
 def test_pull_linux_from_a_fake_archive(fake_mirror, isolated_cache):
     url, seen = fake_mirror
-    kernel = kernels.pull_linux(suite="bookworm", mirror=url)
+    kernel = linux.pull_linux(suite="bookworm", mirror=url)
     assert kernel.version == RELEASE and kernel.package == f"linux-image-{RELEASE}"
     assert kernel.debian_version == "6.1.999-1" and kernel.source == "debian" and kernel.suite == "bookworm"
     assert kernel.vmlinux.read_bytes() == vmlinux_blob() and kernel.pvh and kernel.pvh_entry == 0x1000850
@@ -472,18 +512,18 @@ def test_pull_linux_from_a_fake_archive(fake_mirror, isolated_cache):
 
     # pulling again reuses everything: no .deb downloads, no index downloads
     n = len(seen)
-    again = kernels.pull_linux(suite="bookworm", mirror=url)
+    again = linux.pull_linux(suite="bookworm", mirror=url)
     assert again.path == kernel.path and len(seen) == n
 
-    rows = kernels.list_kernels()
+    rows = store.list_kernels()
     assert [(r["target"], r["version"], r["sha256"]) for r in rows] == [("linux", RELEASE, kernel.vmlinux_sha256)]
     assert rows[0]["size"] > 0 and rows[0]["path"] == str(kernel.path)
-    assert kernels.cached_linux_kernel().path == kernel.path
-    assert kernels.cached_linux_kernel("bookworm").path == kernel.path
-    assert kernels.cached_linux_kernel("trixie") is None
-    assert kernels.ensure_linux_kernel().path == kernel.path and len(seen) == n
-    assert kernels.resolve_linux_kernel(None).path == kernel.path
-    assert kernels.resolve_linux_kernel(kernel.path).path == kernel.path
+    assert linux.cached_linux_kernel().path == kernel.path
+    assert linux.cached_linux_kernel("bookworm").path == kernel.path
+    assert linux.cached_linux_kernel("trixie") is None
+    assert linux.ensure_linux_kernel().path == kernel.path and len(seen) == n
+    assert linux.resolve_linux_kernel(None).path == kernel.path
+    assert linux.resolve_linux_kernel(kernel.path).path == kernel.path
 
 
 def test_pull_offline_uses_the_cached_kernel_or_fails_clearly(fake_mirror, isolated_cache, monkeypatch):
@@ -493,10 +533,10 @@ def test_pull_offline_uses_the_cached_kernel_or_fails_clearly(fake_mirror, isola
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/debian"
     with pytest.raises(debian.ArchiveUnavailable, match="not reachable.*jvmkit kernel import"):
-        kernels.pull_linux(suite="bookworm", mirror=dead)
+        linux.pull_linux(suite="bookworm", mirror=dead)
     url, _ = fake_mirror
-    kernel = kernels.pull_linux(suite="bookworm", mirror=url)
-    assert kernels.pull_linux(suite="bookworm", mirror=dead).path == kernel.path
+    kernel = linux.pull_linux(suite="bookworm", mirror=url)
+    assert linux.pull_linux(suite="bookworm", mirror=dead).path == kernel.path
     assert "using the cached kernel" in isolated_cache.stream.getvalue()
 
 
@@ -506,43 +546,43 @@ def test_import_linux_bzimage_and_vmlinux(fake_mirror, tmp_path, isolated_cache)
     image.write_bytes(make_bzimage(gzip.compress(vmlinux_blob())))
     busybox = tmp_path / "busybox"
     busybox.write_bytes(make_elf(body=b"my busybox"))
-    kernel = kernels.import_linux(image, busybox=busybox)
+    kernel = linux.import_linux(image, busybox=busybox)
     assert kernel.source == "import" and kernel.version == RELEASE and kernel.modules == ()
     assert kernel.vmlinux.read_bytes() == vmlinux_blob() and kernel.busybox.read_bytes() == busybox.read_bytes()
     assert "no sign of built-in" in isolated_cache.stream.getvalue()  # a modular kernel: warned
-    assert kernels.cached_linux_kernel().path == kernel.path  # the most recently added kernel
-    assert kernels.resolve_linux_kernel(image).path == kernel.path  # same digest: same entry
+    assert linux.cached_linux_kernel().path == kernel.path  # the most recently added kernel
+    assert linux.resolve_linux_kernel(image).path == kernel.path  # same digest: same entry
 
     # a plain vmlinux with the drivers built in; busybox from Debian's archive (the fake mirror)
-    builtin = b"".join(b"\0" + n.encode() + b"\0" for n in kernels.DRIVER_NAMES.values())
+    builtin = b"".join(b"\0" + n.encode() + b"\0" for n in modules.DRIVER_NAMES.values())
     vmlinux = tmp_path / "vmlinux"
     vmlinux.write_bytes(make_elf(notes=PVH_NOTES, body=BANNER.replace(b"-99-", b"-77-") + builtin))
-    k2 = kernels.import_linux(vmlinux, mirror=url, suite="bookworm")
+    k2 = linux.import_linux(vmlinux, mirror=url, suite="bookworm")
     assert k2.version == "6.1.0-77-cloud-amd64" and k2.vmlinuz is None
-    assert set(k2.builtin) == set(kernels.GUEST_MODULES)
+    assert set(k2.builtin) == set(modules.GUEST_MODULES)
     assert k2.busybox.read_bytes() == make_elf(body=b"busybox!")
-    assert {r["id"] for r in kernels.list_kernels()} == {kernel.id, k2.id}
+    assert {r["id"] for r in store.list_kernels()} == {kernel.id, k2.id}
 
     no_pvh = tmp_path / "nopvh"
     no_pvh.write_bytes(vmlinux_blob(with_pvh=False))
     with pytest.raises(JvmkitError, match="PVH"):
-        kernels.import_linux(no_pvh, busybox=busybox)
+        linux.import_linux(no_pvh, busybox=busybox)
     junk = tmp_path / "junk"
     junk.write_bytes(b"\0" * 4096)
     with pytest.raises(JvmkitError, match="not a Linux kernel"):
-        kernels.import_linux(junk, busybox=busybox)
+        linux.import_linux(junk, busybox=busybox)
     with pytest.raises(JvmkitError, match="does not exist"):
-        kernels.import_linux(tmp_path / "missing")
+        linux.import_linux(tmp_path / "missing")
 
 
 def test_kernel_entry_layout_and_targets():
-    assert kernels.KERNEL_TARGETS == ("linux", "osv")
-    path, built = kernels.kernel_entry("osv", "v0.1", lambda tmp: (tmp / "kernel.json").write_text(
+    assert store.KERNEL_TARGETS == ("linux", "osv")
+    path, built = store.kernel_entry("osv", "v0.1", lambda tmp: (tmp / "kernel.json").write_text(
         json.dumps({"target": "osv", "version": "v0.1", "sha256": "ab" * 32})))
     assert built and path == Path(os.environ["JVMKIT_CACHE"]) / "kernels" / "osv" / "v0.1"
-    assert [(r["target"], r["version"]) for r in kernels.list_kernels()] == [("osv", "v0.1")]
+    assert [(r["target"], r["version"]) for r in store.list_kernels()] == [("osv", "v0.1")]
     with pytest.raises(JvmkitError):
-        kernels.kernel_entry("windows", "x", lambda tmp: None)
+        store.kernel_entry("windows", "x", lambda tmp: None)
 
 
 # ---- the real thing (opt-in) ----------------------------------------------------------------------------
@@ -552,12 +592,12 @@ def test_kernel_entry_layout_and_targets():
 @pytest.mark.skipif(os.environ.get("JVMKIT_TEST_NETWORK") != "1",
                     reason="set JVMKIT_TEST_NETWORK=1 to pull the real kernel from the configured Debian mirror")
 def test_real_pull_and_boot_to_panic():
-    kernel = kernels.pull_linux()
+    kernel = linux.pull_linux()
     assert kernel.pvh and kernel.vmlinux.read_bytes()[:4] == b"\x7fELF"
     names = [m.name for m in kernel.modules]
     for needed in ("virtio_balloon", "virtio_net", "qemu_fw_cfg", "virtio_pci"):
         assert f"{needed}.ko" in names or needed in kernel.builtin
-    assert kernels.is_static_elf(kernel.busybox.read_bytes())
+    assert elfs.is_static_elf(kernel.busybox.read_bytes())
     assert kernel.config["CONFIG_PVH"] == "y"
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from jvmkit.packager import osv_kernels
+from jvmkit.packager.kernels import osv as osv_kernels  # `osv` is this file's fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 

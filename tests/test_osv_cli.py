@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, http_body_when_up
-from jvmkit.packager import osv_kernels
+from jvmkit.packager.kernels import osv
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 
@@ -28,10 +28,10 @@ BOOT_TIMEOUT = 180
 
 
 def _kernel() -> str | None:
-    if os.environ.get(osv_kernels.KERNEL_ENV):
-        return os.environ[osv_kernels.KERNEL_ENV]
+    if os.environ.get(osv.KERNEL_ENV):
+        return os.environ[osv.KERNEL_ENV]
     try:
-        cached = osv_kernels.cached_osv_kernel()  # the user's cache, read before the tests switch caches
+        cached = osv.cached_osv_kernel()  # the user's cache, read before the tests switch caches
     except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
         return None
     return str(cached.path) if cached is not None else None

@@ -417,12 +417,12 @@ def test_export_classic_qcow2(image, tmp_path):
 
 
 def test_export_uses_the_cached_loader_image(image, tmp_path):
-    from jvmkit.packager import osv_kernels
+    from jvmkit.packager.kernels import osv
 
     with pytest.raises(JvmkitError, match="jvmkit kernel import osv"):
         osv_image.export_classic(image, None, tmp_path / "x.img")
     loader = fake_loader_image(tmp_path / "osv" / "loader.img")
-    kernel = osv_kernels.import_osv(loader)
+    kernel = osv.import_osv(loader)
     assert kernel.elf is None and kernel.loader_image is not None
     manifest = dict(image.manifest, kernel={"name": "osv", "sha256": kernel.sha256})
     again = bundles.Bundle(image.path, manifest)

@@ -1,6 +1,7 @@
 """OSv kernels: release pulls against a local HTTP server (digests, progress, caching, refusals),
 imports of fake kernels (PVH note, version, balloon driver, loader images), and the order in which
-`pack` picks a kernel. No network beyond 127.0.0.1, no real kernel."""
+`pack` picks a kernel. No network beyond 127.0.0.1. One test reads a real OSv kernel when there is
+one ($JVMKIT_OSV_KERNEL, or a bootable kernel in the cache) and checks it against readelf."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import re
+import shutil
 import socket
 import struct
 import threading
@@ -17,14 +21,30 @@ from pathlib import Path
 
 import pytest
 
-from jvmkit import cache, ui
+from jvmkit import cache, proc, ui
 from jvmkit.errors import JvmkitError, UsageError
-from jvmkit.packager import osv_kernels
-from jvmkit.packager.osv_kernels import (
+from jvmkit.packager import elf as elfs
+from jvmkit.packager.kernels import osv, store
+from jvmkit.packager.kernels.osv import (
     ELF_ASSET, LOADER_ASSET, import_osv, list_osv_kernels, pull_osv, resolve_osv_kernel,
 )
 
 TAG = "v9.9.9"
+
+
+def _real_kernel() -> str | None:
+    """A real OSv kernel: $JVMKIT_OSV_KERNEL, else the bootable one most recently used in the cache
+    (read at import, before the fixtures below switch to an empty cache)."""
+    if os.environ.get(osv.KERNEL_ENV):
+        return os.environ[osv.KERNEL_ENV]
+    try:
+        cached = osv.cached_osv_kernel()
+    except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
+        return None
+    return str(cached.path) if cached is not None else None
+
+
+REAL_KERNEL = _real_kernel()
 
 
 def fake_kernel(pvh: bool = True, version: str | None = "v9.9.9-1-gabcdef0", balloon: bool = False,
@@ -64,9 +84,9 @@ def sha(data: bytes) -> str:
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(osv_kernels.URL_ENV, raising=False)
-    monkeypatch.delenv(osv_kernels.KERNEL_ENV, raising=False)
-    monkeypatch.setattr(osv_kernels, "KNOWN_RELEASES", {})
+    monkeypatch.delenv(osv.URL_ENV, raising=False)
+    monkeypatch.delenv(osv.KERNEL_ENV, raising=False)
+    monkeypatch.setattr(osv, "KNOWN_RELEASES", {})
     stream = io.StringIO()
     monkeypatch.setattr(ui, "_current", ui.Console(stream=stream))
     return stream
@@ -118,33 +138,33 @@ def kernel_dirs() -> list[Path]:
 
 def test_inspect_and_detect():
     elf = fake_kernel(balloon=True)
-    assert osv_kernels.pvh_entry(elf) == 0x20101C
-    assert osv_kernels.inspect_elf(elf) == {"has_pvh": True, "pvh_entry": "0x20101c",
-                                            "version": "v9.9.9-1-gabcdef0", "has_balloon": True}
+    assert elfs.pvh_entry(elf) == 0x20101C
+    assert osv.inspect_elf(elf) == {"has_pvh": True, "pvh_entry": "0x20101c",
+                                    "version": "v9.9.9-1-gabcdef0", "has_balloon": True}
     plain = fake_kernel(pvh=False, version=None)
-    assert osv_kernels.inspect_elf(plain) == {"has_pvh": False, "pvh_entry": None, "version": None,
-                                              "has_balloon": False}
-    assert osv_kernels.detect_kind(elf) == "elf"
-    assert osv_kernels.detect_kind(gzip.compress(elf)) == "gzip"
-    assert osv_kernels.detect_kind(fake_loader_image()) == "loader-image"
-    assert osv_kernels.detect_kind(b"\0" * 70000) is None
-    assert osv_kernels.osv_version(b"xx\0OSv v0.57.0-398-g0e34e4dc\n\0OSv options:\n") == "v0.57.0-398-g0e34e4dc"
-    assert osv_kernels.osv_version(b"OSv options:\n") is None
+    assert osv.inspect_elf(plain) == {"has_pvh": False, "pvh_entry": None, "version": None,
+                                      "has_balloon": False}
+    assert osv.detect_kind(elf) == "elf"
+    assert osv.detect_kind(gzip.compress(elf)) == "gzip"
+    assert osv.detect_kind(fake_loader_image()) == "loader-image"
+    assert osv.detect_kind(b"\0" * 70000) is None
+    assert osv.osv_version(b"xx\0OSv v0.57.0-398-g0e34e4dc\n\0OSv options:\n") == "v0.57.0-398-g0e34e4dc"
+    assert osv.osv_version(b"OSv options:\n") is None
 
 
 def test_parse_sha256sums_and_urls(monkeypatch):
     a, b = "a" * 64, "B" * 64
-    assert osv_kernels.parse_sha256sums(f"{a}  osv-loader.elf.x86_64.gz\n{b} *dir/x.img\nbad line\n\n") == {
+    assert osv.parse_sha256sums(f"{a}  osv-loader.elf.x86_64.gz\n{b} *dir/x.img\nbad line\n\n") == {
         "osv-loader.elf.x86_64.gz": a, "x.img": b.lower()}
-    assert osv_kernels.release_url("v0.57.0") == \
+    assert osv.release_url("v0.57.0") == \
         "https://github.com/cloudius-systems/osv/releases/download/v0.57.0/"
-    assert osv_kernels.release_url("v1", "http://127.0.0.1:9/r/{tag}") == "http://127.0.0.1:9/r/v1/"
-    assert osv_kernels.release_url("v1", "http://127.0.0.1:9/mirror/") == "http://127.0.0.1:9/mirror/"
-    monkeypatch.setenv(osv_kernels.URL_ENV, "http://127.0.0.1:9/env/{tag}/")
-    assert osv_kernels.release_url("v2") == "http://127.0.0.1:9/env/v2/"
+    assert osv.release_url("v1", "http://127.0.0.1:9/r/{tag}") == "http://127.0.0.1:9/r/v1/"
+    assert osv.release_url("v1", "http://127.0.0.1:9/mirror/") == "http://127.0.0.1:9/mirror/"
+    monkeypatch.setenv(osv.URL_ENV, "http://127.0.0.1:9/env/{tag}/")
+    assert osv.release_url("v2") == "http://127.0.0.1:9/env/v2/"
     with pytest.raises(UsageError):
-        osv_kernels.check_digest("abc", "--sha256")
-    assert osv_kernels.check_digest("sha256:" + "C" * 64, "--sha256") == "c" * 64
+        osv.check_digest("abc", "--sha256")
+    assert osv.check_digest("sha256:" + "C" * 64, "--sha256") == "c" * 64
 
 
 # ---- pull ---------------------------------------------------------------------------------------------
@@ -201,7 +221,7 @@ def test_pull_with_explicit_digest_and_no_sums(server):
 
 def test_pull_pinned_digest(server, monkeypatch):
     gz = publish(server, fake_kernel(), sums=False)
-    monkeypatch.setitem(osv_kernels.KNOWN_RELEASES, TAG, {ELF_ASSET: sha(gz)})
+    monkeypatch.setitem(osv.KNOWN_RELEASES, TAG, {ELF_ASSET: sha(gz)})
     kernel = pull_osv(TAG, base_url=server.url)
     assert json.loads((kernel.path / "kernel.json").read_text())["digest_origin"] == "pinned"
 
@@ -239,7 +259,7 @@ def test_pull_missing_release(server):
 
 def test_pull_env_url(server, monkeypatch):
     publish(server, fake_kernel())
-    monkeypatch.setenv(osv_kernels.URL_ENV, server.url)
+    monkeypatch.setenv(osv.URL_ENV, server.url)
     assert pull_osv(TAG).source == "release"
 
 
@@ -252,7 +272,7 @@ def closed_port() -> int:
 def test_pull_unreachable():
     with pytest.raises(JvmkitError) as refused:
         pull_osv(TAG, base_url=f"http://127.0.0.1:{closed_port()}/{{tag}}/", sha256="a" * 64)
-    assert "can't download" in str(refused.value) and "jvmkit kernel import osv" in str(refused.value)
+    assert "was not reachable" in str(refused.value) and "jvmkit kernel import osv" in str(refused.value)
     assert kernel_dirs() == []
 
 
@@ -299,7 +319,7 @@ def test_import_without_pvh_warns_and_is_not_used_by_pack(tmp_path, isolated):
     kernel = import_osv(path)
     assert kernel.has_pvh is False and not kernel.bootable
     assert "no PVH entry note" in isolated.getvalue()
-    assert osv_kernels.cached_osv_kernel() is None
+    assert osv.cached_osv_kernel() is None
     with pytest.raises(UsageError, match="PVH"):
         resolve_osv_kernel(path)
 
@@ -334,12 +354,10 @@ def test_import_refuses_other_files(tmp_path):
 
 
 def test_kernels_ls_sees_osv_entries(tmp_path):
-    from jvmkit.packager import kernels
-
     path = tmp_path / "loader-stripped.elf"
     path.write_bytes(fake_kernel())
     kernel = import_osv(path)
-    rows = [r for r in kernels.list_kernels() if r["target"] == "osv"]
+    rows = [r for r in store.list_kernels() if r["target"] == "osv"]
     assert [(r["version"], r["sha256"]) for r in rows] == [(kernel.version, kernel.sha256)]
 
 
@@ -354,7 +372,7 @@ def test_resolve_order(tmp_path, monkeypatch, server):
     from_env.write_bytes(fake_kernel(version="v2.0.0-env"))
 
     # nothing cached, pulling impossible (the release server is unreachable): how to get one
-    monkeypatch.setenv(osv_kernels.URL_ENV, f"http://127.0.0.1:{closed_port()}/{{tag}}/")
+    monkeypatch.setenv(osv.URL_ENV, f"http://127.0.0.1:{closed_port()}/{{tag}}/")
     with pytest.raises(JvmkitError) as none:
         resolve_osv_kernel(None)
     text = str(none.value)
@@ -362,23 +380,23 @@ def test_resolve_order(tmp_path, monkeypatch, server):
         assert advice in text
 
     # ... or pulling refused for want of a digest
-    monkeypatch.setenv(osv_kernels.URL_ENV, server.url.replace("{tag}", "nothing-here"))
+    monkeypatch.setenv(osv.URL_ENV, server.url.replace("{tag}", "nothing-here"))
     with pytest.raises(JvmkitError, match="no SHA-256 digest"):
         resolve_osv_kernel(None)
 
     # a pull works when the server has a verified release
     publish(server, fake_kernel(version="v9.9.9-pulled"))
-    monkeypatch.setenv(osv_kernels.URL_ENV, server.url)
-    monkeypatch.setattr(osv_kernels, "DEFAULT_VERSION", TAG)
+    monkeypatch.setenv(osv.URL_ENV, server.url)
+    monkeypatch.setattr(osv, "DEFAULT_VERSION", TAG)
     assert resolve_osv_kernel(None).version == "v9.9.9-pulled"
 
     # the explicit --kernel wins over everything, and is imported into the cache by digest
     assert resolve_osv_kernel(explicit).version == "v1.0.0-explicit"
     # then JVMKIT_OSV_KERNEL
-    monkeypatch.setenv(osv_kernels.KERNEL_ENV, str(from_env))
+    monkeypatch.setenv(osv.KERNEL_ENV, str(from_env))
     assert resolve_osv_kernel(None).version == "v2.0.0-env"
     assert resolve_osv_kernel(explicit).version == "v1.0.0-explicit"
-    monkeypatch.delenv(osv_kernels.KERNEL_ENV)
+    monkeypatch.delenv(osv.KERNEL_ENV)
     # then the most recently used cached kernel (the explicit one was used last)
     assert resolve_osv_kernel(None).version == "v1.0.0-explicit"
     # a cache entry directory works as --kernel too, and counts as a use
@@ -386,3 +404,25 @@ def test_resolve_order(tmp_path, monkeypatch, server):
     assert resolve_osv_kernel(entry).path == entry
     assert resolve_osv_kernel(None).version == "v2.0.0-env"
     assert {r["version"] for r in list_osv_kernels()} == {"v1.0.0-explicit", "v2.0.0-env", "v9.9.9-pulled"}
+
+
+# ---- a real kernel --------------------------------------------------------------------------------
+
+@pytest.mark.osv
+@pytest.mark.skipif(REAL_KERNEL is None, reason="no OSv kernel: set JVMKIT_OSV_KERNEL=.../build/last/"
+                    "loader-stripped.elf or `jvmkit kernel import osv PATH`")
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
+def test_a_real_kernel_agrees_with_readelf():
+    kernel = resolve_osv_kernel(REAL_KERNEL)  # imported into this test's empty cache by digest
+    assert kernel.bootable and kernel.elf.is_file() and re.fullmatch(r"v\d+\.\d+(\.\d+)?(-[\w.+]+)*", kernel.version)
+    data = kernel.elf.read_bytes()
+    assert kernel.sha256 == sha(data) and kernel.has_balloon == (b"virtio-balloon: ready" in data)
+    out = proc.run(["readelf", "-nW", str(kernel.elf)], what="readelf", timeout=60).stdout
+    theirs = [(owner, bytes.fromhex(desc)) for owner, desc in
+              re.findall(r"^\s+(Xen)\s+0x[0-9a-f]+\s.*?description data: ([0-9a-f ]+?)\s*$", out, re.M)]
+    ours = [(name, desc) for name, _type, desc in elfs.elf_notes(data) if name == "Xen"]
+    assert ours == theirs and ours
+    entry = re.search(r"^\s+Xen\s+0x[0-9a-f]+\s+Unknown note type: \(0x00000012\)\s+description data: ([0-9a-f ]+?)\s*$",
+                      out, re.M)
+    assert entry and elfs.pvh_entry(data) == int.from_bytes(bytes.fromhex(entry.group(1)), "little")
+    assert json.loads((kernel.path / "kernel.json").read_text())["pvh_entry"] == f"{elfs.pvh_entry(data):#x}"

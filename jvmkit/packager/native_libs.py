@@ -3,8 +3,9 @@
 A jlink'd runtime's ELF files (bin/java, lib/*.so, lib/server/libjvm.so) link against system
 libraries (libc, libm, libz, libstdc++, libgcc_s, the dynamic loader). A guest has none of them,
 so the image must carry them. This module reads the ELF files themselves (program interpreter and
-DT_NEEDED; nothing is executed), resolves each name first inside the runtime, then in the host's
-library directories (where the build JDK's own binaries find them), and returns the closure.
+DT_NEEDED, through `jvmkit.packager.elf`; nothing is executed), resolves each name first inside the
+runtime, then in the host's library directories (where the build JDK's own binaries find them), and
+returns the closure.
 The Linux target takes everything; OSv brings its own libc, so it excludes those names.
 """
 
@@ -12,61 +13,14 @@ from __future__ import annotations
 
 import glob
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from jvmkit.errors import JvmkitError
+from jvmkit.packager.elf import dynamic_deps
 
 LIBC_FAMILY = frozenset({"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
                          "ld-linux-x86-64.so.2", "libutil.so.1", "libresolv.so.2"})
 DEFAULT_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
-PT_INTERP, PT_DYNAMIC, DT_NEEDED, DT_STRTAB = 3, 2, 1, 5
-
-
-@dataclass(frozen=True)
-class ElfDeps:
-    interpreter: str | None
-    needed: tuple[str, ...]
-
-
-def read_elf_deps(data: bytes) -> ElfDeps | None:
-    """Program interpreter and DT_NEEDED names of a 64-bit little-endian ELF (pure); None if not one."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    phoff, = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    segments = [struct.unpack_from("<IIQQQQQQ", data, phoff + i * phentsize) for i in range(phnum)]
-    interp = None
-    dynamic = None
-    loads = []
-    for p_type, _flags, offset, vaddr, _paddr, filesz, _memsz, _align in segments:
-        if p_type == PT_INTERP:
-            interp = data[offset:offset + filesz].split(b"\0", 1)[0].decode()
-        elif p_type == PT_DYNAMIC:
-            dynamic = (offset, filesz)
-        elif p_type == 1:  # PT_LOAD: to map DT_STRTAB's address to a file offset
-            loads.append((vaddr, offset, filesz))
-    if dynamic is None:
-        return ElfDeps(interp, ())
-    needed_offsets, strtab = [], None
-    off, size = dynamic
-    for i in range(0, size, 16):
-        tag, value = struct.unpack_from("<qQ", data, off + i)
-        if tag == 0:
-            break
-        if tag == DT_NEEDED:
-            needed_offsets.append(value)
-        elif tag == DT_STRTAB:
-            strtab = value
-    if strtab is None:
-        return ElfDeps(interp, ())
-    for vaddr, offset, filesz in loads:
-        if vaddr <= strtab < vaddr + filesz:
-            strtab = strtab - vaddr + offset
-            break
-    names = tuple(data[strtab + o:data.index(b"\0", strtab + o)].decode() for o in needed_offsets)
-    return ElfDeps(interp, names)
 
 
 def host_library_dirs() -> list[str]:
@@ -110,7 +64,7 @@ def runtime_native_deps(runtime: Path, exclude: frozenset[str] = frozenset(),
         seen.add(path)
         try:
             with open(path, "rb") as handle:
-                deps = read_elf_deps(handle.read())
+                deps = dynamic_deps(handle.read())
         except OSError:
             continue
         if deps is None:

@@ -45,7 +45,7 @@ class LinuxTarget(Target):
 
     # ---- pack ----
     def resolve_kernel(self, path, *, suite=None, mirror=None):
-        from jvmkit.packager import kernels
+        from jvmkit.packager.kernels import linux as kernels
 
         return kernels.resolve_linux_kernel(path, suite=suite, mirror=mirror)
 
@@ -96,11 +96,11 @@ class LinuxTarget(Target):
 
     # ---- kernels ----
     def pull_kernel(self, *, suite=None, mirror=None, refresh=False, **_):
-        from jvmkit.packager import kernels
+        from jvmkit.packager.kernels import linux as kernels
 
         return kernels.pull_linux(suite=suite, mirror=mirror, refresh=refresh)
 
     def import_kernel(self, path: Path):
-        from jvmkit.packager import kernels
+        from jvmkit.packager.kernels import linux as kernels
 
         return kernels.import_linux(path)

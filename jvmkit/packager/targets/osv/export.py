@@ -15,7 +15,7 @@ from jvmkit.packager.targets.osv import disk as osv_disk
 
 
 def _find_loader_image(kernel: KernelInfo) -> Path | None:
-    from jvmkit.packager import osv_kernels
+    from jvmkit.packager.kernels import osv as osv_kernels
 
     wanted = kernel.loader_image_sha256
     for row in osv_kernels.list_osv_kernels():

@@ -60,7 +60,7 @@ class OsvTarget(Target):
 
     # ---- pack ----
     def resolve_kernel(self, path, *, suite=None, mirror=None):
-        from jvmkit.packager import osv_kernels
+        from jvmkit.packager.kernels import osv as osv_kernels
 
         return osv_kernels.resolve_osv_kernel(path)
 
@@ -135,12 +135,12 @@ class OsvTarget(Target):
 
     # ---- kernels, export ----
     def pull_kernel(self, *, version=None, url=None, sha256=None, **_):
-        from jvmkit.packager import osv_kernels
+        from jvmkit.packager.kernels import osv as osv_kernels
 
         return osv_kernels.pull_osv(version=version, base_url=url, sha256=sha256)
 
     def import_kernel(self, path: Path):
-        from jvmkit.packager import osv_kernels
+        from jvmkit.packager.kernels import osv as osv_kernels
 
         return osv_kernels.import_osv(path)
 

@@ -7,7 +7,7 @@ so QEMU boots it directly with `-kernel` and the command line through `-append`.
 also holds OSv's classic loader image (`loader.img`, release asset `osv-loader.qemu.x86_64`: boot
 sector + compressed loader at sector 128), which `jvmkit export` needs for single-file disks.
 
-Cache layout (the same as the Linux kernels, so `kernels.list_kernels()` and `cache ls` see them):
+Cache entries (in the one kernel cache, `store`, so `jvmkit kernel ls` and `cache ls` see them):
     kernels/osv/<id>/loader.elf    the ELF QEMU boots (absent for a loader-image-only import)
     kernels/osv/<id>/loader.img    the classic loader image, when there is one
     kernels/osv/<id>/kernel.json   target, version, sha256 (of loader.elf), size, has_pvh,
@@ -20,28 +20,26 @@ the caller (`--sha256`), `KNOWN_RELEASES` pinned here, or a `SHA256SUMS` file be
 What a kernel offers is read from its bytes: the PVH note, the version string OSv prints at boot
 (`OSv v0.57.0-...`), and the virtio-balloon driver, told by the message its constructor logs,
 `virtio-balloon: ready` (drivers/virtio-balloon.cc), present in a kernel built with the driver.
+
+Over the ~450-line guide: pull, import and resolve read the same module constants
+(KNOWN_RELEASES, DEFAULT_VERSION, URL_ENV, which callers and tests patch here), so they stay in one
+module. Downloads go through `jvmkit.fetch` (streamed, verified before they appear, one error mapping).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import struct
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from jvmkit import cache, ui
+from jvmkit import cache, fetch, fileio, ui
 from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.packager import elf as elfs
+from jvmkit.packager.kernels import store
 
 TARGET = "osv"
-KIND = "kernels/osv"
-KERNEL_JSON = "kernel.json"
-LAYOUT = 1
 ELF_FILE = "loader.elf"
 LOADER_IMAGE_FILE = "loader.img"
 
@@ -58,13 +56,10 @@ KERNEL_ENV = "JVMKIT_OSV_KERNEL"
 # reachable), so the table is empty and pulls need --sha256 or a SHA256SUMS file.
 KNOWN_RELEASES: dict[str, dict[str, str]] = {}
 
-XEN_ELFNOTE_PHYS32_ENTRY = 18
-PT_NOTE = 4
 BALLOON_MARK = b"virtio-balloon: ready"
 VERSION_RE = re.compile(rb"OSv (v\d+\.\d+(?:\.\d+)?(?:-[0-9A-Za-z.+]+)*)[\n\0]")
 MAX_KERNEL_BYTES = 256 << 20  # refuse to gunzip anything larger (an OSv kernel is ~6 MiB)
 LOADER_ELF_OFFSET = 128 * 512  # where loader.img holds the compressed loader (an ELF)
-_CHUNK = 1 << 20
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 HOW_TO_GET = ("get one with `jvmkit kernel pull osv --version TAG --sha256 DIGEST`, build OSv and "
@@ -74,49 +69,15 @@ HOW_TO_GET = ("get one with `jvmkit kernel pull osv --version TAG --sha256 DIGES
 
 # ---- pure: what a kernel file is and offers ------------------------------------------------------
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def detect_kind(head: bytes) -> str | None:
     """"elf", "gzip", "loader-image" (OSv's classic boot sector + loader), or None (pure)."""
-    if head[:4] == b"\x7fELF":
+    if elfs.is_elf(head):
         return "elf"
     if head[:2] == b"\x1f\x8b":
         return "gzip"
     if len(head) >= LOADER_ELF_OFFSET + 4 and head[510:512] == b"\x55\xaa" \
             and head[LOADER_ELF_OFFSET:LOADER_ELF_OFFSET + 4] == b"\x7fELF":
         return "loader-image"
-    return None
-
-
-def pvh_entry(data: bytes) -> int | None:
-    """The PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY in a "Xen" note of a PT_NOTE segment) of a
-    little-endian ELF64, or None when it has none (pure)."""
-    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2 or data[5] != 1:
-        return None
-    try:
-        phoff, = struct.unpack_from("<Q", data, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-        for i in range(phnum):
-            p_type, _flags, offset, _va, _pa, filesz, _memsz, align = \
-                struct.unpack_from("<IIQQQQQQ", data, phoff + i * phentsize)
-            if p_type != PT_NOTE:
-                continue
-            step = 8 if align == 8 else 4
-            pad = lambda n: (n + step - 1) & ~(step - 1)  # noqa: E731
-            pos, end = offset, min(offset + filesz, len(data))
-            while pos + 12 <= end:
-                namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
-                name = data[pos + 12:pos + 12 + namesz].rstrip(b"\0")
-                desc_at = pos + 12 + pad(namesz)
-                if desc_at + descsz > end:
-                    break
-                if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and descsz in (4, 8):
-                    return int.from_bytes(data[desc_at:desc_at + descsz], "little")
-                pos = desc_at + pad(descsz)
-    except struct.error:
-        return None
     return None
 
 
@@ -133,7 +94,7 @@ def has_balloon_driver(data: bytes) -> bool:
 
 def inspect_elf(data: bytes) -> dict:
     """What jvmkit records about an OSv loader ELF (pure)."""
-    entry = pvh_entry(data)
+    entry = elfs.pvh_entry(data)
     return {"has_pvh": entry is not None, "pvh_entry": f"{entry:#x}" if entry is not None else None,
             "version": osv_version(data), "has_balloon": has_balloon_driver(data)}
 
@@ -182,10 +143,6 @@ def check_digest(value: str, what: str) -> str:
     return digest
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+_-]", "_", text)[:48] or "unknown"
-
-
 # ---- the cache ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -222,20 +179,10 @@ class OsvKernel:
                 "loader_image_sha256": self.loader_image_sha256}
 
 
-def _entries() -> list[tuple[Path, dict, float]]:
-    """The complete OSv entries of jvmkit's kernel cache written in this module's layout."""
-    from jvmkit.packager.kernels import _entries as kernel_entries
-
-    return [(entry, meta, used) for entry, meta, used in kernel_entries(TARGET)
-            if meta.get("target") == TARGET and meta.get("layout") == LAYOUT]
-
-
 def load_osv_kernel(entry: Path) -> OsvKernel:
     """The OsvKernel recorded in a cache entry (or a copy of one) by its kernel.json."""
+    meta = store.read_meta(entry, TARGET)
     try:
-        meta = json.loads((entry / KERNEL_JSON).read_text())
-        if meta.get("target") != TARGET:
-            raise ValueError(f"target {meta.get('target')!r}")
         return OsvKernel(
             path=entry, id=entry.name, version=meta["version"], sha256=meta["sha256"], size=int(meta["size"]),
             elf=entry / meta["elf"] if meta.get("elf") else None,
@@ -243,113 +190,52 @@ def load_osv_kernel(entry: Path) -> OsvKernel:
             loader_image_sha256=meta.get("loader_image_sha256"), has_pvh=bool(meta.get("has_pvh")),
             has_balloon=meta.get("has_balloon"), source=meta.get("source", "import"), tag=meta.get("tag"),
             imported_from=meta.get("imported_from"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise JvmkitError(f"{entry} is not a jvmkit OSv kernel entry ({exc})",
-                          hint="remove it with `jvmkit cache prune --all`, then pull or import the kernel again") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise store.bad_entry(entry, TARGET, exc) from None
 
 
 def list_osv_kernels() -> list[dict]:
     """Every cached OSv kernel: target, id, version, sha256, size, path, source, what it offers."""
     rows = []
-    for entry, meta, last_used in _entries():
-        rows.append({"target": TARGET, "id": entry.name, "version": str(meta.get("version", "?")),
+    for entry in store.current_entries(TARGET):
+        meta = entry.meta
+        rows.append({"target": TARGET, "id": entry.path.name, "version": str(meta.get("version", "?")),
                      "sha256": str(meta.get("sha256", "")), "size": int(meta.get("size", 0)),
-                     "path": str(entry), "source": meta.get("source", ""), "has_pvh": bool(meta.get("has_pvh")),
+                     "path": str(entry.path), "source": meta.get("source", ""), "has_pvh": bool(meta.get("has_pvh")),
                      "has_balloon": meta.get("has_balloon"), "loader_image": bool(meta.get("loader_image")),
-                     "last_used": last_used})
+                     "last_used": entry.last_used})
     return rows
 
 
 def cached_osv_kernel() -> OsvKernel | None:
     """The bootable cached OSv kernel most recently pulled, imported or used, or None."""
-    best = None
-    for entry, meta, last_used in _entries():
-        if not (meta.get("elf") and meta.get("has_pvh") and (entry / meta["elf"]).is_file()):
-            continue
-        key = (last_used, meta.get("created", 0))
-        if best is None or key > best[0]:
-            best = (key, entry)
-    return load_osv_kernel(best[1]) if best else None
-
-
-def _write_meta(tmp: Path, meta: dict) -> None:
-    (tmp / KERNEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def _entry(key: str, build: Callable[[Path], None], **info: object) -> tuple[Path, bool]:
-    if "/" in key or key.startswith("."):
-        raise JvmkitError(f"bad kernel cache key {key!r}")
-    return cache.ensure_entry(KIND, key, build, **info)
+    best = store.most_recent(TARGET, lambda e: bool(e.meta.get("elf") and e.meta.get("has_pvh")
+                                                    and (e.path / e.meta["elf"]).is_file()))
+    return load_osv_kernel(best.path) if best else None
 
 
 # ---- pull -----------------------------------------------------------------------------------------
 
-def _http_get(session, url: str, *, stream: bool):
-    import requests
-
-    try:
-        response = session.get(url, stream=stream, timeout=(15, 60))
-    except requests.RequestException as exc:
-        if isinstance(exc, requests.Timeout):
-            reason = "timed out"
-        elif isinstance(exc, requests.ConnectionError):
-            reason = "could not connect (offline, or the host is unreachable)"
-        else:
-            reason = type(exc).__name__
-        raise JvmkitError(f"can't download {url}: {reason}",
-                          hint="check the network or the URL (JVMKIT_OSV_RELEASES_URL, --url); offline, "
-                               "import a kernel you built: `jvmkit kernel import osv PATH`") from None
-    return response
+PULL_HINT = ("check the network, --version and --url (JVMKIT_OSV_RELEASES_URL); offline, import a kernel you "
+             "built: `jvmkit kernel import osv PATH`")
 
 
 def _fetch_sums(session, base: str) -> dict[str, str]:
     """The SHA256SUMS beside the assets, {} when there is none (404)."""
-    response = _http_get(session, base + SUMS_FILE, stream=False)
-    with response:
-        if response.status_code == 404:
+    try:
+        text = fetch.get_bytes(base + SUMS_FILE, what=f"the release's {SUMS_FILE}", session=session, hint=PULL_HINT)
+    except fetch.StatusError as exc:
+        if exc.status == 404:
             return {}
-        if response.status_code != 200:
-            raise JvmkitError(f"can't download {base}{SUMS_FILE}: HTTP {response.status_code}")
-        return parse_sha256sums(response.text)
+        raise
+    return parse_sha256sums(text.decode("utf-8", "replace"))
 
 
 def _download(session, url: str, dest: Path, expected: str, label: str) -> int:
-    """Stream `url` to `dest` with a progress bar; refuse it unless its SHA-256 is `expected`."""
-    response = _http_get(session, url, stream=True)
-    with response:
-        if response.status_code == 404:
-            raise JvmkitError(f"{url} was not found (HTTP 404)", hint="check --version (a release tag like v0.57.0) and --url")
-        if response.status_code != 200:
-            raise JvmkitError(f"can't download {url}: HTTP {response.status_code}")
-        try:
-            total = int(response.headers.get("Content-Length", "")) or None
-        except ValueError:
-            total = None
-        digest = hashlib.sha256()
-        size = 0
-        import requests
-
-        try:
-            with open(dest, "wb") as out, ui.current().progress(label, total) as bar:
-                for chunk in response.iter_content(chunk_size=1 << 16):
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > MAX_KERNEL_BYTES:
-                        raise JvmkitError(f"{url} is larger than {MAX_KERNEL_BYTES >> 20} MiB; that is not an OSv kernel")
-                    digest.update(chunk)
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        except requests.RequestException as exc:
-            raise JvmkitError(f"the download of {url} failed ({type(exc).__name__})", hint="try again") from None
-    if total is not None and size != total:
-        raise JvmkitError(f"the download of {url} is truncated ({size} of {total} bytes)", hint="try again")
-    got = digest.hexdigest()
-    if got != expected:
-        raise JvmkitError(f"{url} does not match its SHA-256 (expected {expected[:16]}..., got {got[:16]}...); "
-                          "refused, nothing was cached",
-                          hint="the file or the digest is wrong: check the digest you gave and the server")
-    return size
+    """One release asset, streamed and verified against `expected` before it appears at `dest`
+    (jvmkit.fetch); returns its size."""
+    return fetch.download(url, dest, sha256=expected, max_size=MAX_KERNEL_BYTES, what=label, session=session,
+                          hint=PULL_HINT).size
 
 
 def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256: str | None = None,
@@ -357,8 +243,6 @@ def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256:
     """Download an OSv release's loader ELF (and its classic loader image when a digest for it is
     known) into the cache, verified by SHA-256. `sha256` is the digest of `osv-loader.elf.x86_64.gz`
     as downloaded; without it the pinned table, then the server's SHA256SUMS, are used."""
-    import requests
-
     console = ui.current()
     tag = (version or DEFAULT_VERSION).strip()
     if not tag or "/" in tag or tag.startswith("."):
@@ -368,12 +252,12 @@ def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256:
     elf_digest = check_digest(sha256, "--sha256") if sha256 else pinned.get(ELF_ASSET)
     img_digest = check_digest(loader_sha256, "--loader-sha256") if loader_sha256 else pinned.get(LOADER_ASSET)
     if elf_digest is None:  # a release pulled before (verified then) needs no network now
-        for entry, meta, _used in _entries():
-            if meta.get("source") == "release" and meta.get("tag") == tag and meta.get("elf"):
+        for entry in store.current_entries(TARGET):
+            if entry.meta.get("source") == "release" and entry.meta.get("tag") == tag and entry.meta.get("elf"):
                 console.info(f"  OSv {tag}: already in the cache")
-                cache.touch_entry(entry)
-                return load_osv_kernel(entry)
-    with requests.Session() as session:
+                cache.touch_entry(entry.path)
+                return load_osv_kernel(entry.path)
+    with fetch.session() as session:
         origin = "given" if sha256 else "pinned"
         if elf_digest is None or img_digest is None:
             try:
@@ -394,7 +278,7 @@ def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256:
         if origin == SUMS_FILE:
             console.warn(f"verifying against {SUMS_FILE} from the same server ({base}): that checks integrity, "
                          "not authenticity; pin a digest with --sha256 to be sure")
-        key = f"release-{_safe(tag)}-{elf_digest[:12]}"
+        key = f"release-{store.safe_name(tag)}-{elf_digest[:12]}"
 
         def build(tmp: Path) -> None:
             gz = tmp / ELF_ASSET
@@ -407,7 +291,7 @@ def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256:
             if not facts["has_pvh"]:
                 raise JvmkitError(f"OSv {tag}'s loader ELF has no PVH entry note; QEMU can't boot it directly",
                                   hint="use a newer OSv release, or import a kernel you built")
-            (tmp / ELF_FILE).write_bytes(elf)
+            store.write_file(tmp / ELF_FILE, elf)
             assets = {ELF_ASSET: {"sha256": elf_digest, "size": gz_size, "url": base + ELF_ASSET}}
             loader = None
             if img_digest:
@@ -421,14 +305,14 @@ def pull_osv(version: str | None = None, base_url: str | None = None, *, sha256:
             else:
                 console.info(f"  {LOADER_ASSET}: no digest to verify it, not downloaded "
                              "(only `jvmkit export` needs it)")
-            _write_meta(tmp, {
-                "target": TARGET, "layout": LAYOUT, "source": "release", "tag": tag, "created": time.time(),
-                "version": facts["version"] or tag, "elf": ELF_FILE, "sha256": sha256_bytes(elf), "size": len(elf),
+            store.write_meta(tmp, TARGET, {
+                "source": "release", "tag": tag,
+                "version": facts["version"] or tag, "elf": ELF_FILE, "sha256": fileio.sha256_bytes(elf), "size": len(elf),
                 "has_pvh": True, "pvh_entry": facts["pvh_entry"], "has_balloon": facts["has_balloon"],
                 "loader_image": loader, "loader_image_sha256": img_digest if loader else None,
                 "digest_origin": origin, "assets": assets})
 
-        entry, built = _entry(key, build, version=tag)
+        entry, built = store.kernel_entry(TARGET, key, build, version=tag)
     kernel = load_osv_kernel(entry)
     if not built:
         console.info(f"  OSv {tag}: already in the cache")
@@ -520,25 +404,24 @@ def import_osv(path: str | os.PathLike, loader_image: str | os.PathLike | None =
                      "(import loader-stripped.elf from the same build)")
     version = facts["version"] or "unknown"
     main = elf if elf is not None else img
-    digest = sha256_bytes(main)
-    img_digest = sha256_bytes(img) if img is not None else None
-    key = f"import-{_safe(version)}-{digest[:12]}"
+    digest = fileio.sha256_bytes(main)
+    img_digest = fileio.sha256_bytes(img) if img is not None else None
+    key = f"import-{store.safe_name(version)}-{digest[:12]}"
     if elf is not None and img_digest:
         key += f"-img{img_digest[:8]}"
 
     def build(tmp: Path) -> None:
         if elf is not None:
-            (tmp / ELF_FILE).write_bytes(elf)
+            store.write_file(tmp / ELF_FILE, elf)
         if img is not None:
-            (tmp / LOADER_IMAGE_FILE).write_bytes(img)
-        _write_meta(tmp, {
-            "target": TARGET, "layout": LAYOUT, "source": "import", "created": time.time(),
-            "imported_from": str(path.resolve()), "version": version,
+            store.write_file(tmp / LOADER_IMAGE_FILE, img)
+        store.write_meta(tmp, TARGET, {
+            "source": "import", "imported_from": str(path.resolve()), "version": version,
             "elf": ELF_FILE if elf is not None else None, "sha256": digest, "size": len(main),
             "has_pvh": facts["has_pvh"], "pvh_entry": facts["pvh_entry"], "has_balloon": facts["has_balloon"],
             "loader_image": LOADER_IMAGE_FILE if img is not None else None, "loader_image_sha256": img_digest})
 
-    entry, _built = _entry(key, build, version=version)
+    entry, _built = store.kernel_entry(TARGET, key, build, version=version)
     return load_osv_kernel(entry)
 
 
@@ -547,11 +430,11 @@ def import_osv(path: str | os.PathLike, loader_image: str | os.PathLike | None =
 def _from_path(value: str | os.PathLike, origin: str) -> OsvKernel:
     path = Path(value).expanduser()
     in_this_cache = path.resolve().is_relative_to(cache.cache_root().resolve())
-    if path.is_dir() and (path / KERNEL_JSON).is_file() and in_this_cache:
+    if path.is_dir() and (path / store.KERNEL_JSON).is_file() and in_this_cache:
         kernel = load_osv_kernel(path)
         if (path / cache.ENTRY_FILE).is_file():
             cache.touch_entry(path)
-    elif path.is_dir() and (path / KERNEL_JSON).is_file():  # an entry of another cache: import its files
+    elif path.is_dir() and (path / store.KERNEL_JSON).is_file():  # an entry of another cache: import its files
         entry = load_osv_kernel(path)
         kernel = import_osv(entry.elf or entry.loader_image, loader_image=entry.loader_image if entry.elf else None)
     else:
@@ -585,9 +468,3 @@ def resolve_osv_kernel(explicit_path: str | os.PathLike | None = None) -> OsvKer
         raise JvmkitError(f"no OSv kernel is cached and pulling OSv {DEFAULT_VERSION} did not work ({exc.message})",
                           hint=HOW_TO_GET) from None
 
-
-__all__ = [
-    "OsvKernel", "KNOWN_RELEASES", "pull_osv", "import_osv", "cached_osv_kernel", "list_osv_kernels",
-    "resolve_osv_kernel", "load_osv_kernel", "inspect_elf", "pvh_entry", "osv_version", "has_balloon_driver",
-    "parse_sha256sums", "release_url", "detect_kind",
-]
