@@ -58,6 +58,9 @@ def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
     qv = qemu_version(QEMU)
     checks.append(_check("qemu", qv is not None, f"{QEMU} {qv} at {shutil.which(QEMU)}" if qv else f"{QEMU} not found",
                          "apt-get install -y qemu-system-x86 qemu-utils"))
+    objcopy = shutil.which("objcopy")
+    checks.append(_check("objcopy", objcopy is not None, objcopy or "not found (jlink --strip-debug runs it)",
+                         "apt-get install -y binutils"))
     img = shutil.which("qemu-img")
     checks.append(_check("qemu-img", img is not None, img or "not found (needed only for `export --format qcow2`)",
                          "apt-get install -y qemu-utils", required=False))

@@ -16,12 +16,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jvmkit import cache, ui
+from jvmkit import cache, proc, ui
 from jvmkit.errors import JvmkitError
 
 RUNTIME_FORMAT = 1  # bump when the way runtimes are built changes
@@ -122,11 +121,8 @@ def _read_release_modules(runtime: Path) -> tuple[str, ...]:
     return ()
 
 
-def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    except OSError as exc:
-        raise JvmkitError(f"could not run {what} ({cmd[0]}): {exc.strerror}") from None
+def _run(cmd: list[str], what: str) -> proc.CompletedProcess:
+    return proc.run(cmd, what=what, check=False, merge_stderr=True, timeout=1800)
 
 
 def _copy_jdk(spec: RuntimeSpec, dest: Path) -> None:
@@ -150,20 +146,23 @@ def _build(spec: RuntimeSpec, jlink: Path, jmods: Path, dest: Path) -> None:
              else plural(len(spec.modules), "root module"))
     started = time.monotonic()
     console.info(f"  jlink: {roots} from JDK {spec.jdk_version} ...")
-    proc = _run([str(jlink), *jlink_args(spec, jmods, out)], "jlink")
-    if proc.returncode != 0:
-        if "No space left" in proc.stdout:
+    done = _run([str(jlink), *jlink_args(spec, jmods, out)], "jlink")
+    if done.returncode != 0:
+        if "No space left" in done.stdout:
             raise JvmkitError(f"no space left on the device that holds {dest}",
                               hint="free space, or point JVMKIT_CACHE at a larger disk")
-        raise JvmkitError(f"jlink failed: {explain_jlink_failure(proc.stdout)}")
+        if 'Cannot run program "objcopy"' in done.stdout:  # --strip-debug runs binutils' objcopy
+            raise JvmkitError("jlink --strip-debug needs objcopy, which is not installed",
+                              hint="apt-get install -y binutils")
+        raise JvmkitError(f"jlink failed: {explain_jlink_failure(done.stdout)}")
     console.info(f"  jlink: {roots} -> {len(_read_release_modules(out))} in the runtime, "
                  f"done in {time.monotonic() - started:.1f}s")
     if spec.cds:
         java = out / "bin" / "java"
         with console.step("CDS: default class data sharing archive"):
-            proc = _run([str(java), "-Xshare:dump", "-XX:+UseG1GC"], "java -Xshare:dump")
-        if proc.returncode != 0:
-            raise JvmkitError(f"creating the CDS archive failed: {explain_jlink_failure(proc.stdout)}")
+            done = _run([str(java), "-Xshare:dump", "-XX:+UseG1GC"], "java -Xshare:dump")
+        if done.returncode != 0:
+            raise JvmkitError(f"creating the CDS archive failed: {explain_jlink_failure(done.stdout)}")
 
 
 def ensure_runtime(spec: RuntimeSpec, jlink: Path, jmods: Path) -> Runtime:
