@@ -181,9 +181,7 @@ class JdkInfo:
 
 
 @dataclass(frozen=True)
-class AgentInfo:
-    """The guest agent jar's place in the image and its build key."""
-
+class AgentInfo:  # the guest agent jar's place in the image and its build key
     path: str
     key: str
 
@@ -222,9 +220,7 @@ class CommandInfo:
 
 
 @dataclass(frozen=True)
-class Defaults:
-    """What `run` gives the guest unless told otherwise."""
-
+class Defaults:  # what `run` gives the guest unless told otherwise
     memory_mib: int
     cpus: int
 
