@@ -13,7 +13,8 @@ JDK's javac (shared by test_jar.py, test_classpath_vm.py and test_pack_strict_cl
 
 Each dependency uses one JDK module the app jar does not (b java.logging, c java.sql, the class
 directory java.xml, u java.naming), so jdeps must see each of them for the module set to be right.
-`m.Main` prints one line per dependency, with where the class was loaded from.
+`m.Main` prints one line per dependency, with where the class was loaded from (or "failed ...").
+`app-jars.jar` is the same app without the class directory entry.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ SOURCES = {
 public class Main {
   static String where(Class<?> c) { return String.valueOf(c.getProtectionDomain().getCodeSource().getLocation()); }
   public static void main(String[] args) throws Exception {
-    System.out.println("r: " + r.R.hello() + " @ " + where(r.R.class));
-    System.out.println("b: " + b.B.hello() + " @ " + where(b.B.class));
-    System.out.println("c: " + c.C.hello() + " @ " + where(c.C.class));
-    System.out.println("e: " + e.E.hello() + " @ " + where(e.E.class));
-    System.out.println("d: " + d.D.hello() + " @ " + where(d.D.class));
-    System.out.println("u: " + u.U.hello() + " @ " + where(u.U.class));
+    try { System.out.println("r: " + r.R.hello() + " @ " + where(r.R.class)); } catch (Throwable t) { System.out.println("r: failed " + t); }
+    try { System.out.println("b: " + b.B.hello() + " @ " + where(b.B.class)); } catch (Throwable t) { System.out.println("b: failed " + t); }
+    try { System.out.println("c: " + c.C.hello() + " @ " + where(c.C.class)); } catch (Throwable t) { System.out.println("c: failed " + t); }
+    try { System.out.println("e: " + e.E.hello() + " @ " + where(e.E.class)); } catch (Throwable t) { System.out.println("e: failed " + t); }
+    try { System.out.println("d: " + d.D.hello() + " @ " + where(d.D.class)); } catch (Throwable t) { System.out.println("d: failed " + t); }
+    try { System.out.println("u: " + u.U.hello() + " @ " + where(u.U.class)); } catch (Throwable t) { System.out.println("u: failed " + t); }
   }
 }
 """,
@@ -68,6 +69,7 @@ class ChainApp:
     root: Path
     abs: Path          # the directory the absolute entries point into
     app: Path          # the app jar
+    app_jars_only: Path  # the same app without the class directory entry (its "d" line fails)
     jars: dict         # name -> host jar (r, b, c, e, u)
     classes: Path      # the absolute class directory
 
@@ -126,7 +128,10 @@ def build_chain(root: Path) -> ChainApp:
                   f"file:{encoded}/with%20space/u.jar"]
     app = build.write_jar(root / "app" / "app.jar", [work / "classes" / "m"],
                           {**base, "Main-Class": "m.Main", "Class-Path": " ".join(class_path)})
-    return ChainApp(root=root, abs=abs_dir, app=app, jars=jars, classes=class_dir)
+    jars_only = build.write_jar(root / "app" / "app-jars.jar", [work / "classes" / "m"],
+                                {**base, "Main-Class": "m.Main",
+                                 "Class-Path": " ".join(e for e in class_path if not e.endswith("/"))})
+    return ChainApp(root=root, abs=abs_dir, app=app, app_jars_only=jars_only, jars=jars, classes=class_dir)
 
 
 def parse_output(stdout: str) -> dict[str, tuple[str, str]]:
