@@ -6,16 +6,22 @@ the real jdeps of the build JDK over the samples and over small jars made here f
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
 import zipfile
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from jvmkit import jdk as jdks
+from jvmkit import ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import jar as jars
 
+import classpath_apps
 from conftest import _load_samples_build
 
 build = _load_samples_build()
@@ -309,13 +315,13 @@ def test_class_path_jar_missing(tmp_path, jdk, hello_class):
 
 
 def test_class_path_entries_that_cannot_be_placed(tmp_path, jdk, hello_class):
-    for entry, expected in (("../up.jar", "outside the jar's directory"), ("/abs/x.jar", "not a relative path"),
-                            ("file:/abs/x.jar", "not a relative path"), ("classes/", "is a directory")):
-        jar = make_jar(tmp_path / "sub" / "app.jar", {"hello/Hello.class": hello_class},
-                       {"Main-Class": "hello.Hello", "Class-Path": entry})
-        with pytest.raises(UsageError, match=expected) as err:
-            analyze(jar, jdk)
-        assert entry in str(err.value)
+    """A relative entry that leaves the jar's directory stays refused, as before. (Absolute
+    entries, file: URLs and directories are placed now: see the Class-Path tests below.)"""
+    jar = make_jar(tmp_path / "sub" / "app.jar", {"hello/Hello.class": hello_class},
+                   {"Main-Class": "hello.Hello", "Class-Path": "../up.jar"})
+    with pytest.raises(UsageError, match="outside the jar's directory") as err:
+        analyze(jar, jdk)
+    assert "../up.jar" in str(err.value)
 
 
 def test_class_path_jar_not_a_zip(tmp_path, jdk, hello_class):
@@ -356,6 +362,159 @@ def test_jdeps_failure_is_one_line(tmp_path, jdk, hello_class, monkeypatch):
         analyze(jar, broken)
     assert str(err.value).startswith(f"jdeps failed on {jar}: cannot analyse that")
     assert "\n" not in str(err.value)
+
+
+# --- Class-Path as the JVM reads it: absolute paths, file: URLs, directories ----------------------
+
+@pytest.fixture
+def console(monkeypatch) -> io.StringIO:
+    """What jvmkit prints (warnings) during the test."""
+    stream = io.StringIO()
+    monkeypatch.setattr(ui, "_current", ui.Console(stream=stream))
+    return stream
+
+
+def warnings_of(console: io.StringIO) -> list[str]:
+    return [line for line in console.getvalue().splitlines() if line.startswith("jvmkit: warning:")]
+
+
+def test_class_path_entry_forms():
+    e = jars.parse_entry
+    assert e("lib/a.jar") == jars.Entry("lib/a.jar", "relative", "lib/a.jar")
+    assert e("file:lib/my%20a.jar").kind == "relative" and e("file:lib/my%20a.jar").path == "lib/my a.jar"
+    for raw in ("/usr/share/java/a.jar", "file:/usr/share/java/a.jar", "file:///usr/share/java/a.jar",
+                "FILE://localhost/usr/share/java/a.jar", "/usr/share/java/../java/./a.jar"):
+        assert (e(raw).kind, e(raw).path) == ("absolute", "/usr/share/java/a.jar"), raw
+    assert e("file:/opt/my%20libs/a%25b.jar").path == "/opt/my libs/a%b.jar"
+    assert e("a%3Ab.jar") == jars.Entry("a%3Ab.jar", "relative", "a:b.jar")  # the scheme is read before decoding
+    assert e("classes/").directory and e("file:/opt/classes/").directory and not e("classes").directory
+    assert e("/opt/classes/").path == "/opt/classes"
+    for raw in ("http://example.org/a.jar", "jar:file:/a.jar!/", "file://elsewhere/a.jar", "C:/lib/a.jar", "/"):
+        assert e(raw).kind == "ignored" and e(raw).reason, raw
+    assert jars.class_path_tokens(" a.jar\tb%20c.jar ") == ["a.jar", "b%20c.jar"]
+    assert jars.guest_path_for_host("/usr/share/java/a.jar") == "/app/lib/host/usr/share/java/a.jar"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> classpath_apps.ChainApp:
+    return classpath_apps.build_chain(tmp_path_factory.mktemp("chain"))
+
+
+def test_absolute_class_path_chain(chain, jdk, console):
+    """app -> lib/r.jar, /abs/b.jar (-> c.jar -> b.jar again, gone.jar; -> file:sub/e.jar),
+    /abs/missing.jar, /abs/classes/, file:/abs/with%20space/u.jar (-> /abs/b.jar again)."""
+    app = analyze(chain.app, jdk)
+    a, j = chain.abs, chain.jars
+    assert app.class_path == (chain.app, j["r"], j["b"], j["c"], j["e"], chain.classes, j["u"])
+    assert app.guest_class_path == ("/app/app.jar", "/app/lib/r.jar", chain.guest(a / "b.jar"), chain.guest(a / "c.jar"),
+                                    chain.guest(a / "sub" / "e.jar"), chain.guest(a / "classes"),
+                                    chain.guest(a / "with space" / "u.jar"))
+    # the image gets files only: each jar once, and the class directory file by file
+    d = chain.guest(a / "classes")
+    assert dict(app.files) == {
+        "/app/app.jar": chain.app, "/app/lib/r.jar": j["r"],
+        chain.guest(a / "b.jar"): j["b"], chain.guest(a / "c.jar"): j["c"], chain.guest(a / "sub/e.jar"): j["e"],
+        chain.guest(a / "with space/u.jar"): j["u"],
+        f"{d}/d/D.class": chain.classes / "d/D.class", f"{d}/d/sub/S.class": chain.classes / "d/sub/S.class",
+        f"{d}/d/note.txt": chain.classes / "d/note.txt"}
+    assert [g for g, _ in app.files] == sorted(g for g, _ in app.files)
+    # jdeps saw what was taken in: b java.logging, c java.sql, the directory java.xml, u java.naming
+    assert app.jdeps_modules == classpath_apps.MODULES
+    # each entry the JVM skips: one line naming the jar and the entry
+    assert warnings_of(console) == [
+        f"jvmkit: warning: skipping Class-Path entry 'gone.jar' of {a / 'c.jar'}: {a / 'gone.jar'} does not exist "
+        f"(the JVM skips it too)",
+        f"jvmkit: warning: skipping Class-Path entry '{a}/missing.jar' of {chain.app}: {a / 'missing.jar'} does not "
+        f"exist (the JVM skips it too)"]
+    assert str(chain.root) not in json.dumps(app.to_dict()["class_path_sources"])
+
+
+def test_the_host_jvm_resolves_the_same_class_path(chain, jdk):
+    """The oracle: `java -jar` on the host loads each dependency from an entry of the analysed
+    class path, and uses every one of them."""
+    proc = subprocess.run([str(jdk.java), "-jar", str(chain.app)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = classpath_apps.parse_output(proc.stdout)
+    assert {name: text for name, (text, _) in out.items()} == classpath_apps.EXPECTED
+    loaded = {Path(unquote(urlsplit(where).path)) for _, where in out.values()}
+    assert loaded == set(analyze(chain.app, jdk).class_path[1:])
+
+
+def test_strict_class_path_makes_a_skipped_entry_an_error(chain, jdk, console, tmp_path, hello_class):
+    with pytest.raises(UsageError) as err:
+        analyze(chain.app, jdk, strict_class_path=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "'gone.jar'" in msg and str(chain.abs / "c.jar") in msg and "does not exist" in msg
+    remote = make_jar(tmp_path / "remote.jar", {"hello/Hello.class": hello_class},
+                      {"Main-Class": "hello.Hello", "Class-Path": "http://example.org/x.jar"})
+    assert analyze(remote, jdk).guest_class_path == ("/app/app.jar",)
+    assert "'http://example.org/x.jar'" in warnings_of(console)[-1] and "the JVM skips it too" in warnings_of(console)[-1]
+    with pytest.raises(UsageError, match="'http://example.org/x.jar' of .*remote.jar cannot be loaded: it is a http: URL"):
+        analyze(remote, jdk, strict_class_path=True)
+
+
+def test_lib_naming_an_absolute_entry_is_that_entry(chain, jdk, tmp_path, console):
+    plain = analyze(chain.app, jdk)
+    link = tmp_path / "elsewhere.jar"
+    link.symlink_to(chain.jars["c"])  # another name for the same file
+    again = analyze(chain.app, jdk, libs=[chain.jars["b"], link])
+    assert again.guest_class_path == plain.guest_class_path and again.files == plain.files
+    # a --lib first reached as a --lib keeps /app/lib/NAME, and its absolute Class-Path is followed
+    with zipfile.ZipFile(chain.app) as zf:
+        main_class = zf.read("m/Main.class")
+    lib_app = make_jar(tmp_path / "solo" / "app.jar", {"m/Main.class": main_class}, {"Main-Class": "m.Main"})
+    solo = analyze(lib_app, jdk, libs=[chain.jars["u"]])
+    assert solo.guest_class_path == ("/app/app.jar", "/app/lib/u.jar", chain.guest(chain.abs / "b.jar"),
+                                     chain.guest(chain.abs / "c.jar"), chain.guest(chain.abs / "sub/e.jar"))
+
+
+def test_relative_class_directory_and_file_url(tmp_path, jdk, hello_class):
+    classes = tmp_path / "classes" / "hello"
+    classes.mkdir(parents=True)
+    (classes / "Hello.class").write_bytes(hello_class)
+    (tmp_path / "classes" / "empty").mkdir()
+    make_jar(tmp_path / "lib" / "x y.jar", {"x/X.class": hello_class})
+    app_jar = make_jar(tmp_path / "app.jar", {"a/A.class": hello_class},
+                       {"Main-Class": "hello.Hello", "Class-Path": "classes/ file:lib/x%20y.jar"})
+    app = analyze(app_jar, jdk)  # the main class is found in the directory
+    assert app.guest_class_path == ("/app/app.jar", "/app/classes", "/app/lib/x y.jar")
+    assert dict(app.files) == {"/app/app.jar": app_jar, "/app/classes/hello/Hello.class": classes / "Hello.class",
+                               "/app/lib/x y.jar": tmp_path / "lib" / "x y.jar"}
+    assert app.class_path[1] == tmp_path / "classes"
+
+
+def test_directory_entries_the_jvm_would_not_read(tmp_path, jdk, hello_class, console):
+    (tmp_path / "classes").mkdir()
+    make_jar(tmp_path / "a.jar", {"x/X.class": hello_class})
+    # a directory named without the trailing "/" is read as a jar by the JVM: refused, as before
+    no_slash = make_jar(tmp_path / "app1.jar", {"hello/Hello.class": hello_class},
+                        {"Main-Class": "hello.Hello", "Class-Path": "classes"})
+    with pytest.raises(UsageError, match="is not a file .it is a directory"):
+        analyze(no_slash, jdk)
+    # a jar named with a trailing "/" holds no classes for the JVM: skipped
+    slash = make_jar(tmp_path / "app2.jar", {"hello/Hello.class": hello_class},
+                     {"Main-Class": "hello.Hello", "Class-Path": f"{tmp_path}/a.jar/"})
+    assert analyze(slash, jdk).guest_class_path == ("/app/app.jar",)
+    assert "is not a directory" in warnings_of(console)[-1]
+
+
+def test_guest_layout_clashes_are_one_line(tmp_path, jdk, hello_class, chain):
+    """A --lib file called `host` would be where absolute entries go: refused, not merged."""
+    host_lib = make_jar(tmp_path / "host", {"x/X.class": hello_class})
+    app_jar = make_jar(tmp_path / "app.jar", {"hello/Hello.class": hello_class},
+                       {"Main-Class": "hello.Hello", "Class-Path": f"{chain.abs}/sub/e.jar"})
+    with pytest.raises(UsageError) as err:
+        analyze(app_jar, jdk, libs=[host_lib])
+    assert "/app/lib/host" in str(err.value) and str(host_lib) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cycles_and_self_references_end(tmp_path, jdk, hello_class):
+    a = tmp_path / "a.jar"
+    make_jar(a, {"hello/Hello.class": hello_class},
+             {"Main-Class": "hello.Hello", "Class-Path": f"{a} {tmp_path}/b.jar a.jar"})
+    make_jar(tmp_path / "b.jar", {"b/B.class": hello_class}, {"Class-Path": f"file://{a} ./b.jar"})
+    app = analyze(a, jdk)
+    assert app.guest_class_path == ("/app/app.jar", f"/app/lib/host{tmp_path}/b.jar")
 
 
 # --- finding the JDK -------------------------------------------------------------------------------

@@ -2,41 +2,67 @@
 
 `analyze()` reads the app jar's manifest (Main-Class, Class-Path, Multi-Release, Add-Opens,
 Add-Exports, Launcher-Agent-Class, Enable-Native-Access), resolves its class path (manifest
-Class-Path entries relative to the jar, followed transitively like the JVM does, then `--lib`
-jars), checks the main class is really there, and asks jdeps which JDK modules the jar and its
-class path use. Every bad input becomes one `UsageError`/`JvmkitError` line naming the input.
+Class-Path entries, followed transitively like the JVM does, then `--lib` jars), checks the main
+class is really there, and asks jdeps which JDK modules the jar and its class path use. Every bad
+input becomes one `UsageError`/`JvmkitError` line naming the input. (One module of ~700 lines: the
+class path, the main-class check and jdeps all read the same `JarFile` index; the class path part
+could become its own module.)
 
-Guest placement (docs/architecture.md): the app jar is /app/app.jar, a Class-Path entry keeps its
-relative path under /app/ (so the manifest's Class-Path works as written), `--lib` jars go to
-/app/lib/. The guest runs `java ... -cp <guest class path> <main>`; because a jar on -cp does not
+Class-Path is read as the JVM reads it (jdk.internal.loader.URLClassPath; checked against a real
+`java -jar` in tests/test_jar.py): each token is a URL resolved against the jar's own file: URL, so
+it may be relative (`lib/a.jar`, `file:lib/a.jar`), absolute (`/usr/share/java/a.jar`,
+`file:/...`, `file:///...`, `file://localhost/...`), %-encoded, and a directory when it ends in
+"/". Non-file URLs are ignored by the JVM; missing files are skipped. Debian's jars name their
+dependencies by absolute path (`Class-Path: /usr/share/java/commons-logging.jar`).
+
+Guest placement (docs/architecture.md): the app jar is /app/app.jar, a relative Class-Path entry of
+the app jar keeps its relative path under /app/ (so the manifest's Class-Path works as written),
+`--lib` jars go to /app/lib/NAME. A jar or directory reached by an absolute host path H (and
+everything reached from it) goes to /app/lib/host + H, e.g. /app/lib/host/usr/share/java/a.jar:
+- stable: it depends on the path the manifest names, not on the traversal order, the other
+  jars, the jar's content or a version behind a symlink (/usr/share/java/a.jar -> a-1.2.jar);
+- collision-free: distinct host paths give distinct guest paths, and --lib jars are files directly
+  in /app/lib, not under /app/lib/host/ (what is left, a --lib file named `host` or an app that
+  ships its own lib/host/ tree, is refused with one line by `check_layout`, never silently merged);
+- the jars' relative entries to each other (b.jar's `c.jar`) still resolve to the same files in
+  the guest, so the guest JVM's own reading of the manifests finds nothing different.
+The cost is length: OSv's whole boot command line is limited to 1023 bytes (osv_image.boot_cmdline
+refuses more, with one line). A file reached twice (an absolute entry and a --lib naming the same
+file, compared by resolved path; a cycle) is taken once, where it was reached first.
+A class directory is put into the image file by file (`AppSpec.files`), so the image writers only
+add files; empty subdirectories are not kept (they hold no class).
+
+The guest runs `java ... -cp <guest class path> <main>`; because a jar on -cp does not
 get its manifest's Add-Opens/Add-Exports/Enable-Native-Access honoured (only `java -jar` does),
 those become JVM flags in `AppSpec.manifest_jvm_flags`.
 
-jdeps runs as `jdeps -q -s --multi-release N --class-path <class path> <app jar> <class path jars>`:
-the summary form (`-s`) lists each archive's module dependences and is about four times faster
-than `--print-module-deps`, which computes a reduced module graph jlink does not need (jlink
-resolves the closure itself). `parse_module_deps` reads either form. Parsing and the module-set
+jdeps runs as `jdeps -q -s --multi-release N --class-path <class path> <app jar> <class path entries>`
+(jars and class directories, including everything taken in by absolute path): the summary form
+(`-s`) lists each archive's module dependences and is about four times faster than
+`--print-module-deps`, which computes a reduced module graph jlink does not need (jlink resolves
+the closure itself). `parse_module_deps` reads either form. Parsing and the module-set
 computation are pure functions.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import posixpath
 import re
-import subprocess
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-from jvmkit import ui
+from jvmkit import proc, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.jdk import Jdk, JdkTools
 
 GUEST_APP_DIR = "/app"
 GUEST_APP_JAR = "/app/app.jar"
 GUEST_LIB_DIR = "/app/lib"
+GUEST_HOST_DIR = "/app/lib/host"  # + the host path of an absolute Class-Path entry
 MANIFEST = "META-INF/MANIFEST.MF"
 VERSIONS = "META-INF/versions/"
 # Faster start for a short-lived tool; unknown options are ignored on non-HotSpot JVMs.
@@ -135,6 +161,7 @@ class JarFile:
     entries: frozenset[str]
     multi_release: bool
     modular: bool
+    directory: bool = False           # a class directory (a Class-Path entry ending in "/"), not a jar
 
     def class_entry(self, class_name: str, release: int) -> str | None:
         """The entry a JVM of `release` loads `class_name` from, or None when it is absent."""
@@ -203,13 +230,68 @@ def newest_class(jar: JarFile, release: int) -> tuple[int, str] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Class path
+# Class path entries (pure)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
 
 @dataclass(frozen=True)
-class ClassPathJar:
-    host: Path
-    guest: str
-    info: JarFile
+class Entry:
+    """One Class-Path token as the JVM reads it (jdk.internal.loader.URLClassPath): a URL
+    resolved against the jar's own file: URL.
+
+    `kind` is "relative" (a path relative to the jar's directory), "absolute" (a host path), or
+    "ignored" (the JVM never loads from it: `reason` says why). `path` is %-decoded; `directory`
+    is True when the entry ends with "/" (the JVM then reads it as a directory of classes, else as
+    a jar)."""
+
+    raw: str
+    kind: str
+    path: str = ""
+    directory: bool = False
+    reason: str = ""
+
+
+def class_path_tokens(value: str | None) -> list[str]:
+    """The raw (still %-encoded) tokens of a Class-Path attribute (pure)."""
+    return (value or "").split()
+
+
+def parse_entry(raw: str) -> Entry:
+    """Classify one Class-Path token the way the JVM resolves it against a local jar (pure).
+
+    `lib/a.jar`, `file:lib/a.jar` -> relative; `/usr/share/java/a.jar`, `file:/usr/...`,
+    `file:///usr/...`, `file://localhost/usr/...` -> absolute; `http://...`, `jar:...`,
+    `file://otherhost/...` -> ignored (URLClassPath.tryResolveFile drops non-file URLs, and a file:
+    URL naming another host is no local file). The scheme is read before %-decoding, as a URL is.
+    """
+    rest = raw
+    scheme = _SCHEME.match(raw)
+    if scheme:
+        if scheme.group(1).lower() != "file":
+            return Entry(raw, "ignored", reason=f"it is a {scheme.group(1)}: URL and the JVM loads only "
+                                                f"local files from a jar's Class-Path")
+        rest = raw[scheme.end():]
+    if rest.startswith("//"):  # an authority: file://host/path (or a bare //host/path)
+        host, slash, path = rest[2:].partition("/")
+        if host.lower() not in ("", "localhost"):
+            return Entry(raw, "ignored", reason=f"it names the host {unquote(host)!r}, not a local file")
+        rest = slash + path
+    directory = rest.endswith("/")
+    path = unquote(rest)
+    if not path.strip("/"):
+        return Entry(raw, "ignored", reason="it is the host's root directory, which jvmkit does not pack"
+                     if path else "it names no file")
+    if path.startswith("/"):
+        return Entry(raw, "absolute", posixpath.normpath(path), directory)
+    return Entry(raw, "relative", path, directory)
+
+
+def guest_path_for_host(host_path: str) -> str:
+    """Where a jar or directory found at an absolute host path goes in the guest (pure):
+    GUEST_HOST_DIR + the path as the manifest wrote it, lexically normalised (see the docstring
+    at the top for why)."""
+    return GUEST_HOST_DIR + posixpath.normpath("/" + host_path.lstrip("/"))
 
 
 def _guest_path(guest_dir: str, entry: str) -> str | None:
@@ -218,65 +300,170 @@ def _guest_path(guest_dir: str, entry: str) -> str | None:
     return path if path.startswith(GUEST_APP_DIR + "/") else None
 
 
-def resolve_class_path(app: JarFile, libs: list[Path]) -> list[ClassPathJar]:
-    """The app's class path after the app jar: the manifest's Class-Path entries (and theirs,
-    depth first, as the JVM reads them), then each --lib jar (and its Class-Path entries).
+# ---------------------------------------------------------------------------------------------
+# Class path resolution
 
-    An entry of the app jar's own Class-Path that is missing is an error; a missing entry of a
-    library's Class-Path is skipped with a warning, as the JVM skips it.
+@dataclass(frozen=True)
+class ClassPathJar:
+    """One entry of the resolved class path: a jar, or a directory (`info.directory`).
+    `files` are the (guest path, host file) pairs it puts into the image."""
+
+    host: Path
+    guest: str
+    info: JarFile
+    files: tuple[tuple[str, Path], ...] = ()
+    anchored: str | None = None   # the absolute host path it was placed by (GUEST_HOST_DIR + it), else None
+
+
+def read_dir(path: Path) -> tuple[JarFile, tuple[tuple[str, Path], ...]]:
+    """A class directory as the JVM reads it: every regular file below it, symlinks followed (a
+    directory reached twice through links is read once). Returns its index and (relative path,
+    host file) pairs in sorted order."""
+    files: dict[str, Path] = {}
+    seen_dirs: set[str] = set()
+
+    def walk(host: Path, rel: str) -> None:
+        real = os.path.realpath(host)
+        if real in seen_dirs:
+            return
+        seen_dirs.add(real)
+        try:
+            children = sorted(os.scandir(host), key=lambda e: e.name)
+        except OSError as exc:
+            raise UsageError(f"cannot read the class directory {host}: {exc.strerror}") from None
+        for child in children:
+            name = f"{rel}{child.name}"
+            if child.is_dir():
+                walk(Path(child.path), name + "/")
+            elif child.is_file():
+                files[name] = Path(child.path)
+
+    walk(path, "")
+    entries = frozenset(files)
+    info = JarFile(path=path, manifest=None, entries=entries, multi_release=False,
+                   modular="module-info.class" in entries, directory=True)
+    return info, tuple(sorted(files.items()))
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """A jar whose Class-Path is being followed: where its entries resolve from."""
+
+    info: JarFile
+    guest_dir: str               # its directory in the guest (relative entries placed by today's rule)
+    anchored: str | None = None  # its absolute host path when it was placed by GUEST_HOST_DIR
+
+
+def resolve_class_path(app: JarFile, libs: list[Path], *, strict: bool = False) -> list[ClassPathJar]:
+    """The app's class path after the app jar, as the JVM builds it: each jar's Class-Path
+    entries right after it (depth first), then each --lib jar (and its Class-Path entries).
+
+    Relative entries of the app jar and of jars placed relative to it keep their relative path
+    under /app/, --lib jars go to /app/lib/; absolute entries (and everything reached from them)
+    go to GUEST_HOST_DIR + their host path. A file reached twice (compared by resolved path:
+    an absolute entry and a --lib, a cycle) is taken once, where it was first reached.
+
+    A missing relative entry of the app jar's own Class-Path is an error (a jar the app ships
+    beside itself, not copied). Any other entry the JVM would skip (missing, not a local file) is
+    skipped with one warning line per jar naming its entries, or with `strict` an error.
     """
     result: list[ClassPathJar] = []
     seen: dict[Path, str] = {app.path.resolve(): GUEST_APP_JAR}
     by_guest: dict[str, Path] = {GUEST_APP_JAR: app.path}
 
-    def add(host: Path, guest: str, info: JarFile) -> bool:
-        key = host.resolve()
+    def add(item: ClassPathJar) -> bool:
+        key = item.host.resolve()
         if key in seen:
             return False
-        if guest in by_guest:
-            raise UsageError(f"two different jars would both be {guest} in the guest: {by_guest[guest]} and {host}",
-                             hint="rename one of them")
-        seen[key] = guest
-        by_guest[guest] = host
-        result.append(ClassPathJar(host, guest, info))
+        if item.guest in by_guest:
+            raise UsageError(f"two different class path entries would both be {item.guest} in the guest: "
+                             f"{by_guest[item.guest]} and {item.host}", hint="rename one of them")
+        if ":" in item.guest:
+            raise UsageError(f"class path entry {item.host} would be {item.guest} in the guest, and ':' "
+                             f"separates class path entries", hint="rename it without ':'")
+        seen[key] = item.guest
+        by_guest[item.guest] = item.host
+        result.append(item)
         return True
 
-    def follow(owner: JarFile, guest_dir: str, strict: bool) -> None:
-        value = manifest_value(owner.manifest, "Class-Path") if owner.manifest else None
-        for entry in parse_class_path(value):
-            where = f"Class-Path entry {entry!r} of {owner.path}"
-            if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", entry) or entry.startswith("/"):
-                if not strict:
-                    ui.current().warn(f"skipping {where}: not a relative path")
-                    continue
-                raise UsageError(f"{where} is not a relative path; jvmkit places Class-Path jars under /app/",
-                                 hint="put the jar beside the app jar and refer to it relatively, or pass it with --lib")
-            if entry.endswith("/"):
-                raise UsageError(f"{where} is a directory; jvmkit packs only jars on the class path",
-                                 hint="package those classes as a jar and pass it with --lib")
-            guest = _guest_path(guest_dir, entry)
-            if guest is None:
-                raise UsageError(f"{where} points outside the jar's directory; in the guest it would leave /app/",
-                                 hint="move the jar beside (or below) the app jar, or pass it with --lib")
-            host = owner.path.parent / entry
-            if not host.exists():
-                if strict:
-                    raise UsageError(f"{where} is missing: {host} does not exist",
-                                     hint="put the jar there, or fix the manifest's Class-Path")
-                ui.current().warn(f"skipping {where}: {host} does not exist (the JVM skips it too)")
-                continue
-            info = read_jar(host, role=f"Class-Path jar {entry!r} of {owner.path.name}:")
-            if add(host, guest, info):
-                follow(info, posixpath.dirname(guest), strict=False)
+    def skipped(owner: JarFile, missed: list[tuple[str, str]]) -> None:
+        """One warning line per jar, naming it and each entry it skips."""
+        if len(missed) == 1:
+            raw, why = missed[0]
+            ui.current().warn(f"skipping Class-Path entry {raw!r} of {owner.path}: {why} (the JVM skips it too)")
+        elif missed:
+            listed = "; ".join(f"{raw!r} ({why})" for raw, why in missed)
+            ui.current().warn(f"skipping {len(missed)} Class-Path entries of {owner.path} (the JVM skips them too): "
+                              f"{listed}")
 
-    follow(app, GUEST_APP_DIR, strict=True)
+    def follow(owner: _Owner) -> None:
+        jar = owner.info
+        value = manifest_value(jar.manifest, "Class-Path") if jar.manifest else None
+        missed: list[tuple[str, str]] = []
+        for entry in map(parse_entry, class_path_tokens(value)):
+            where = f"Class-Path entry {entry.raw!r} of {jar.path}"
+            if entry.kind == "ignored":
+                if strict:
+                    raise UsageError(f"{where} cannot be loaded: {entry.reason}",
+                                     hint="fix the jar's manifest Class-Path, or pack without strict class path checking")
+                missed.append((entry.raw, entry.reason))
+                continue
+            if entry.kind == "absolute" or owner.anchored:
+                anchored = entry.path if entry.kind == "absolute" else \
+                    posixpath.normpath(posixpath.join(posixpath.dirname(owner.anchored), entry.path))
+                host, guest = Path(anchored), guest_path_for_host(anchored)
+            else:
+                anchored = None
+                guest = _guest_path(owner.guest_dir, entry.path)
+                if guest is None:
+                    raise UsageError(f"{where} points outside the jar's directory; in the guest it would leave /app/",
+                                     hint="move the jar beside (or below) the app jar, or pass it with --lib")
+                host = jar.path.parent / entry.path
+            present = host.is_dir() if entry.directory else host.exists()
+            if not present:
+                state = "is not a directory" if entry.directory and host.exists() else "does not exist"
+                if (strict or (jar is app and entry.kind == "relative")):
+                    raise UsageError(f"{where} is missing: {host} {state}",
+                                     hint="put it there, or fix the jar's manifest Class-Path")
+                missed.append((entry.raw, f"{host} {state}"))
+                continue
+            if entry.directory:
+                info, tree = read_dir(host)
+                files = tuple((f"{guest}/{rel}", file) for rel, file in tree)
+                add(ClassPathJar(host, guest, info, files, anchored))  # a directory has no Class-Path
+                continue
+            info = read_jar(host, role=f"Class-Path jar {entry.raw!r} of {jar.path.name}:")
+            if add(ClassPathJar(host, guest, info, ((guest, host),), anchored)):
+                follow(_Owner(info, posixpath.dirname(guest), anchored))
+        skipped(jar, missed)
+
+    follow(_Owner(app, GUEST_APP_DIR))
     for lib in libs:
         lib = Path(lib)
         info = read_jar(lib, role="--lib")
         guest = f"{GUEST_LIB_DIR}/{lib.name}"
-        if add(lib, guest, info):
-            follow(info, GUEST_LIB_DIR, strict=False)
+        if add(ClassPathJar(lib, guest, info, ((guest, lib),))):
+            follow(_Owner(info, GUEST_LIB_DIR))
+    check_layout([(GUEST_APP_JAR, app.path)] + [f for item in result for f in item.files])
     return result
+
+
+def check_layout(files: list[tuple[str, Path]]) -> None:
+    """Refuse an image layout where one guest path would be both a file and a directory, or two
+    host files the same guest file (pure but for the error)."""
+    by_path: dict[str, Path] = {}
+    for guest, host in files:
+        if guest in by_path and by_path[guest].resolve() != host.resolve():
+            raise UsageError(f"{by_path[guest]} and {host} would both be {guest} in the guest",
+                             hint="rename one of them")
+        by_path.setdefault(guest, host)
+    for guest, host in by_path.items():
+        parent = posixpath.dirname(guest)
+        while parent not in ("/", GUEST_APP_DIR):
+            if parent in by_path:
+                raise UsageError(f"{by_path[parent]} would be the file {parent} in the guest, but {host} "
+                                 f"needs a directory there ({guest})", hint="rename one of them")
+            parent = posixpath.dirname(parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,18 +559,12 @@ def run_jdeps(jdk: Jdk, jars: list[Path]) -> list[str]:
     """The JDK modules the jars use, by jdeps of the given JDK (filtered to the JDK's modules)."""
     jdeps = jdk.require_tool("jdeps")
     cmd = jdeps_command(jdeps, jars, jdk.release)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JDEPS_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise JvmkitError(f"jdeps took longer than {JDEPS_TIMEOUT} s on {jars[0]}",
-                          hint="pass the modules with --add-modules and a profile without jdeps") from None
-    except OSError as exc:
-        raise JvmkitError(f"cannot run {jdeps}: {exc}") from None
-    output = proc.stdout + "\n" + proc.stderr
-    if proc.returncode != 0 or re.search(r"^Exception in thread", proc.stderr, re.M):
-        raise JvmkitError(f"jdeps failed on {jars[0]}: {explain_jdeps_failure(proc.stderr or proc.stdout)}",
+    done = proc.run(cmd, what=f"jdeps on {jars[0]}", timeout=JDEPS_TIMEOUT, check=False,
+                    hint="pass the modules with --add-modules and a profile without jdeps")
+    if done.returncode != 0 or re.search(r"^Exception in thread", done.stderr, re.M):
+        raise JvmkitError(f"jdeps failed on {jars[0]}: {explain_jdeps_failure(done.stderr or done.stdout)}",
                           hint="check that the jar and its class path jars are intact")
-    return parse_module_deps(proc.stdout, known=set(jdk.modules())) or ["java.base"]
+    return parse_module_deps(done.stdout, known=set(jdk.modules())) or ["java.base"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +572,10 @@ def run_jdeps(jdk: Jdk, jars: list[Path]) -> list[str]:
 
 @dataclass(frozen=True)
 class AppSpec:
-    """The analysed application. `class_path[i]` is the host file that becomes
-    `guest_class_path[i]` in the guest; index 0 is the app jar (/app/app.jar)."""
+    """The analysed application. `class_path[i]` is the host jar or class directory that becomes
+    `guest_class_path[i]` in the guest; index 0 is the app jar (/app/app.jar). `files` are the
+    (guest path, host file) pairs the image must hold for that class path, sorted by guest path:
+    each jar, and each file below a class directory (so image writers only ever add files)."""
 
     jar: Path
     main_class: str
@@ -412,6 +595,7 @@ class AppSpec:
     app_args: tuple[str, ...] = ()
     main_class_source: str = "manifest"   # "manifest" or "--main"
     manifest: dict = field(default_factory=dict, compare=False, repr=False)
+    files: tuple[tuple[str, Path], ...] = ()
 
     def to_dict(self) -> dict:
         """The app section of manifest.json. Host paths are left out (only the jar's file name),
@@ -436,9 +620,11 @@ class AppSpec:
 
 
 def analyze(jar: Path, *, main: str | None = None, libs: list[Path] = (), add_modules: list[str] = (),
-            jvm_args: list[str] = (), app_args: list[str] = (), jdk: JdkTools) -> AppSpec:
+            jvm_args: list[str] = (), app_args: list[str] = (), jdk: JdkTools,
+            strict_class_path: bool = False) -> AppSpec:
     """Analyse an app jar and its class path with the given JDK; raises UsageError/JvmkitError
-    with one line naming the bad input."""
+    with one line naming the bad input. `strict_class_path` turns every Class-Path entry the JVM
+    would skip (missing, not a local file) into an error instead of a warning."""
     jar = Path(jar)
     app = read_jar(jar)
     if main is not None:
@@ -457,7 +643,7 @@ def analyze(jar: Path, *, main: str | None = None, libs: list[Path] = (), add_mo
             raise UsageError(f"Main-Class {value!r} in {jar}'s manifest is not a Java class name",
                              hint="fix the manifest, or pass --main CLASS")
     add = check_add_modules(add_modules, jdk.modules(), jdk.home)
-    class_path = resolve_class_path(app, [Path(p) for p in libs])
+    class_path = resolve_class_path(app, [Path(p) for p in libs], strict=strict_class_path)
 
     holder = next((j for j in [app] + [c.info for c in class_path] if j.class_entry(main_class, jdk.release)), None)
     if holder is None:
@@ -508,4 +694,15 @@ def analyze(jar: Path, *, main: str | None = None, libs: list[Path] = (), add_mo
         app_args=tuple(app_args),
         main_class_source=source,
         manifest=dict(manifest),
+        files=image_files(jar, class_path),
     )
+
+
+def image_files(jar: Path, class_path: list[ClassPathJar]) -> tuple[tuple[str, Path], ...]:
+    """The (guest path, host file) pairs of the app jar and its class path, sorted by guest path,
+    each guest path once (a jar that is also inside a class directory is the same file)."""
+    files = {GUEST_APP_JAR: jar}
+    for item in class_path:
+        for guest, host in item.files:
+            files.setdefault(guest, host)
+    return tuple(sorted(files.items()))
