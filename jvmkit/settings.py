@@ -238,6 +238,8 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="CLASS"),
     Setting("libs", ListOf(PATH), PACK, ("--lib",), "libs", (), "Extra class-path jar (repeatable).",
             metavar="JAR"),
+    Setting("strict_class_path", FLAG, PACK, ("--strict-class-path",), "strict_class_path", False,
+            "Refuse a manifest Class-Path entry that does not exist (default: skip it with a warning, as the JVM does)."),
     Setting("add_modules", ListOf(TEXT, split=","), PACK, ("--add-modules",), "add_modules", (),
             "JDK modules to add to what jdeps finds (repeatable).", metavar="M[,M...]"),
     Setting("jvm_args", ListOf(TEXT), PACK, ("--jvm-arg",), "jvm_args", (), "JVM option for the guest (repeatable).",

@@ -7,14 +7,12 @@ The app (tests/classpath_apps.py): app.jar -> lib/r.jar, /abs/b.jar (-> c.jar ->
 under a short /tmp directory, because the guest class path carries the host paths and OSv's boot
 command line holds 1023 bytes.
 
-The `full` variant has the class directory entry; the image writers take only files, so it needs
-pack.py to put `AppSpec.files` into the image (`app_files = sorted(app.files)`) instead of pairing
-the class path with its guest paths, and is skipped until pack.py does.
+The `full` variant has the class directory entry too, which pack puts into the image file by file
+(`AppSpec.files`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -26,14 +24,12 @@ from pathlib import Path
 import pytest
 
 import classpath_apps
-from jvmkit.packager import osv_kernels
-from jvmkit.packager import pack as packing
+from jvmkit.packager.kernels import osv as osv_kernels
 
 pytestmark = pytest.mark.vm
 
 JVMKIT = [sys.executable, "-m", "jvmkit"]
 BOOT_TIMEOUT = 240
-PACK_PLACES_FILES = "app.files" in inspect.getsource(packing.pack)
 
 
 def jvmkit(*args, timeout=BOOT_TIMEOUT) -> subprocess.CompletedProcess:
@@ -72,8 +68,7 @@ TARGETS = [
 ]
 VARIANTS = [
     pytest.param("jars", id="jars"),
-    pytest.param("full", id="full", marks=pytest.mark.skipif(
-        not PACK_PLACES_FILES, reason="the class directory needs pack.py to place AppSpec.files")),
+    pytest.param("full", id="full"),
 ]
 
 

@@ -1,9 +1,8 @@
 """`jvmkit pack` and Class-Path entries the JVM would skip, through the real CLI.
 
-NEEDS THE FLAG: the strict tests below need `jvmkit pack --strict-class-path` and the jvmkit.toml
-key `strict_class_path` (both passed on as `jar.analyze(..., strict_class_path=True)`), which the
-lead adds when merging the CLI option table; until then they skip, saying so. The default
-(lenient) behaviour is tested here without them.
+`jvmkit pack --strict-class-path` and the jvmkit.toml key `strict_class_path` (both passed on as
+`jar.analyze(..., strict_class_path=True)`) make such an entry an error; by default it is skipped
+with one warning.
 
 The app is tests/classpath_apps.py's chain: two entries are missing (c.jar's `gone.jar`, the app
 jar's /abs/missing.jar). Packs aim at an OSv kernel that does not exist: the class path is
@@ -19,7 +18,6 @@ import sys
 import pytest
 
 import classpath_apps
-from jvmkit import config
 
 JVMKIT = [sys.executable, "-m", "jvmkit"]
 
@@ -28,15 +26,6 @@ def jvmkit(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, cwd=cwd)
 
-
-def _has_flag() -> bool:
-    return "--strict-class-path" in jvmkit("pack", "--help", timeout=60).stdout
-
-
-needs_flag = pytest.mark.skipif(not _has_flag(), reason="needs `jvmkit pack --strict-class-path` (added by the lead "
-                                                        "when merging the CLI option table)")
-needs_toml_key = pytest.mark.skipif("strict_class_path" not in config.SCHEMA,
-                                    reason="needs the jvmkit.toml key strict_class_path (added by the lead)")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,6 @@ def _one_line_class_path_error(proc, chain, out) -> None:
     assert not out.exists()
 
 
-@needs_flag
 def test_strict_class_path_flag_makes_a_missing_entry_an_error(chain, tmp_path):
     out = tmp_path / "app.jvmkit"
     proc = jvmkit("pack", chain.app, "--strict-class-path", "--target", "osv",
@@ -77,7 +65,6 @@ def test_strict_class_path_flag_makes_a_missing_entry_an_error(chain, tmp_path):
     _one_line_class_path_error(proc, chain, out)
 
 
-@needs_toml_key
 def test_strict_class_path_in_jvmkit_toml(chain, tmp_path):
     out = tmp_path / "app.jvmkit"
     (tmp_path / "jvmkit.toml").write_text(f'jar = "{chain.app}"\nstrict_class_path = true\ntarget = "osv"\n'

@@ -29,7 +29,7 @@ from pathlib import Path
 from jvmkit import proc, ui
 from jvmkit.balloon.agent_build import LAUNCHER_MAIN, WARMUP_MAIN
 from jvmkit.cache import ensure_entry
-from jvmkit.errors import JvmkitError
+from jvmkit.errors import JvmkitError, UsageError
 
 GUEST_ARCHIVE = "/jvmkit/app.jsa"
 GUEST_LAUNCHER_ARCHIVE = "/jvmkit/launcher.jsa"
@@ -66,9 +66,17 @@ def launcher_archive(*, runtime: Path, runtime_key: str, agent: tuple[str, Path]
 
 def train(*, runtime: Path, jvm_flags: list[str], main_class: str, app_args: list[str],
           app_files: list[tuple[str, Path]], mtime: int, timeout: float, dest: Path,
-          what: str | None = None) -> Path:
-    """Run the training and write the archive to `dest`; returns it. The class path is the jars of
-    `app_files` in their order."""
+          what: str | None = None, class_path: list[str] | None = None) -> Path:
+    """Run the training and write the archive to `dest`; returns it. The class path is
+    `class_path` (guest paths, in the guest's order), else the jars of `app_files` in their order.
+    The JDK refuses to archive with a class directory on the class path ("Cannot have non-empty
+    directory in paths"), so a class path with one is refused here, in one line."""
+    if class_path is None:
+        class_path = [g for g, _ in app_files if g.endswith(".jar")]
+    dirs = [entry for entry in class_path if entry.endswith("/")]
+    if dirs:
+        raise UsageError(f"--appcds: the class path has a class directory ({dirs[0]}), which the JDK's CDS "
+                         "cannot archive", hint="package those classes in a jar, or pack without --appcds")
     console = ui.current()
     with tempfile.TemporaryDirectory(prefix="jvmkit-appcds.") as tmp:
         root = Path(tmp)
@@ -78,7 +86,7 @@ def train(*, runtime: Path, jvm_flags: list[str], main_class: str, app_args: lis
             shutil.copyfile(host, target)
             os.utime(target, (mtime, mtime))  # the guest's files carry the image's fixed time
         archive = root / "app.jsa"
-        cp = ":".join(relative_class_path([g for g, _ in app_files if g.endswith(".jar")]))
+        cp = ":".join(relative_class_path(list(class_path)))
         argv = [str(runtime / "bin" / "java"), *jvm_flags, f"-XX:ArchiveClassesAtExit={archive}",
                 "-cp", cp, main_class, *app_args]
         label = what or f"AppCDS: training run of {main_class} on the host (at most {timeout:g}s)"

@@ -136,7 +136,8 @@ def pack(req: PackRequest) -> PackResult:
     t = time.monotonic()
     console.info(f"jvmkit: packing {req.jar} for target {target.name} (profile {profile.name}, JDK {jdk.version})")
     app = jars.analyze(req.jar, main=req.main, libs=list(req.libs), add_modules=list(req.add_modules),
-                       jvm_args=list(req.jvm_args), app_args=list(req.app_args), jdk=jdk)
+                       jvm_args=list(req.jvm_args), app_args=list(req.app_args), jdk=jdk,
+                       strict_class_path=req.strict_class_path)
     t = lap("analyze", t)
     # The kernel first: a missing one is the likeliest failure, and it needs no runtime to find out.
     kernel = target.resolve_kernel(req.kernel, suite=req.suite, mirror=req.mirror)
@@ -157,7 +158,7 @@ def pack(req: PackRequest) -> PackResult:
     t = lap("runtime", t)
     agent = agent_build.build_agent(jdk.javac, jdk.release)
     t = lap("agent", t)
-    app_files = sorted(zip(app.guest_class_path, app.class_path), key=lambda pair: pair[0])
+    app_files = list(app.files)  # (guest path, host file), sorted; class directories file by file
     mtime = source_date_epoch()
     class_path = list(app.guest_class_path)
     archive = None
@@ -172,12 +173,13 @@ def pack(req: PackRequest) -> PackResult:
         if req.appcds:
             jvm_flags = [*profile_flags, *app.manifest_jvm_flags, *req.jvm_args]
             files = [(g, Path(h)) for g, h in app_files]
-            main, args = app.main_class, list(req.app_args)
+            main, args, train_cp = app.main_class, list(req.app_args), list(app.guest_class_path)
             if launcher:  # through the Launcher with the agent jar first, as the guest starts it
                 files, main, args = [(GUEST_AGENT, Path(agent.agent_jar)), *files], LAUNCHER_MAIN, [main, *args]
+                train_cp = [GUEST_AGENT, *train_cp]
             trained = appcds.train(runtime=runtime.path, jvm_flags=jvm_flags, main_class=main, app_args=args,
                                    app_files=files, mtime=guest_mtime, timeout=req.train_timeout,
-                                   dest=staging / ".app.jsa")
+                                   dest=staging / ".app.jsa", class_path=train_cp)
             app_files.append((appcds.GUEST_ARCHIVE, trained))
             class_path, archive = appcds.relative_class_path(class_path), appcds.GUEST_ARCHIVE
             t = lap("appcds", t)
