@@ -247,7 +247,7 @@ class Controller:
             self.last_floor = policy.floor_for(after, settings)
             achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target,
                             floor=self.last_floor.to_dict())
-            if target < before.balloon_actual_mib:
+            if target != before.balloon_actual_mib:  # above it too: a guest under its floor gets memory back
                 self.balloon.set(target * MIB)
             return achieved
         target = d.balloon_target_mib
