@@ -349,15 +349,26 @@ def balloon():
 @click.argument("name", required=False)
 @output_options()
 def balloon_status(name):
-    """Show memory, balloon, heap and the last balloon decision of running VMs."""
+    """Show memory, balloon, heap and the last balloon decision of running VMs.
+
+    GUEST MEM is the memory the balloon leaves the guest (JSON guest_mib), BALLOON the balloon's
+    size, what it holds back of MEMORY (balloon_mib).
+    """
     from jvmkit.balloon.control import status_rows
 
     rows = status_rows(name)
-    lines = [f"{'NAME':<28} {'MEMORY':>7} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10}  LAST DECISION"]
+    lines = [f"{'NAME':<28} {'MEMORY':>7} {'GUEST MEM':>9} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10}  "
+             f"LAST DECISION"]
     for r in rows:
-        lines.append(f"{r['name']:<28} {r['memory_mib']:>6}M {_mib(r.get('guest_mib')):>8} "
-                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10}  "
-                     f"{r.get('last') or ('no balloon (run with --balloon)' if not r.get('controlled') else 'waiting for the guest agent')}")
+        head = f"{r['name']:<28} {_mib(r.get('memory_mib')):>7} "
+        if not r.get("controlled"):
+            lines.append(head + r["note"])
+            continue
+        last = r.get("last") or r.get("note") or ""
+        if r.get("above_set_ceiling") and r.get("last"):
+            last = f"{r['note']}; {last}"
+        lines.append(head + f"{_mib(r.get('guest_mib')):>9} {_mib(r.get('balloon_mib')):>8} "
+                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10}  {last}")
     ui.current().result("\n".join(lines) if rows else "no VMs are running", {"vms": rows})
 
 
@@ -373,16 +384,15 @@ def _mib(value) -> str:
 def balloon_set(name, size, timeout):
     """Set the memory VM NAME may use to SIZE (e.g. 384M).
 
-    With --balloon running, the guest's heap is shrunk first and the balloon never goes below the
-    floor that keeps the live heap safe; the result says where it stopped.
+    Needs a VM run with --balloon: the guest's heap is shrunk first, and the balloon stops at the
+    floor — what the guest needs (live heap + headroom + what it uses besides the heap + a reserve
+    above its low-memory mark) or --min-memory, whichever is higher; the answer says which. If the
+    app grows later, the guest gets memory back above SIZE rather than starve.
     """
-    from jvmkit.balloon.control import set_target
+    from jvmkit.balloon.control import set_line, set_target
 
     result = set_target(name, parse_mib(size, "SIZE"), timeout)
-    line = f"{name}: guest memory target {result['target_mib']}M"
-    if result.get("floor_limited"):
-        line += f" (asked {result['requested_mib']}M; stopped at the floor that keeps the live heap)"
-    ui.current().result(line, result)
+    ui.current().result(set_line(name, result), result)
 
 
 # ---- entry point -------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """The balloon policy as a table: sensor readings in, decisions out (pure, no VM)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from jvmkit.balloon.policy import MIB, Inputs, Settings, decide, default_floor_mib, on_lost_contact
@@ -78,7 +83,7 @@ def test_manual_request_asks_hooks_then_stops_at_the_safe_floor():
     i = inputs(heap_used=300 * MIB, heap_committed=400 * MIB)
     settings = with_manual_ceiling(S, 100)
     assert settings.ceiling == S.min_memory_mib and settings.memory_mib == S.memory_mib
-    d = decide(i, settings)
+    d = decide(i, settings, request=True)
     assert d.action == "shrink"
     assert d.heap_target < 300 * MIB  # below the used heap: the shrinker hooks are asked
     assert d.heap_target >= 150 * MIB  # but never more than max_release of it at once
@@ -164,3 +169,194 @@ def test_final_target_never_takes_committed_heap():
     target = final_balloon_target(d, after, S)
     need = (kernel_reserved_bytes(after, S) + non_heap_bytes(after, S) + 420 * MIB) / MIB
     assert target >= need
+
+
+# ---- `balloon set`: the floor, the low-memory mark, growth above the ceiling -----------------------
+#
+# The guest below is laid out like the 1 GiB `--balloon` guest of issue 13: MemTotal 1000 MiB
+# (24 MiB kept by the kernel), 144 MiB used besides the heap (runtime files in RAM, metaspace,
+# threads), so "guest non-heap" is 168 MiB; balloon deflated (1024 MiB).
+
+def guest(heap_used_mib, heap_committed_mib, *, actual=1024, non_heap_mib=144, **kw):
+    """Inputs whose guest stats add up: available = what the balloon leaves - non-heap - committed."""
+    available = 1000 - (1024 - actual) - non_heap_mib - heap_committed_mib
+    assert available >= 0, "inconsistent row"
+    return inputs(heap_used=heap_used_mib * MIB, heap_committed=heap_committed_mib * MIB,
+                  balloon_actual_mib=actual, guest_available=available * MIB, **kw)
+
+
+SET_CASES = [
+    # name, settings, inputs before, heap (used, committed) after the shrink, SIZE asked,
+    #   target expected, stopped_by expected, text the answer must hold
+    ("floor from the guest's stats, above --min-memory", S, guest(180, 600), (180, 200), 100,
+     428, "guest", "stopped at 428M: live heap 180M + headroom 32M + guest non-heap 168M + reserve 48M; "
+                   "--min-memory is 256M"),
+    # at 256M this guest would have 18 MiB available, under the 24 MiB low mark (the issue's case)
+    ("a 256M ceiling under the low mark is refused", S, guest(60, 300), (60, 70), 100,
+     308, "guest", "live heap 60M + headroom 32M + guest non-heap 168M"),
+    ("--min-memory above what the guest needs", Settings(memory_mib=1024, min_memory_mib=400),
+     guest(20, 300, non_heap_mib=60), (20, 30), 100,
+     400, "min-memory", "stopped at 400M: --min-memory; the guest needs 184M"),
+    ("the committed heap the GC kept counts", S, guest(100, 600), (100, 300), 100,
+     516, "guest", "live heap 100M + headroom 200M"),
+    ("no guest stats: non-heap assumed", S, inputs(heap_used=100 * MIB, heap_committed=500 * MIB,
+                                                   guest_total=None, guest_available=None), (100, 120), 100,
+     372, "guest", "guest non-heap 192M (assumed"),
+    ("the guest needs all of --memory", Settings(memory_mib=512, min_memory_mib=128),
+     inputs(heap_used=350 * MIB, heap_committed=400 * MIB, balloon_actual_mib=512, guest_total=490 * MIB,
+            guest_available=30 * MIB), (350, 400), 100,
+     512, "memory", "stopped at 512M: all of --memory"),
+    # asked more than it needs: the guest gets what it needs (heap target + non-heap + reserve)
+    ("a request above the need is not a floor", S, guest(180, 600), (180, 200), 600,
+     24 + 144 + 225 + 48, None, ""),
+]
+
+
+@pytest.mark.parametrize("name,s,before,after_heap,asked,target,by,text", SET_CASES, ids=[c[0] for c in SET_CASES])
+def test_set_stops_at_the_floor_and_says_why(name, s, before, after_heap, asked, target, by, text):
+    from jvmkit.balloon.policy import after_shrink, final_balloon_target, floor_for, set_outcome, with_manual_ceiling
+
+    settings = with_manual_ceiling(s, asked)
+    d = decide(before, settings, request=True)
+    after = after_shrink(before, after_heap[0] * MIB, after_heap[1] * MIB) if d.action == "shrink" else before
+    got = final_balloon_target(d, after, settings)
+    answer = set_outcome(asked, got, floor_for(after, settings), d)
+    assert (got, answer["stopped_by"]) == (target, by), answer
+    assert text in answer["why"], answer["why"]
+    assert answer["floor_limited"] == (by is not None)
+    assert answer["floor"]["min_memory_mib"] == s.min_memory_mib and answer["floor"]["floor_by"] in (
+        "guest", "min-memory", "memory")
+
+
+@pytest.mark.parametrize("asked", [64, 100, 200, 256, 300, 400])
+@pytest.mark.parametrize("heap", [(5, 20), (60, 70), (180, 200), (300, 400)])
+def test_set_never_leaves_the_guest_under_its_low_mark(asked, heap):
+    """Whatever is asked, the target applied after the shrink leaves the guest above its low mark."""
+    from jvmkit.balloon.policy import after_shrink, final_balloon_target, projected_available_mib, with_manual_ceiling
+
+    before = guest(heap[0], 600)
+    settings = with_manual_ceiling(S, asked)
+    d = decide(before, settings, request=True)
+    after = after_shrink(before, heap[0] * MIB, heap[1] * MIB)
+    target = final_balloon_target(d, after, settings)
+    assert projected_available_mib(after, target) >= 2 * S.guest_low_available_mib, (target, d)
+
+
+GROWTH_CASES = [
+    # name, inputs (under a `balloon set 100M` ceiling of 256M), action, check
+    ("guest low at the set ceiling gets memory back above it", guest(60, 70, actual=256, non_heap_mib=147),
+     "grow", lambda d, i: d.balloon_target_mib > 256 and d.numbers["above_set_ceiling"]
+     and d.balloon_target_mib - i.balloon_actual_mib + i.guest_available / MIB >= 2 * S.guest_low_available_mib),
+    ("heap rising above the set ceiling grows, not shrinks", guest(100, 110, actual=320, heap_used_prev=50 * MIB),
+     "grow", lambda d, i: d.balloon_target_mib > 320 and "rising" in d.reason and "balloon set" in d.reason),
+    ("slow growth at the set ceiling gets what the live heap needs", guest(50, 60, actual=256, heap_used_prev=45 * MIB),
+     "grow", lambda d, i: d.balloon_target_mib == 50 + 32 + 168 + 48 and "balloon set" in d.reason),
+    ("heap used near committed at the set ceiling grows above it", guest(58, 60, actual=256, heap_used_prev=56 * MIB),
+     "grow", lambda d, i: d.balloon_target_mib > 256),
+    ("after a set, later rounds never squeeze below the live heap", guest(300, 400, actual=800),
+     "shrink", lambda d, i: d.heap_target >= 300 * MIB and d.balloon_target_mib >= 300 + 32 + 168 + 48),
+    ("an idle guest still gives memory back down to the set ceiling", guest(5, 400, actual=800),
+     "shrink", lambda d, i: d.balloon_target_mib == 256 and not d.numbers["above_set_ceiling"]),
+]
+
+
+@pytest.mark.parametrize("name,i,action,check", GROWTH_CASES, ids=[c[0] for c in GROWTH_CASES])
+def test_growth_after_a_set_goes_above_the_ceiling(name, i, action, check):
+    from jvmkit.balloon.policy import with_manual_ceiling
+
+    settings = with_manual_ceiling(S, 100)
+    assert settings.ceiling == 256
+    d = decide(i, settings)
+    assert d.action == action, d.reason
+    assert check(d, i), d
+    assert d.balloon_target_mib <= S.memory_mib
+
+
+def test_guest_low_with_nothing_left_to_give_holds():
+    """Fully deflated and still low: a 'deflate to the ceiling' every round could not act (issue 13)."""
+    d = decide(inputs(guest_available=10 * MIB, balloon_actual_mib=1024), S)
+    assert d.action == "hold" and "all of --memory" in d.reason
+
+
+def test_set_answer_waits_for_fresh_stats():
+    from jvmkit.balloon.policy import with_manual_ceiling
+
+    d = decide(guest(180, 600, stats_fresh=False), with_manual_ceiling(S, 100), request=True)
+    assert d.action == "hold" and d.stale_stats
+
+
+# ---- `balloon status` rows and `balloon set` on a VM without the agent --------------------------------
+
+def test_status_row_without_agent_says_so():
+    from jvmkit.balloon.control import NO_AGENT, status_row
+
+    row = status_row("plain", {"memory_mib": 1024, "jmx": None}, None, 1024 * MIB)
+    assert not row["controlled"] and row["note"] == NO_AGENT and row["guest_mib"] is None
+
+
+def test_status_row_names_guest_memory_and_balloon_and_growth_above_the_ceiling():
+    from jvmkit.balloon.control import status_row
+
+    last = {"event": "decision", "action": "grow", "reason": "heap use rising fast: above the 256M ceiling",
+            "balloon_target_mib": 354, "set_ceiling_mib": 256, "achieved": {"balloon_target_mib": 354},
+            "numbers": {"heap_used_mib": 100.0, "heap_committed_mib": 110.0, "set_ceiling_mib": 256}}
+    row = status_row("vm", {"memory_mib": 1024, "balloon": {"floor_mib": 256}}, {"last": last}, 354 * MIB)
+    assert row["guest_mib"] == 354 and row["balloon_mib"] == 1024 - 354
+    assert row["above_set_ceiling"] and "above the 256M set by `balloon set`" in row["note"]
+    calm = dict(last, set_ceiling_mib=None, numbers={"heap_used_mib": 5.0})
+    assert not status_row("vm", {"memory_mib": 1024, "balloon": {"floor_mib": 256}}, {"last": calm},
+                          300 * MIB)["above_set_ceiling"]
+
+
+@pytest.fixture
+def fake_runs(tmp_path, monkeypatch):
+    """Run directories as `jvmkit run` writes them, for VMs that are not really there (the real
+    thing is in test_balloon_vm.py): this process's pid stands in for QEMU's so they count as
+    running; QMP is absent, so the guest memory reads as unknown."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    root = tmp_path / "jvmkit"
+
+    def make(name, *, balloon, status=None):
+        path = root / name
+        path.mkdir(parents=True, mode=0o700)
+        state = {"name": name, "qemu_pid": os.getpid(), "jvmkit_pid": os.getpid(), "memory_mib": 1024,
+                 "qmp": str(path / "qmp.sock"), "jmx": {"host": "127.0.0.1", "port": 1} if balloon else None}
+        if balloon:
+            state["balloon"] = {"floor_mib": 256, "ceiling_mib": 1024, "interval": 2.0}
+        (path / "state.json").write_text(json.dumps(state))
+        if status:
+            (path / "balloon.json").write_text(json.dumps(status))
+        return name
+
+    return make
+
+
+def jvmkit_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jvmkit", *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_set_without_agent_is_one_line_and_fails(fake_runs):
+    name = fake_runs("plain-vm", balloon=False)
+    proc = jvmkit_cli("balloon", "set", name, "100M")
+    assert proc.returncode == 2, proc
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no balloon agent" in proc.stderr and "--balloon" in proc.stderr
+
+
+def test_status_columns_agree_with_json(fake_runs):
+    last = {"event": "decision", "action": "hold", "reason": "change of +3 MiB is below the hysteresis (32 MiB)",
+            "balloon_target_mib": 400, "numbers": {"heap_used_mib": 120.0, "heap_committed_mib": 150.0}}
+    fake_runs("agent-vm", balloon=True, status={"last": last})
+    fake_runs("plain-vm", balloon=False)
+    human = jvmkit_cli("balloon", "status")
+    assert human.returncode == 0, human.stderr
+    header, *lines = human.stdout.splitlines()
+    assert "GUEST MEM" in header and "BALLOON" in header
+    plain = next(line for line in lines if line.startswith("plain-vm"))
+    assert plain.split() == ["plain-vm", "1024M", "no", "balloon", "agent", "(started", "without", "--balloon)"]
+    agent = next(line for line in lines if line.startswith("agent-vm")).split()
+    assert agent[:6] == ["agent-vm", "1024M", "-", "-", "120M", "150M"], agent  # QMP is absent here
+    rows = {r["name"]: r for r in json.loads(jvmkit_cli("balloon", "status", "--json").stdout)["vms"]}
+    assert {"guest_mib", "balloon_mib"} <= set(rows["agent-vm"]) and rows["agent-vm"]["heap_used_mib"] == 120.0
+    assert rows["plain-vm"]["controlled"] is False and "no balloon agent" in rows["plain-vm"]["note"]

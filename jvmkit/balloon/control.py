@@ -1,8 +1,10 @@
 """`jvmkit balloon status|set`: talking to running VMs through their run directories.
 
 A VM run with `--balloon` has a controller (jvmkit.balloon.host) that writes its last decision to
-the run directory and takes `balloon set` requests from there. A VM without one is driven over
-QMP directly, with the default floor.
+the run directory and takes `balloon set` requests from there. A VM started without it has no
+guest agent to shrink its heap first, so `balloon set` refuses it in one line (a plain
+virtio-balloon inflated under a JVM's committed heap takes nothing or starves the guest) and
+`balloon status` says so instead of showing balloon numbers for it.
 """
 
 from __future__ import annotations
@@ -16,55 +18,92 @@ from jvmkit.balloon.host import REQUEST_FILE, RESULT_FILE, STATUS_FILE, QmpBallo
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.vm.qmp import QmpError
 
+NO_AGENT = "no balloon agent (started without --balloon)"
+
+
+def has_agent(state: dict) -> bool:
+    """The VM was started with --balloon (its JMX forward is in the state from the start; the
+    controller's settings follow a moment later)."""
+    return bool(state.get("balloon") or state.get("jmx"))
+
+
+def status_row(name: str, state: dict, status: dict | None, guest_bytes: int | None) -> dict:
+    """One VM's `balloon status` row (pure): `guest_mib` is the guest memory the balloon leaves
+    the guest, `balloon_mib` the balloon's size (what it holds back of --memory)."""
+    memory = state.get("memory_mib")
+    row: dict = {"name": name, "memory_mib": memory, "controlled": has_agent(state)}
+    if not row["controlled"]:
+        row.update(guest_mib=None, balloon_mib=None, note=NO_AGENT, last=None, set_ceiling_mib=None,
+                   above_set_ceiling=False)
+        return row
+    guest = None if guest_bytes is None else guest_bytes // policy.MIB
+    row.update(guest_mib=guest, balloon_mib=None if guest is None or memory is None else max(0, memory - guest))
+    last = (status or {}).get("last")
+    if not last:
+        row.update(last=None, note="waiting for the guest agent", set_ceiling_mib=None, above_set_ceiling=False)
+        return row
+    numbers = last.get("numbers", {})
+    ceiling = last.get("set_ceiling_mib", numbers.get("set_ceiling_mib"))
+    target = (last.get("achieved") or {}).get("balloon_target_mib", last.get("balloon_target_mib"))
+    above = bool(ceiling) and max(target or 0, guest or 0) > ceiling
+    row.update(heap_used_mib=numbers.get("heap_used_mib"), heap_committed_mib=numbers.get("heap_committed_mib"),
+               set_ceiling_mib=ceiling, above_set_ceiling=above,
+               last=f"{last.get('action', last.get('event'))}: {last.get('reason', '')}", decision=last)
+    if above:
+        row["note"] = (f"above the {ceiling}M set by `balloon set`: the guest needs more, "
+                       f"so it got memory back rather than starve")
+    return row
+
 
 def status_rows(name: str | None) -> list[dict]:
     runs = [rundir.find(name)] if name else rundir.running()
     rows = []
     for run in runs:
         state = run.read_state()
-        row = {"name": run.name, "memory_mib": state.get("memory_mib"), "controlled": bool(state.get("balloon"))}
-        try:
-            row["guest_mib"] = QmpBalloon(run.qmp_socket).read()["actual"] // policy.MIB
-        except (QmpError, OSError, KeyError):
-            row["guest_mib"] = None
-        try:
-            status = json.loads((run.path / STATUS_FILE).read_text())
-            last = status["last"]
-            numbers = last.get("numbers", {})
-            row.update(heap_used_mib=numbers.get("heap_used_mib"), heap_committed_mib=numbers.get("heap_committed_mib"),
-                       last=f"{last.get('action', last.get('event'))}: {last.get('reason', '')}", decision=last)
-        except (OSError, ValueError, KeyError):
-            row["last"] = None
-        rows.append(row)
+        guest = status = None
+        if has_agent(state):
+            try:
+                guest = QmpBalloon(run.qmp_socket).read()["actual"]
+            except (QmpError, OSError, KeyError):
+                guest = None
+            try:
+                status = json.loads((run.path / STATUS_FILE).read_text())
+            except (OSError, ValueError):
+                status = None
+        rows.append(status_row(run.name, state, status, guest))
     return rows
 
 
 def set_target(name: str, target_mib: int, timeout: float) -> dict:
     run = rundir.find(name)
     state = run.read_state()
+    if not has_agent(state):
+        raise UsageError(f"VM {name!r} has no balloon agent: it was started without --balloon",
+                         hint="run it with `jvmkit run --balloon` to let `balloon set` shrink its heap")
     memory = int(state.get("memory_mib") or 0)
     if target_mib > memory:
         raise UsageError(f"SIZE {target_mib}M is above {name}'s memory ({memory}M)",
                          hint="a balloon can only give back memory the VM was started with")
-    if state.get("balloon"):
-        result_path = run.path / RESULT_FILE
-        result_path.unlink(missing_ok=True)
-        tmp = run.path / (REQUEST_FILE + ".tmp")
-        tmp.write_text(json.dumps({"target_mib": target_mib, "time": time.time()}))
-        tmp.replace(run.path / REQUEST_FILE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                return json.loads(result_path.read_text())
-            except (OSError, ValueError):
-                time.sleep(0.2)
-        raise JvmkitError(f"the balloon of {name} did not answer within {timeout:g}s",
-                          hint="is the guest agent up? see `jvmkit balloon status`")
-    floor = policy.default_floor_mib(memory)
-    target = max(target_mib, floor)
-    try:
-        QmpBalloon(run.qmp_socket).set(target * policy.MIB)
-    except (QmpError, OSError) as exc:
-        raise JvmkitError(f"cannot reach QEMU of {name}: {exc}") from None
-    return {"requested_mib": target_mib, "target_mib": target, "floor_limited": target > target_mib,
-            "reason": f"no JVM balloon for {name}: plain virtio-balloon, floor {floor}M"}
+    result_path = run.path / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    tmp = run.path / (REQUEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"target_mib": target_mib, "time": time.time()}))
+    tmp.replace(run.path / REQUEST_FILE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise JvmkitError(f"the balloon of {name} did not answer within {timeout:g}s",
+                      hint="is the guest agent up? see `jvmkit balloon status`")
+
+
+def set_line(name: str, result: dict) -> str:
+    """The human answer to `balloon set` (pure)."""
+    line = f"{name}: guest memory target {result['target_mib']}M"
+    if result.get("floor_limited"):
+        line += f" (asked {result['requested_mib']}M; {result.get('why') or 'stopped at the floor'})"
+    elif result["target_mib"] < result["requested_mib"]:
+        line += f" (asked {result['requested_mib']}M; the guest needs no more)"
+    return line

@@ -138,7 +138,9 @@ class Controller:
         self.last_time = time.monotonic()
         self.connected_once = False
         self.last_heap_used: int | None = None
-        self.manual_mib: int | None = None  # from `jvmkit balloon set`: a ceiling above the safe floor
+        self.manual_mib: int | None = None  # from `jvmkit balloon set`: a ceiling (the floor still applies)
+        self.pending_request: int | None = None  # a request waiting for fresh guest stats
+        self.last_floor: policy.Floor | None = None
         self._log = open(self.log_path, "a", buffering=1) if self.log_path else None
 
     # -- logging --
@@ -217,14 +219,23 @@ class Controller:
         settings = self.settings
         if self.manual_mib is not None:
             settings = policy.with_manual_ceiling(settings, self.manual_mib)
-        decision = policy.decide(inputs, settings)
-        achieved = self.apply(decision, inputs, settings)
+        decision = policy.decide(inputs, settings, request=request is not None)
+        achieved = self.apply(decision, inputs, settings, request=request is not None)
         self.failures = 0
-        self.log("decision", **decision.to_dict(), achieved=achieved, request_mib=request)
+        record = decision.to_dict()
+        if achieved.get("balloon_target_mib", decision.balloon_target_mib) > decision.balloon_target_mib \
+                and self.last_floor is not None:  # the floor raised the target: say so, with its numbers
+            record["reason"] += f"; {self.last_floor.describe()}"
+        self.log("decision", **record, achieved=achieved, request_mib=request,
+                 set_ceiling_mib=settings.ceiling if settings.set_ceiling else None)
         if request is not None:
-            self._write_result(request, decision, achieved)
+            if decision.stale_stats:  # answer once the guest's stats show the last change
+                self.pending_request = request
+            else:
+                self._write_result(request, decision, achieved)
 
-    def apply(self, d: policy.Decision, before: policy.Inputs, settings: policy.Settings) -> dict:
+    def apply(self, d: policy.Decision, before: policy.Inputs, settings: policy.Settings,
+              request: bool = False) -> dict:
         achieved: dict = {}
         if d.action == "shrink":
             achieved["heap_committed"] = int(self.client.shrink_to(d.heap_target))
@@ -233,14 +244,23 @@ class Controller:
             self.last_gc_ms = float(after_stats.gc_time_millis)
             after = policy.after_shrink(before, after_stats.heap_used, after_stats.heap_committed)
             target = policy.final_balloon_target(d, after, settings)
-            achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target)
-            if target < before.balloon_actual_mib:
+            self.last_floor = policy.floor_for(after, settings)
+            achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target,
+                            floor=self.last_floor.to_dict())
+            if target != before.balloon_actual_mib:  # above it too: a guest under its floor gets memory back
                 self.balloon.set(target * MIB)
             return achieved
-        elif d.action == "grow":
-            self.balloon.set(d.balloon_target_mib * MIB)
+        target = d.balloon_target_mib
+        self.last_floor = policy.floor_for(before, settings)
+        if request and not d.stale_stats:
+            # A `balloon set` never leaves the guest below its floor, even when it holds.
+            target = policy.final_balloon_target(d, before, settings)
+            achieved["floor"] = self.last_floor.to_dict()
+        if d.action == "grow" or target > before.balloon_actual_mib:
+            self.balloon.set(target * MIB)
+        if d.action == "grow":
             achieved["heap_committed"] = int(self.client.grow_to(d.heap_target))
-        achieved["balloon_target_mib"] = d.balloon_target_mib
+        achieved["balloon_target_mib"] = target
         return achieved
 
     def _guest_exited(self) -> bool:
@@ -268,19 +288,23 @@ class Controller:
 
     # -- balloon set --
     def _take_request(self) -> int | None:
+        """A new `balloon set` request (it replaces one still waiting), or the one waiting."""
         path = self.run_dir / REQUEST_FILE
         try:
             data = json.loads(path.read_text())
             path.unlink()
         except (OSError, ValueError):
-            return None
-        self.manual_mib = int(data["target_mib"])
-        return self.manual_mib
+            request, self.pending_request = self.pending_request, None
+            return request
+        requested = int(data["target_mib"])
+        self.pending_request = None
+        # A request for all of --memory lifts the ceiling.
+        self.manual_mib = requested if requested < self.settings.memory_mib else None
+        return requested
 
     def _write_result(self, requested: int, d: policy.Decision, achieved: dict) -> None:
         target = achieved.get("balloon_target_mib", d.balloon_target_mib)
-        result = {"requested_mib": requested, "target_mib": target, "action": d.action,
-                  "reason": d.reason, "floor_limited": target > requested, **achieved}
+        result = {**achieved, **policy.set_outcome(requested, target, self.last_floor, d)}
         tmp = self.run_dir / (RESULT_FILE + ".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(self.run_dir / RESULT_FILE)

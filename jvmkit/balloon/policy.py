@@ -7,19 +7,27 @@ the balloon, with the reason and the numbers behind it.
 
 Rules, in order:
 1. Heap pressure (GC overhead above `gc_overhead_grow`, heap used above `grow_used_ratio` of
-   committed while committed < max, or the guest nearly out of available memory): GROW — the
-   balloon deflates to the full `--memory` first, then the heap is allowed to grow again.
+   committed while committed < max, heap use rising fast, or the guest nearly out of available
+   memory): GROW — the balloon deflates to the ceiling first, then the heap is allowed to grow
+   again. Under a `balloon set` ceiling the guest gets what it needs above that ceiling (up to
+   `--memory`) rather than being starved, as the kernel's deflate-on-oom would do.
 2. Otherwise the heap target keeps headroom above the live heap: used × (1 + headroom) and at
    least used + `min_headroom_mib`; under host pressure (MemAvailable below `host_low_ratio` of
    host memory, or memory PSI some-avg10 above `host_psi_high`) the headroom is cut to
    `pressure_headroom`.
 3. The guest-memory target is what the guest uses besides the heap + the heap target + a reserve,
-   clamped to [floor, ceiling] (`--min-memory`, `--memory`). Never below the floor, never above the
-   ceiling; a change smaller than `hysteresis_mib` is not made (HOLD).
+   clamped to [floor, ceiling] (`--min-memory`, `--memory` or the `balloon set` ceiling). A
+   `balloon set` ceiling never takes what the guest needs (`guest_need`); a change smaller than
+   `hysteresis_mib` is not made (HOLD).
+
+The floor (`floor_for`) is the higher of what the guest needs — live heap + headroom + what the
+guest uses besides the heap (from its virtio-balloon stats) + a reserve above the guest's
+low-memory mark — and `--min-memory`. No balloon target below it is ever applied after a shrink.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 MIB = 2**20
@@ -38,18 +46,28 @@ class Settings:
     guest_reserve_mib: int = 48     # kept free in the guest besides the heap target
     gc_overhead_grow: float = 0.10  # share of wall time spent in GC that means "grow"
     grow_used_ratio: float = 0.90
-    guest_low_available_mib: int = 24
+    guest_low_available_mib: int = 24  # the guest's low-memory mark: below it, grow at once
     host_low_ratio: float = 0.10
     host_psi_high: float = 10.0
     hysteresis_mib: int = 32
-    no_stats_non_heap_mib: int = 192
+    no_stats_non_heap_mib: int = 192  # what the guest is assumed to use besides the heap without stats
     rising_mib: int = 32            # heap use growing by more than this (and rising_ratio) since the
-    rising_ratio: float = 0.25      #   last decision means the app is growing again: grow at once  # what the guest is assumed to use besides the heap without stats
-
+    rising_ratio: float = 0.25      #   last decision means the app is growing again: grow at once
 
     @property
     def ceiling(self) -> int:
         return min(self.memory_mib, self.ceiling_mib or self.memory_mib)
+
+    @property
+    def set_ceiling(self) -> bool:
+        """A `balloon set` ceiling below --memory is in force."""
+        return self.ceiling < self.memory_mib
+
+    @property
+    def reserve_mib(self) -> int:
+        """Kept available in the guest above everything it uses: at least twice the low-memory
+        mark, so a target built on it never leaves the guest at that mark."""
+        return max(self.guest_reserve_mib, 2 * self.guest_low_available_mib)
 
 
 @dataclass(frozen=True)
@@ -77,9 +95,54 @@ class Decision:
     reason: str
     host_pressure: bool
     numbers: dict
+    stale_stats: bool = False       # held only because the guest stats predate the last change
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What the guest needs to keep the app running, in whole MiB (each part rounded up, so the
+    parts add up to `total_mib`)."""
+    heap_live_mib: int              # the heap in use
+    headroom_mib: int               # above it: room to allocate, and what the heap still has committed
+    non_heap_mib: int               # the guest besides the heap: the kernel's own, runtime files in RAM,
+                                    #   metaspace, threads (from the guest's stats, or assumed)
+    reserve_mib: int                # kept available, above the guest's low-memory mark
+    from_stats: bool                # non_heap_mib comes from the guest's virtio-balloon stats
+
+    @property
+    def total_mib(self) -> int:
+        return self.heap_live_mib + self.headroom_mib + self.non_heap_mib + self.reserve_mib
+
+    def describe(self) -> str:
+        assumed = "" if self.from_stats else " (assumed: the guest reports no memory stats)"
+        return (f"live heap {self.heap_live_mib}M + headroom {self.headroom_mib}M + guest non-heap "
+                f"{self.non_heap_mib}M{assumed} + reserve {self.reserve_mib}M")
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The least guest memory a target may leave, and which limit set it."""
+    mib: int
+    by: str                         # "guest" (what it needs), "min-memory", or "memory" (all of it)
+    need: Need
+    min_memory_mib: int
+    memory_mib: int
+
+    def describe(self) -> str:
+        if self.by == "guest":
+            return f"stopped at {self.mib}M: {self.need.describe()}; --min-memory is {self.min_memory_mib}M"
+        if self.by == "min-memory":
+            return (f"stopped at {self.mib}M: --min-memory; the guest needs {self.need.total_mib}M "
+                    f"({self.need.describe()})")
+        return (f"stopped at {self.mib}M: all of --memory; the guest needs {self.need.total_mib}M "
+                f"({self.need.describe()})")
+
+    def to_dict(self) -> dict:
+        return {"floor_mib": self.mib, "floor_by": self.by, "need_mib": self.need.total_mib,
+                **asdict(self.need), "min_memory_mib": self.min_memory_mib, "memory_mib": self.memory_mib}
 
 
 def host_under_pressure(i: Inputs, s: Settings) -> bool:
@@ -110,20 +173,47 @@ def kernel_reserved_bytes(i: Inputs, s: Settings) -> int:
     return max(0, s.memory_mib * MIB - i.guest_total)
 
 
+def _up(value_bytes: float) -> int:
+    return int(math.ceil(value_bytes / MIB - 1e-9))
+
+
+def guest_need(i: Inputs, s: Settings, *, committed: bool = True) -> Need:
+    """What the guest needs (pure): the live heap with minimal headroom — and, with `committed`,
+    never less than what the heap has committed (the balloon cannot take pages the JVM holds;
+    trying starves the guest) — plus what the guest uses besides the heap, plus the reserve."""
+    used = i.heap_used
+    heap = used + max(s.min_headroom_mib * MIB, used * s.pressure_headroom)
+    if committed:
+        heap = max(heap, i.heap_committed)
+    live = _up(used)
+    stats = i.guest_total is not None and i.guest_available is not None
+    return Need(heap_live_mib=live, headroom_mib=max(0, _up(heap) - live),
+                non_heap_mib=_up(kernel_reserved_bytes(i, s) + non_heap_bytes(i, s)),
+                reserve_mib=s.reserve_mib, from_stats=stats)
+
+
+def floor_for(i: Inputs, s: Settings) -> Floor:
+    """The floor a target stops at (pure): what the guest needs or --min-memory, whichever is
+    higher, and never more than --memory."""
+    need = guest_need(i, s)
+    min_memory = min(s.min_memory_mib, s.memory_mib)
+    if need.total_mib > s.memory_mib:
+        return Floor(s.memory_mib, "memory", need, s.min_memory_mib, s.memory_mib)
+    if need.total_mib > min_memory:
+        return Floor(need.total_mib, "guest", need, s.min_memory_mib, s.memory_mib)
+    return Floor(min_memory, "min-memory", need, s.min_memory_mib, s.memory_mib)
+
+
 def safe_floor_mib(i: Inputs, s: Settings) -> int:
-    """The least guest memory that still holds the heap (pure): the live heap with minimal
-    headroom, and never less than what the heap has committed (the balloon cannot take pages the
-    JVM holds; trying starves the guest)."""
-    live = max(i.heap_used * (1 + s.pressure_headroom) + s.min_headroom_mib * MIB // 2, i.heap_committed)
-    needed = kernel_reserved_bytes(i, s) + non_heap_bytes(i, s) + live
-    return clamp_mib(needed / MIB + s.guest_reserve_mib, s)
+    """The least guest memory that still holds the heap and keeps the guest above its low mark."""
+    return floor_for(i, s).mib
 
 
 def with_manual_ceiling(s: Settings, requested_mib: int) -> Settings:
     """Settings for a `balloon set` request: the request becomes the ceiling, never below the
-    configured floor (pure). The live heap's safe floor is applied after the shrink."""
+    configured floor (pure). What the guest needs is applied on top (`floor_for`)."""
     ceiling = min(max(requested_mib, s.min_memory_mib), s.memory_mib)
-    return Settings(**{**s.__dict__, "ceiling_mib": ceiling})
+    return replace(s, ceiling_mib=ceiling)
 
 
 def after_shrink(before: Inputs, heap_used: int, heap_committed: int) -> Inputs:
@@ -137,11 +227,48 @@ def after_shrink(before: Inputs, heap_used: int, heap_committed: int) -> Inputs:
 
 def final_balloon_target(d: "Decision", after: Inputs, s: Settings) -> int:
     """The balloon target once the heap shrink is done (pure): the decision's target, raised to
-    the safe floor for the heap that is still live, so the guest is never starved."""
+    the floor for the heap that is still live, so the guest is never starved — whatever ceiling
+    `balloon set` asked for."""
     return min(s.memory_mib, max(d.balloon_target_mib, safe_floor_mib(after, s)))
 
 
-def decide(i: Inputs, s: Settings) -> Decision:
+def projected_available_mib(i: Inputs, target_mib: int) -> float | None:
+    """The guest's available memory once the balloon leaves it `target_mib` (pure; None without
+    stats): what it has now, less what the balloon would take, plus what it would give back."""
+    if i.guest_available is None:
+        return None
+    return i.guest_available / MIB - (i.balloon_actual_mib - target_mib)
+
+
+def set_outcome(requested_mib: int, target_mib: int, floor: Floor, d: Decision) -> dict:
+    """The answer to `balloon set` (pure): what was asked, what the balloon now leaves the guest,
+    and, if that is more than was asked, which limit stopped it and the numbers behind it."""
+    if target_mib <= requested_mib:
+        by, why = None, ""
+    elif d.action == "grow":
+        by, why = "growth", f"the guest is growing: {d.reason}"
+    else:
+        by, why = floor.by, (floor.describe() if target_mib == floor.mib
+                             else f"stopped at {target_mib}M: {d.reason}")
+    return {"requested_mib": requested_mib, "target_mib": target_mib, "floor_limited": by is not None,
+            "stopped_by": by, "why": why, "floor": floor.to_dict(), "action": d.action, "reason": d.reason}
+
+
+def _growth_target_mib(i: Inputs, s: Settings) -> int:
+    """Where a GROW deflates to: the ceiling, or above a `balloon set` ceiling what the growing
+    guest needs (its heap with full headroom on top of what it has committed), up to --memory."""
+    if not s.set_ceiling:
+        return s.ceiling
+    heap = max(max(i.heap_used, i.heap_committed) * (1 + s.headroom), i.heap_used + s.min_headroom_mib * MIB)
+    need = guest_need(i, s)
+    wanted = need.total_mib - need.heap_live_mib - need.headroom_mib + _up(heap)
+    return int(min(s.memory_mib, max(s.ceiling, wanted)))
+
+
+def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
+    """One decision. `request`: this round answers a `balloon set`, so a binding ceiling asks the
+    app's shrinker hooks for part of the used heap; later rounds never squeeze below the live
+    heap for that ceiling, they let the guest keep what it needs."""
     pressure = host_under_pressure(i, s)
     gc_overhead = (i.gc_time_delta_ms / 1000.0) / i.interval_s if i.interval_s > 0 else 0.0
     numbers = {"heap_used_mib": round(i.heap_used / MIB, 1), "heap_committed_mib": round(i.heap_committed / MIB, 1),
@@ -149,19 +276,29 @@ def decide(i: Inputs, s: Settings) -> Decision:
                "balloon_actual_mib": i.balloon_actual_mib,
                "guest_available_mib": None if i.guest_available is None else round(i.guest_available / MIB, 1),
                "host_available_mib": None if i.host_available is None else round(i.host_available / MIB, 1),
-               "host_psi_some_avg10": i.host_psi_some_avg10, "floor_mib": s.min_memory_mib, "ceiling_mib": s.ceiling}
+               "host_psi_some_avg10": i.host_psi_some_avg10, "floor_mib": s.min_memory_mib, "ceiling_mib": s.ceiling,
+               "set_ceiling_mib": s.ceiling if s.set_ceiling else None}
+    ceiling_note = f"the {s.ceiling}M ceiling from `balloon set`"
 
+    grow_to = _growth_target_mib(i, s)
     guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
     heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
-    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < s.ceiling
+    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < grow_to
               and i.heap_used - i.heap_used_prev > max(s.rising_mib * MIB, s.rising_ratio * i.heap_used_prev))
-    if gc_overhead > s.gc_overhead_grow or guest_low or rising or (heap_tight and i.balloon_actual_mib < s.ceiling):
+    if gc_overhead > s.gc_overhead_grow or guest_low or rising or (heap_tight and i.balloon_actual_mib < grow_to):
         why = ("GC overhead %.0f%%" % (100 * gc_overhead) if gc_overhead > s.gc_overhead_grow
                else "guest memory nearly exhausted" if guest_low
                else "heap use rising fast" if rising else "heap used near committed")
-        if i.balloon_actual_mib >= s.ceiling and not heap_tight and not guest_low:
-            return Decision("hold", i.heap_committed, s.ceiling, f"{why}, already at the ceiling", pressure, numbers)
-        return Decision("grow", i.heap_max, s.ceiling, f"{why}: deflate to the ceiling, let the heap grow",
+        numbers["above_set_ceiling"] = grow_to > s.ceiling
+        if i.balloon_actual_mib >= grow_to and not heap_tight:
+            where = "all of --memory" if grow_to >= s.memory_mib else "the ceiling"
+            return Decision("hold", i.heap_committed, i.balloon_actual_mib,
+                            f"{why}, already at {where} ({i.balloon_actual_mib} MiB)", pressure, numbers)
+        if grow_to > s.ceiling:
+            return Decision("grow", i.heap_max, grow_to,
+                            f"{why}: above {ceiling_note}, deflate to {grow_to} MiB, let the heap grow",
+                            pressure, numbers)
+        return Decision("grow", i.heap_max, grow_to, f"{why}: deflate to the ceiling, let the heap grow",
                         pressure, numbers)
 
     if pressure:  # ask the app's shrinker hooks to give some of the used heap back
@@ -174,29 +311,44 @@ def decide(i: Inputs, s: Settings) -> Decision:
     numbers["non_heap_mib"] = round(non_heap / MIB, 1)
     numbers["kernel_reserved_mib"] = round(reserved / MIB, 1)
     numbers["heap_target_mib"] = round(heap_target / MIB, 1)
-    wanted_mib = (reserved + non_heap + heap_target) / MIB + s.guest_reserve_mib
+    wanted_mib = (reserved + non_heap + heap_target) / MIB + s.reserve_mib
     target = clamp_mib(wanted_mib, s)
     numbers["wanted_mib"] = round(wanted_mib, 1)
+    above = False
+    if s.set_ceiling and not request and not pressure:
+        # A `balloon set` ceiling is a wish, not a starvation: the guest keeps what its live heap
+        # and the rest of it need (this is how it gets memory back when the app grows again).
+        need = guest_need(i, s, committed=False)
+        numbers["need_mib"] = need.total_mib
+        if need.total_mib > target:
+            target, above = min(s.memory_mib, need.total_mib), True
+    numbers["above_set_ceiling"] = target > s.ceiling
     if target < wanted_mib:
-        # The ceiling binds: the heap may keep only what fits above the non-heap part. Below the
-        # used heap this asks the app's shrinker hooks; what they can't free, the safe floor keeps
-        # (see final_balloon_target, applied after the shrink).
-        fits = int((target - s.guest_reserve_mib) * MIB - non_heap - reserved)
-        heap_target = min(max(fits, int(i.heap_used * (1 - s.max_release))), i.heap_max)
+        # The target binds: the heap may keep only what fits above the non-heap part. On a
+        # `balloon set` (or under host pressure) below the used heap this asks the app's shrinker
+        # hooks; what they can't free, the floor keeps (see final_balloon_target, applied after
+        # the shrink). Otherwise the heap keeps its live size with minimal headroom.
+        fits = int((target - s.reserve_mib) * MIB - non_heap - reserved)
+        least = (int(i.heap_used * (1 - s.max_release)) if request or pressure
+                 else i.heap_used + s.min_headroom_mib * MIB)
+        heap_target = min(max(fits, least), i.heap_max)
     delta = target - i.balloon_actual_mib
     if delta < 0 and not i.stats_fresh:
         return Decision("hold", i.heap_committed, i.balloon_actual_mib,
-                        "waiting for guest stats newer than the last balloon change", pressure, numbers)
-    if abs(delta) < s.hysteresis_mib:
+                        "waiting for guest stats newer than the last balloon change", pressure, numbers, True)
+    if abs(delta) < s.hysteresis_mib and not request:
         return Decision("hold", heap_target, i.balloon_actual_mib,
                         f"change of {delta:+d} MiB is below the hysteresis ({s.hysteresis_mib} MiB)", pressure, numbers)
+    over = f" (above {ceiling_note}: the guest needs {target} MiB)" if above else ""
     if delta < 0:
         why = "host under memory pressure" if pressure else "unused guest memory"
         return Decision("shrink", heap_target, target,
-                        f"{why}: heap target {heap_target / MIB:.0f} MiB, guest {i.balloon_actual_mib} -> {target} MiB",
+                        f"{why}: heap target {heap_target / MIB:.0f} MiB, guest {i.balloon_actual_mib} -> {target} MiB{over}",
                         pressure, numbers)
+    if delta == 0:
+        return Decision("hold", heap_target, target, f"guest already at {target} MiB{over}", pressure, numbers)
     return Decision("grow", heap_target, target,
-                    f"guest needs more: {i.balloon_actual_mib} -> {target} MiB", pressure, numbers)
+                    f"guest needs more: {i.balloon_actual_mib} -> {target} MiB{over}", pressure, numbers)
 
 
 def on_lost_contact(s: Settings, failures: int, what: str) -> tuple[Decision, float]:
