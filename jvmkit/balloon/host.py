@@ -327,13 +327,14 @@ class Controller:
 def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interval: float,
                      log_path: Path | None) -> int:
     """`jvmkit run --balloon`: the runner plus one controller thread for the VM."""
-    from jvmkit.vm import runner
     from jvmkit.packager import bundle as bundles
+    from jvmkit.packager import targets
+    from jvmkit.vm import runner
 
     manifest = bundles.load(image, verify=False).manifest
-    if manifest.get("target") == "osv" and not manifest.get("kernel", {}).get("has_balloon"):
-        ui.current().warn("this image's OSv kernel has no virtio-balloon driver: the guest heap will shrink, "
-                          "but the host cannot take the memory back (use an OSv kernel built since 2026-07)")
+    warning = targets.get(manifest.target, "image target").balloon_warning(manifest)
+    if warning:
+        ui.current().warn(warning)
     state: dict = {}
 
     def started(vm: runner.RunningVm) -> None:
@@ -343,7 +344,7 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
             floor = vm.memory_mib
         settings = policy.Settings(memory_mib=vm.memory_mib, min_memory_mib=floor)
         controller = Controller(vm.name, vm.run.path, vm.config.qmp_socket, vm.jmx, settings, interval, log_path,
-                                qemu_pid=vm.process.pid, exit_marker=manifest.get("boot", {}).get("exit_marker"))
+                                qemu_pid=vm.process.pid, exit_marker=manifest.boot.exit_marker)
         state["controller"] = controller
         thread = threading.Thread(target=controller.run, name=f"balloon-{vm.name}", daemon=True)
         state["thread"] = thread

@@ -180,9 +180,9 @@ class Target(ABC):
         """Target-specific lines for `jvmkit inspect`."""
         return []
 
-    def has_balloon(self, manifest: Manifest) -> bool:
-        """Whether the host can take memory back from this image's guest (a balloon driver)."""
-        return True
+    def balloon_warning(self, manifest: Manifest) -> str | None:
+        """Why the host cannot take memory back from this image's guest (no balloon driver), or None."""
+        return None
 
     # ---- kernels and export (the CLI) ----
     @abstractmethod

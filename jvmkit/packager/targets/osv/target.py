@@ -127,8 +127,11 @@ class OsvTarget(Target):
                 return "OSv failed: " + line.strip()
         return None
 
-    def has_balloon(self, manifest: Manifest) -> bool:
-        return bool(manifest.kernel.has_balloon)
+    def balloon_warning(self, manifest: Manifest) -> str | None:
+        if manifest.kernel.has_balloon:
+            return None
+        return ("this image's OSv kernel has no virtio-balloon driver: the guest heap will shrink, but the host "
+                "cannot take the memory back (use an OSv kernel built since 2026-07)")
 
     def describe(self, manifest: Manifest) -> list[str]:
         return [f"libraries  {', '.join(manifest.boot.libraries) or '(none)'}"]
