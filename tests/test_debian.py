@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import serve_directory
 import zstandard
 
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian
+from support.servers import serve_directory
 
 # Documentation addresses only (RFC 5737): no real host name appears in these tests.
 MAIN = "http://192.0.2.10/debian"

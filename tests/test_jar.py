@@ -16,9 +16,9 @@ from jvmkit import jdk as jdks
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import jar as jars
 
-from conftest import _load_samples_build
+from support.images import load_samples_build
 
-build = _load_samples_build()
+build = load_samples_build()
 
 
 @pytest.fixture(scope="module")

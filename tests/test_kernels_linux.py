@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import serve_directory
 import zstandard
 
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian, kernels
-
+from support.servers import serve_directory
 
 # A fresh cache, no mirror or keyring overrides, and a console whose output the test can read.
 pytestmark = pytest.mark.usefixtures("isolated_cache")

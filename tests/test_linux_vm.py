@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_body_when_up
+from support.images import pack_image
+from support.servers import free_port, http_body_when_up
 
 pytestmark = pytest.mark.vm
 
@@ -38,10 +39,7 @@ def images(samples, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("images")
     result = {}
     for name in ("hello", "httpd"):
-        image = out / f"{name}.jvmkit"
-        proc = jvmkit("pack", samples[name], "--target", "linux", "-o", image, "--memory", "384M", timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        result[name] = image
+        result[name] = pack_image(samples[name], out / f"{name}.jvmkit", "linux", "--memory", "384M")
     return result
 
 

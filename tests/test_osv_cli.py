@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_body_when_up
 from jvmkit.packager import osv_kernels
+from support.images import pack_image
+from support.servers import free_port, http_body_when_up
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 
@@ -58,10 +59,7 @@ def osv_images(samples, jvmkit_cache, tmp_path_factory) -> dict[str, Path]:
     for name, jar, extra in (("hello", samples["hello"], ()), ("httpd", samples["httpd"], ()),
                              ("multijar", samples["multijar"], ()),
                              ("hello-classlog", samples["hello"], ("--jvm-arg=-Xlog:class+load=info",))):
-        image = out / f"{name}.jvmkit"
-        proc = jvmkit("pack", jar, "--target", "osv", "--kernel", KERNEL, "-o", image, "--json", *extra, timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        images[name] = image
+        images[name] = pack_image(jar, out / f"{name}.jvmkit", "osv", "--kernel", KERNEL, "--json", *extra)
     return images
 
 
