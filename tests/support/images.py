@@ -41,3 +41,21 @@ def pack_image(jar: Path, image: Path, target: str, *extra, timeout: float = 900
     proc = jvmkit("pack", jar, "--target", target, "-o", image, *extra, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     return image
+
+
+def manifest_for(target: str, written, *, name: str = "img", kernel: dict | None = None):
+    """A complete manifest around what a target's writer returned (`BundleFiles`), for tests that
+    call the writer without `pack`: the sections pack fills in from the jar, the JDK and the agent
+    get small fixed values."""
+    from jvmkit.packager import manifest as mf
+
+    return mf.Manifest(
+        name=name, target=target, created_by="jvmkit tests",
+        app=mf.AppInfo(jar="app.jar", main_class="com.example.Main", class_path=("/app/app.jar",),
+                       jar_sha256="0" * 64),
+        jdk=mf.JdkInfo(version="17.0.15", release=17, modules=("java.base",), profile={"name": "test"}),
+        agent=mf.AgentInfo(path="/jvmkit/agent.jar", key="test"),
+        kernel=mf.KernelInfo.from_json(kernel if kernel is not None else {"name": target}),
+        command=mf.CommandInfo(java=("/jvm/bin/java",)),
+        defaults=mf.Defaults(memory_mib=512, cpus=1),
+        files=dict(written.files), boot=written.boot)
