@@ -66,6 +66,10 @@ def osv_images(samples, jvmkit_cache, tmp_path_factory) -> dict[str, Path]:
 def test_hello_runs_through_the_launcher_with_its_cds_archive(osv_images):
     manifest = json.loads((osv_images["hello"] / "manifest.json").read_text())
     argv = manifest["boot"]["cmdline"]["argv"]
+    for gone in ("app_console", "quiet_append", "verbose_append", "seed_device", "console_filter"):
+        assert gone not in manifest["boot"]  # keys no code read: no longer written
+    # the command section shows the seed device the guest really reads
+    assert manifest["command"]["agent_flags"] == ["-Djvmkit.seed=/dev/vblk1", "-javaagent:/jvmkit/agent.jar"]
     assert manifest["jdk"]["launcher_cds"] == "/jvmkit/launcher.jsa"
     assert "-XX:SharedArchiveFile=/jvmkit/launcher.jsa" in argv
     assert argv[argv.index("-cp") + 1] == "jvmkit/agent.jar:app/app.jar"   # as the archive was written

@@ -69,6 +69,10 @@ def test_json_summary_and_quiet(samples, tmp_path):
     data = json.loads(proc.stdout)
     assert data["image"] == str(out) and data["target"] == "linux" and "java.base" in data["modules"]
     assert data["manifest"]["app"]["main_class"] == "hello.Hello"
+    written = json.loads((out / "manifest.json").read_text())
+    assert written == data["manifest"]
+    for gone in ("app_console", "quiet_append", "verbose_append", "seed_device", "console_filter"):
+        assert gone not in written["boot"]  # keys no code read: no longer written
     quiet = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--force", "-q")
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith(str(out))
     inspect = jvmkit("inspect", out, "--json")
