@@ -20,7 +20,7 @@ from jvmkit import guest
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager import native_libs, targets
-from jvmkit.packager.manifest import KernelInfo, Manifest, encode
+from jvmkit.packager.manifest import KernelInfo, Manifest
 from jvmkit.packager.targets.base import BootRequest, BundleFiles, PackInputs
 from jvmkit.packager.targets.osv import image as osv_image
 from jvmkit.packager.targets.osv.cmdline import CMDLINE_MAX
