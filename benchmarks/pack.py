@@ -67,17 +67,16 @@ def kernel_compress_seconds(env: dict) -> dict | None:
     """How long zstd-compressing the cached vmlinux takes (what every pack repeats for a file that
     never changes), measured in-process with jvmkit's own compress_file."""
     try:
-        from jvmkit.packager import linux_image
+        from jvmkit.packager import zstd
 
         kernels = C.linux_kernels(env)
         vmlinux = Path(kernels[0]["path"]) / "vmlinux"
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.monotonic()
-            linux_image.compress_file(vmlinux, Path(tmp) / "vmlinux.zst")
+            record = zstd.compress_file(vmlinux, Path(tmp), "vmlinux.zst")
             seconds = time.monotonic() - t0
-            size = (Path(tmp) / "vmlinux.zst").stat().st_size
-        return {"seconds": round(seconds, 3), "raw_size": vmlinux.stat().st_size, "compressed_size": size,
-                "level": linux_image.ZSTD_LEVEL}
+        return {"seconds": round(seconds, 3), "raw_size": record.raw_size, "compressed_size": record.size,
+                "level": zstd.ZSTD_LEVEL}
     except Exception as exc:  # informative only
         return {"error": f"{type(exc).__name__}: {exc}"}
 

@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import _load_samples_build
+from support.images import load_samples_build as _load_samples_build
 
 build = _load_samples_build()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from jvmkit.vm.qmp import QmpClient
+from support.images import build_samples, pack_image
 
 pytestmark = pytest.mark.vm
 
@@ -54,13 +55,9 @@ def wait_for(predicate, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def phases_image(samples, tmp_path_factory):
-    build = sys.modules["jvmkit_samples_build"]
     out = tmp_path_factory.mktemp("phases")
-    jar = build.build_samples(out, names=["phases"])["phases"]
-    image = out / "phases.jvmkit"
-    proc = cli("pack", jar, "--target", "linux", "-o", image, "--memory", "1G", "--jvm-arg=-Xmx600m", timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    return image
+    jar = build_samples(out, names=["phases"])["phases"]
+    return pack_image(jar, out / "phases.jvmkit", "linux", "--memory", "1G", "--jvm-arg=-Xmx600m")
 
 
 def guest_stats(qmp_path: Path) -> dict:

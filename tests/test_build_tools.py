@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from support.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _load_samples_build
+from support.images import load_samples_build as _load_samples_build
 from jvmkit import jdk as jdks
 from jvmkit import ui
 from jvmkit.errors import JvmkitError

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from jvmkit.packager.cpio import CpioWriter, read_cpio
+from jvmkit.packager.targets.linux.cpio import CpioWriter
+from jvmkit.packager.targets.linux.readers import read_cpio
 
 
 def build(tmp_path, mtime=0):

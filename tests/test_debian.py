@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import serve_directory
 import zstandard
 
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian
 from jvmkit.packager.debian import sources as apt
 from jvmkit.packager.debian import signature, versions
+from support.servers import serve_directory
 
 # Documentation addresses only (RFC 5737): no real host name appears in these tests.
 MAIN = "http://192.0.2.10/debian"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from support.servers import free_port
 from jvmkit.balloon import agent_build
 from jvmkit.balloon.agent_build import AGENT_MODULES, build_agent
 from jvmkit.balloon.jmx import JmxAuthError, JmxClient, JmxError

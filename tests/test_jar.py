@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -22,9 +21,9 @@ from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import jar as jars
 
 import classpath_apps
-from conftest import _load_samples_build
+from support.images import load_samples_build
 
-build = _load_samples_build()
+build = load_samples_build()
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import serve_directory
 import zstandard
 
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import debian
 from jvmkit.packager import elf as elfs
 from jvmkit.packager.kernels import bzimage, linux, modules, store
+from support.servers import serve_directory
 
 
 # A fresh cache, no mirror or keyring overrides, and a console whose output the test can read.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_body_when_up
+from support.images import pack_image
+from support.servers import free_port, http_body_when_up
 
 pytestmark = pytest.mark.vm
 
@@ -38,10 +39,7 @@ def images(samples, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("images")
     result = {}
     for name in ("hello", "httpd"):
-        image = out / f"{name}.jvmkit"
-        proc = jvmkit("pack", samples[name], "--target", "linux", "-o", image, "--memory", "384M", timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        result[name] = image
+        result[name] = pack_image(samples[name], out / f"{name}.jvmkit", "linux", "--memory", "384M")
     return result
 
 
@@ -60,7 +58,21 @@ def test_hello_output_only_and_status_zero(images):
     proc = jvmkit("run", images["hello"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Hello from jvmkit\n"
-    assert "using TCG" in proc.stderr or "using KVM" in proc.stderr
+    assert "Linux version" not in proc.stderr and "jvmkit-init" not in proc.stderr  # the guest's own lines: --verbose
+
+
+def test_the_accelerator_is_named_when_the_verdict_is_new_or_verbose(images, tmp_path):
+    """The KVM verdict is cached per host kernel and QEMU: the first run in a cache says which
+    accelerator it uses and why, later runs stay quiet unless --verbose."""
+    env = {**os.environ, "JVMKIT_CACHE": str(tmp_path / "fresh-cache")}
+    first = jvmkit("run", images["hello"], env=env)
+    assert first.returncode == 0, first.stderr
+    assert "using TCG" in first.stderr or "using KVM" in first.stderr
+    again = jvmkit("run", images["hello"], env=env)
+    assert again.returncode == 0 and again.stdout == "Hello from jvmkit\n"
+    assert "using TCG" not in again.stderr and "using KVM" not in again.stderr
+    verbose = jvmkit("run", "--verbose", images["hello"], env=env)
+    assert "using TCG" in verbose.stderr or "using KVM" in verbose.stderr
 
 
 def test_args_reach_main_and_exit_status(images):
@@ -91,7 +103,7 @@ def test_kvm_probe_verdict_is_honest(images):
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     verdict = checks["kvm"]["detail"]
     assert "aio=io_uring" in checks["io_uring"]["detail"]  # the OSv root disk's probe, usable or not
-    run = jvmkit("run", images["hello"])
+    run = jvmkit("run", "--verbose", images["hello"])  # a cached verdict is named with --verbose
     if os.path.exists("/dev/kvm") and "not usable" in verdict:
         assert "KVM is not usable" in run.stderr and "using TCG" in run.stderr
     elif "usable:" in verdict:

@@ -1,9 +1,9 @@
 """Boots real OSv under QEMU (TCG): a jlink'd runtime with CDS, the guest agent's launcher and a small
-app, in a bundle written by osv_image; the classic disk from `export`; the seed disk.
+app, in a bundle written by the osv target's writer; the classic disk from `export`; the seed disk.
 
 Runs only when an OSv kernel is available: JVMKIT_OSV_KERNEL=/path/to/loader-stripped.elf, or one
 in jvmkit's kernel cache (`jvmkit kernel import osv PATH` / `jvmkit kernel pull osv`). The tests
-boot with QEMU directly (argv from jvmkit.vm.qemu, console through osv_image.ConsoleFilter), to check
+boot with QEMU directly (argv from jvmkit.vm.qemu, console through the osv target's ConsoleFilter), to check
 the bundle writer on its own; tests/test_osv_cli.py does the same through `jvmkit pack` and
 `jvmkit run`, as a user would. They print boot-to-main times.
 """
@@ -97,12 +97,16 @@ class Booted:
 @pytest.fixture(scope="module")
 def osv(tmp_path_factory):
     """A tmp cache, the kernel imported into it, a runtime, the agent, the app, the bundle."""
+    from jvmkit import guest
     from jvmkit import jdk as jdks
     from jvmkit.balloon import agent_build
     from jvmkit.packager import bundle as bundles
-    from jvmkit.packager import osv_image, pack
+    from jvmkit.packager import pack
     from jvmkit.packager.runtime import RuntimeSpec, ensure_runtime
+    from jvmkit.packager.targets.base import PackInputs
+    from jvmkit.packager.targets.osv import OsvTarget
     from jvmkit.vm.runner import prepare_boot_files
+    from support.images import manifest_for
 
     work = tmp_path_factory.mktemp("osv-boot")
     mp = pytest.MonkeyPatch()
@@ -127,25 +131,28 @@ def osv(tmp_path_factory):
         app_jar = work / "app.jar"
         with zipfile.ZipFile(app_jar, "w") as jar:
             jar.write(work / "classes" / "Hello.class", "Hello.class")
+        target = OsvTarget()
+        agent_flags = guest.agent_flags(target.agent_seed_path())  # as pack passes them for osv
         argv = pack.guest_java_argv(main_class="Hello", guest_class_path=["/app/app.jar"],
                                     profile_flags=["-XX:+UseSerialGC", "-XX:MaxRAMPercentage=75"],
-                                    manifest_flags=[], user_jvm_args=[], launcher=True)
+                                    manifest_flags=[], user_jvm_args=[], launcher=True, agent_flags=agent_flags)
         out = work / "hello.jvmkit"
         out.mkdir()
-        written = osv_image.write_bundle(out, kernel=kernel, java_argv=argv, app_args=[], runtime=runtime.path,
-                                         app_files=[("/app/app.jar", app_jar)], agent_jar=agent.agent_jar, mtime=0)
-        bundles.write_manifest(out, {"target": "osv", "name": "hello", "kernel": kernel.describe(),
-                                     "defaults": {"memory_mib": 512, "cpus": 1}, **written})
+        written = target.write_bundle(out, PackInputs(
+            kernel=kernel, java_argv=tuple(argv), app_args=(), runtime=runtime.path,
+            app_files=(("/app/app.jar", app_jar),), agent_jar=Path(agent.agent_jar), mtime=0,
+            agent_flags=agent_flags))
+        bundles.write_manifest(out, manifest_for("osv", written, name="hello", kernel=target.kernel_info(kernel)))
         image = bundles.load(out)
         files = prepare_boot_files(image)
         yield type("Osv", (), {"image": image, "files": files, "kernel": kernel, "work": work,
-                               "boot": image.manifest["boot"]})
+                               "boot": image.manifest.boot})
     finally:
         mp.undo()
 
 
 def _run(argv: list[str], console_log: Path, timeout: float = BOOT_TIMEOUT) -> Booted:
-    from jvmkit.packager.osv_image import ConsoleFilter
+    from jvmkit.packager.targets.osv.console import ConsoleFilter
 
     app, osv = io.BytesIO(), io.BytesIO()
     filt = ConsoleFilter(app, osv)
@@ -184,9 +191,19 @@ def _run(argv: list[str], console_log: Path, timeout: float = BOOT_TIMEOUT) -> B
     return Booted(app.getvalue().decode("utf-8", "replace"), filt.status, to_main, total, console)
 
 
-def boot(osv, args: list[str] | None = None, extra: tuple[str, ...] = (), name: str = "boot",
+def seed_disk(osv, seed: bytes, name: str) -> Path:
+    """The per-run seed disk, written as the runner writes it (0600, through RunDir.write_secret)."""
+    from jvmkit.packager.targets.osv.image import seed_disk_image
+    from jvmkit.vm.rundir import RunDir
+
+    run = RunDir(name, osv.work / f"secrets-{name}")
+    run.path.mkdir(mode=0o700)
+    return run.write_secret("seed.img", seed_disk_image(seed))
+
+
+def boot(osv, args: list[str] | None = None, data_disks: tuple[Path, ...] = (), name: str = "boot",
          agent: bool = False) -> Booted:
-    from jvmkit.packager.osv_image import runtime_cmdline
+    from jvmkit.packager.targets.osv.image import runtime_cmdline
     from jvmkit.vm.qemu import VmConfig, qemu_argv
     from jvmkit.vm.runner import parse_exit
 
@@ -194,10 +211,11 @@ def boot(osv, args: list[str] | None = None, extra: tuple[str, ...] = (), name: 
     run.mkdir()
     config = VmConfig(name=f"osv-{name}", kernel=osv.files["kernel"], append=runtime_cmdline(osv.boot, args, agent),
                       memory_mib=512, cpus=1, accel="tcg", qmp_socket=run / "qmp.sock",
-                      console_log=run / "console.log", disk=osv.files["disk"], app_serial=False, extra=extra)
+                      console_log=run / "console.log", disk=osv.files["disk"], app_serial=False,
+                      data_disks=data_disks)
     result = _run(qemu_argv(config), config.console_log)
     # the runner's own exit-status parser reads the same status from the raw console
-    assert parse_exit(result.console, osv.boot["exit_marker"]) == result.status
+    assert parse_exit(result.console, osv.boot.exit_marker) == result.status
     report(name, result)
     return result
 
@@ -243,11 +261,10 @@ def test_utf8_output_and_run_time_args(osv):
 
 
 def test_seed_disk_reaches_the_guest(osv):
-    from jvmkit.packager.osv_image import SEED_DEVICE, write_seed_disk
+    from jvmkit.packager.targets.osv.image import SEED_DEVICE
 
-    seed = write_seed_disk(b"jmx.port=7091\njmx.user=jvmkit\njmx.password=s3cret\n", osv.work / "seed.img")
-    extra = ("-drive", f"file={seed},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed")
-    result = boot(osv, ["seed", SEED_DEVICE], extra=extra, name="seed")
+    seed = seed_disk(osv, b"jmx.port=7091\njmx.user=jvmkit\njmx.password=s3cret\n", "seed")
+    result = boot(osv, ["seed", SEED_DEVICE], data_disks=(seed,), name="seed")
     assert [line for line in result.output.splitlines() if line.startswith("seed: ")] == [
         "seed: jmx.port=7091", "seed: jmx.user=jvmkit", "seed: jmx.password=s3cret"]
     assert result.status == 0
@@ -255,17 +272,14 @@ def test_seed_disk_reaches_the_guest(osv):
 
 def test_agent_starts_when_a_seed_disk_is_attached(osv):
     """A `--balloon` run: the agent's flags go back on the command line and the seed disk is vblk1."""
-    from jvmkit.packager.osv_image import write_seed_disk
-
-    seed = write_seed_disk(b"jmx.port=7091\njmx.user=jvmkit\njmx.password=s3cret\n", osv.work / "seed-agent.img")
-    extra = ("-drive", f"file={seed},if=none,id=seed,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=seed")
-    result = boot(osv, ["sleep", "15000"], extra=extra, name="agent", agent=True)
+    seed = seed_disk(osv, b"jmx.port=7091\njmx.user=jvmkit\njmx.password=s3cret\n", "seed-agent")
+    result = boot(osv, ["sleep", "15000"], data_disks=(seed,), name="agent", agent=True)
     assert "jvmkit-agent: JMX ready on port 7091" in result.output  # the agent read the seed disk
     assert result.status == 0
 
 
 def test_classic_disk_export_boots(osv):
-    from jvmkit.packager.osv_image import export_classic
+    from jvmkit.packager.targets.osv.export import export_classic
     from jvmkit.vm.qemu import find_qemu
 
     if osv.kernel.loader_image is None:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_body_when_up
 from jvmkit.packager.kernels import osv
+from support.images import pack_image
+from support.servers import free_port, http_body_when_up
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 
@@ -58,16 +59,17 @@ def osv_images(samples, jvmkit_cache, tmp_path_factory) -> dict[str, Path]:
     for name, jar, extra in (("hello", samples["hello"], ()), ("httpd", samples["httpd"], ()),
                              ("multijar", samples["multijar"], ()),
                              ("hello-classlog", samples["hello"], ("--jvm-arg=-Xlog:class+load=info",))):
-        image = out / f"{name}.jvmkit"
-        proc = jvmkit("pack", jar, "--target", "osv", "--kernel", KERNEL, "-o", image, "--json", *extra, timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        images[name] = image
+        images[name] = pack_image(jar, out / f"{name}.jvmkit", "osv", "--kernel", KERNEL, "--json", *extra)
     return images
 
 
 def test_hello_runs_through_the_launcher_with_its_cds_archive(osv_images):
     manifest = json.loads((osv_images["hello"] / "manifest.json").read_text())
     argv = manifest["boot"]["cmdline"]["argv"]
+    for gone in ("app_console", "quiet_append", "verbose_append", "seed_device", "console_filter"):
+        assert gone not in manifest["boot"]  # keys no code read: no longer written
+    # the command section shows the seed device the guest really reads
+    assert manifest["command"]["agent_flags"] == ["-Djvmkit.seed=/dev/vblk1", "-javaagent:/jvmkit/agent.jar"]
     assert manifest["jdk"]["launcher_cds"] == "/jvmkit/launcher.jsa"
     assert "-XX:SharedArchiveFile=/jvmkit/launcher.jsa" in argv
     assert argv[argv.index("-cp") + 1] == "jvmkit/agent.jar:app/app.jar"   # as the archive was written

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from jvmkit.errors import JvmkitError, UsageError
-from jvmkit.packager import osv_disk
-from jvmkit.packager.osv_disk import (
-    build_cmdline, parse_cmdline, read_cmdline, read_disk_rofs, read_partitions, rofs_partition,
-    set_cmdline, write_classic_disk, write_rofs_disk,
+from jvmkit.packager.targets.osv import disk as osv_disk
+from jvmkit.packager.targets.osv.cmdline import build_cmdline
+from jvmkit.packager.targets.osv.disk import set_cmdline, write_classic_disk, write_rofs_disk
+from jvmkit.packager.targets.osv.readers import (
+    parse_cmdline, read_cmdline, read_disk_rofs, read_partitions, rofs_partition,
 )
-from jvmkit.packager.rofs import RofsBuilder
+from jvmkit.packager.targets.osv.rofs import RofsBuilder
 
 MiB = 1 << 20
 
@@ -290,7 +291,9 @@ def test_convert_to_qcow2(tmp_path: Path) -> None:
 
 def test_convert_to_qcow2_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if shutil.which("qemu-img"):
-        with pytest.raises(JvmkitError, match="qemu-img convert failed"):
+        # proc.run's one failure line: what ran, on which file, its status and qemu-img's last line
+        with pytest.raises(JvmkitError, match=r"qemu-img convert of \S*missing\.raw failed \(exit status 1\): "
+                                              r"qemu-img: Could not open"):
             osv_disk.convert_to_qcow2(tmp_path / "missing.raw", tmp_path / "y.qcow2")
         assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -69,6 +69,10 @@ def test_json_summary_and_quiet(samples, tmp_path):
     data = json.loads(proc.stdout)
     assert data["image"] == str(out) and data["target"] == "linux" and "java.base" in data["modules"]
     assert data["manifest"]["app"]["main_class"] == "hello.Hello"
+    written = json.loads((out / "manifest.json").read_text())
+    assert written == data["manifest"]
+    for gone in ("app_console", "quiet_append", "verbose_append", "seed_device", "console_filter"):
+        assert gone not in written["boot"]  # keys no code read: no longer written
     quiet = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--force", "-q")
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith(str(out))
     inspect = jvmkit("inspect", out, "--json")
@@ -163,20 +167,27 @@ def test_linux_guest_memory_must_hold_the_initramfs(samples, tmp_path):
     """A guest too small to unpack its initramfs would fail later with missing files: pack refuses
     an explicit --memory below the minimum and raises the default one (with a notice)."""
     from jvmkit.errors import UsageError
-    from jvmkit.packager import linux_image
-    from jvmkit.packager.pack import PackRequest, _linux_memory
+    from jvmkit.packager import targets
+    from jvmkit.packager.manifest import FileRecord
+    from jvmkit.packager.pack import PackRequest, default_memory
+    from jvmkit.packager.targets.linux.initramfs import min_memory_mib
 
-    assert linux_image.min_memory_mib(57 << 20) == 256     # hello: boots at 256M
-    assert linux_image.min_memory_mib(276 << 20) == 960    # the whole JDK: 832M failed, 896M booted
+    assert min_memory_mib(57 << 20) == 256     # hello: boots at 256M
+    assert min_memory_mib(276 << 20) == 960    # the whole JDK: 832M failed, 896M booted
     raw = 276 << 20
-    assert _linux_memory(PackRequest(jar=Path("a.jar"), memory_mib=512), raw) == 960
-    assert _linux_memory(PackRequest(jar=Path("a.jar"), memory_mib=1024, memory_given=True), raw) == 1024
+    initramfs = FileRecord(path="initramfs.cpio.zst", sha256="0" * 64, size=1 << 20, compression="zstd",
+                           raw_sha256="1" * 64, raw_size=raw)
+    floor = targets.get("linux").memory_floor({"initramfs": initramfs})
+    assert floor.mib == 960 and "276 MiB" in floor.reason
+    image = Path("a.jvmkit")
+    assert default_memory(PackRequest(jar=Path("a.jar"), memory_mib=512), floor, image) == 960
+    assert default_memory(PackRequest(jar=Path("a.jar"), memory_mib=1024, memory_given=True), floor, image) == 1024
     with pytest.raises(UsageError) as err:
-        _linux_memory(PackRequest(jar=Path("a.jar"), memory_mib=512, memory_given=True), raw)
+        default_memory(PackRequest(jar=Path("a.jar"), memory_mib=512, memory_given=True), floor, image)
     assert "--memory 512M is too small" in err.value.message and "960M" in err.value.hint
     out = tmp_path / "small.jvmkit"
     proc = jvmkit("pack", samples["hello"], "--target", "linux", "-o", out, "--memory", "128M")
-    assert proc.returncode == 2 and "pass --memory 256M" in one_line_error(proc)
+    assert proc.returncode == 2 and "use --memory 256M or more" in one_line_error(proc)
     assert not out.exists() and not list(tmp_path.glob(".small.jvmkit.*"))
 
 
@@ -196,7 +207,7 @@ def test_untrimmed_profile_needs_no_jmods(samples, tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "u.jvmkit" / "manifest.json").read_text())
     assert manifest["jdk"]["profile"]["runtime"] == "copy" and "jdk.compiler" in manifest["jdk"]["modules"]
-    from jvmkit.packager.linux_image import min_memory_mib
+    from jvmkit.packager.targets.linux.initramfs import min_memory_mib
 
     raw = manifest["files"]["initramfs"]["raw_size"]
     assert manifest["defaults"]["memory_mib"] == min_memory_mib(raw) > 512  # raised for the large initramfs

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from jvmkit.errors import JvmkitError
-from jvmkit.packager import rofs
-from jvmkit.packager.rofs import BLOCK_SIZE, MAGIC, RofsBuilder, read_rofs
+from jvmkit.packager.targets.osv import rofs
+from jvmkit.packager.targets.osv.readers import read_rofs
+from jvmkit.packager.targets.osv.rofs import BLOCK_SIZE, MAGIC, RofsBuilder
 
 SIZES = [0, 1, 511, 512, 513, 3 * 1024 * 1024 + 17]
 

@@ -333,23 +333,21 @@ def test_cache_entry_is_atomic(tmp_path, monkeypatch):
 def test_bundle_check_hashes_a_file_once_until_it_changes(tmp_path, monkeypatch):
     """`run` verifies every image file; a file that matched once is not hashed again, but any write
     to it (a new ctime) brings the hash, and the refusal, back."""
+    from jvmkit import fileio
     from jvmkit.errors import JvmkitError
     from jvmkit.packager import bundle
+    from jvmkit.packager.manifest import FileRecord
+    from jvmkit.packager.targets.base import BundleFiles
+    from jvmkit.packager.targets.linux.target import LinuxBoot
+    from support.images import manifest_for
 
     monkeypatch.setenv("JVMKIT_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "x.jvmkit"
     image.mkdir()
     (image / "disk.img").write_bytes(b"rofs" * 1000)
-    from jvmkit import fileio
-    from jvmkit.packager.manifest import Manifest
-
-    record = {"path": "disk.img", "sha256": fileio.sha256_file(image / "disk.img"), "size": 4000}
-    bundle.write_manifest(image, Manifest.from_json({
-        "format": 1, "name": "x", "target": "linux", "files": {"disk": record},
-        "app": {"jar": "x.jar", "main_class": "X", "class_path": ["/app/app.jar"], "jar_sha256": "0" * 64},
-        "jdk": {"version": "17", "release": 17, "modules": ["java.base"], "profile": {}},
-        "agent": {"path": "/jvmkit/agent.jar", "key": "k"}, "kernel": {}, "command": {"java": ["/jvm/bin/java"]},
-        "defaults": {"memory_mib": 512, "cpus": 1}, "boot": {"kernel_cmdline": "console=ttyS0"}}))
+    record = FileRecord(path="disk.img", sha256=fileio.sha256_file(image / "disk.img"), size=4000)
+    written = BundleFiles(files={"disk": record}, boot=LinuxBoot(kernel_cmdline="console=ttyS0"))
+    bundle.write_manifest(image, manifest_for("linux", written))
     hashed = []
     real = bundle.sha256_file
     monkeypatch.setattr(bundle, "sha256_file", lambda p: hashed.append(p.name) or real(p))

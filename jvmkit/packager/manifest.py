@@ -263,6 +263,8 @@ class Manifest:
         target = targets.lookup(name) if isinstance(name, str) else None
         if target is None:
             raise ManifestError(f"manifest.target {name!r} is not one of {', '.join(targets.names())}")
+        if "boot" not in data:
+            raise ManifestError("manifest.boot is missing")
         plain = {k: v for k, v in data.items() if k not in ("kernel", "boot")}
         plain.setdefault("kernel", {})
         plain["boot"] = None
