@@ -13,6 +13,8 @@ import pytest
 from jvmkit.errors import JvmkitError
 from jvmkit.packager import runtime
 
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # a fresh cache and a console of its own
+
 OBJCOPY_MISSING = ('Error: java.io.IOException: Cannot run program "objcopy": error=2, '
                    'No such file or directory\n')
 
