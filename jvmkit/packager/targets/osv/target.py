@@ -17,7 +17,8 @@ from typing import BinaryIO, Callable
 from jvmkit import ui
 from jvmkit.errors import JvmkitError
 from jvmkit.packager.manifest import Manifest
-from jvmkit.packager.targets.base import BootPlan, BootRequest, BundleFiles, PackInputs, Target, pump_filtered
+from jvmkit.packager.targets.base import (ENGINE_FORMATS, BootPlan, BootRequest, BundleFiles, ClusterBoot, PackInputs,
+                                          Target, pump_filtered)
 from jvmkit.packager.targets.osv import disk as osv_disk
 from jvmkit.packager.targets.osv import image
 from jvmkit.packager.targets.osv.console import EXIT_LINE, ConsoleFilter
@@ -56,7 +57,7 @@ class OsvTarget(Target):
     boot_type = OsvBoot
     machines = ("pc",)
     uses_launcher = True
-    export_formats = ("raw", "qcow2")
+    export_formats = ("raw", "qcow2", *ENGINE_FORMATS)
 
     # ---- pack ----
     def resolve_kernel(self, path, *, suite=None, mirror=None):
@@ -147,7 +148,14 @@ class OsvTarget(Target):
 
         return osv_kernels.import_osv(path)
 
-    def export(self, image_bundle, fmt: str, dest: Path, *, loader: Path | None = None, **_) -> Path:
+    def cluster_boot(self, manifest: Manifest) -> ClusterBoot:
+        # The classic disk (OSv's loader image + the image's command line + the ROFS) boots from its
+        # own boot sector on pc, so KubeVirt needs only a containerDisk.
+        return ClusterBoot("disk", export_format="raw", machine="pc")
+
+    def export(self, image_bundle, fmt: str, dest: Path, *, loader: Path | None = None, **options) -> Path:
         from jvmkit.packager.targets.osv.export import export_classic
 
+        if fmt in ENGINE_FORMATS:
+            return super().export(image_bundle, fmt, dest, loader=loader, **options)
         return export_classic(image_bundle, loader, dest, fmt)
