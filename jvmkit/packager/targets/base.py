@@ -83,7 +83,7 @@ class ClusterBoot:
 
     kind: str = "kernel"                         # "kernel" or "disk"
     export_format: str | None = None             # kind "disk": the target's export format for it
-    machine: str | None = None                   # the machine type the disk boots on (None: the image's)
+    cmdline: str | None = None                   # the command line for a cluster's network (None: the runner's)
 
 
 @dataclass(frozen=True)
