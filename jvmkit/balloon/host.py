@@ -238,7 +238,7 @@ class Controller:
         try:
             guest = self.balloon.read()
         except (QmpError, OSError, KeyError, TypeError) as exc:
-            self._lost(f"QMP ({exc})")
+            self._lost(f"the balloon device ({exc})")
             return
         now = time.monotonic()
         gc_ms = float(stats.gc_time_millis)
