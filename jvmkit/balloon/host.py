@@ -150,6 +150,16 @@ class QmpBalloon(BalloonDevice):
         self.changed_at = time.time()
 
 
+def device_for(qmp_socket: Path, state: dict) -> BalloonDevice:
+    """A running VM's balloon from its run directory's state.json (`balloon status`): QMP for
+    jvmkit's QEMU, libvirt for `--engine libvirt` (which has no QMP socket of its own)."""
+    if state.get("engine") == "libvirt":
+        from jvmkit.engines import libvirt
+
+        return libvirt.attach(state)
+    return QmpBalloon(qmp_socket)
+
+
 # ---- the controller -------------------------------------------------------------------------------
 
 @dataclass

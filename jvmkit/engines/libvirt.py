@@ -117,6 +117,17 @@ class LibvirtBalloon(BalloonDevice):
         self.changed_at = time.time()
 
 
+def attach(state: dict) -> LibvirtBalloon:
+    """The balloon of a running `--engine libvirt` VM, from its run directory's state (`balloon
+    status` from another process). A domain that is gone or an unreachable libvirt is a DeviceLost."""
+    lv = libvirt_module()
+    try:
+        domain = lv.open(state["connect"]).lookupByName(state["domain"])
+    except lv.libvirtError as exc:
+        raise DeviceLost(f"libvirt: {error_text(exc)}") from None
+    return LibvirtBalloon(domain)
+
+
 @dataclass
 class LibvirtVm:
     """A started domain as the balloon controller sees it (balloon.host.VmHandle)."""
