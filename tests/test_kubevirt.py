@@ -302,7 +302,8 @@ def test_oci_layout_is_reproducible_and_consistent(tmp_path):
     assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     index = json.loads((layout / "index.json").read_text())
     (entry,) = index["manifests"]
-    assert entry["annotations"] == {oci.REF_NAME: "1.0"} and entry["mediaType"] == oci.MANIFEST
+    assert entry["annotations"] == {oci.REF_NAME: "1.0", oci.CONTAINERD_NAME: "1.0"}
+    assert entry["mediaType"] == oci.MANIFEST
     manifest = json.loads(blob(layout, entry["digest"]))
     assert entry["size"] == len(blob(layout, entry["digest"]))
     config = json.loads(blob(layout, manifest["config"]["digest"]))
@@ -347,3 +348,29 @@ def test_skopeo_accepts_the_layout_and_archive(tmp_path):
     proc = subprocess.run(["skopeo", "copy", "-q", f"oci:{tmp_path / 'layout'}:latest", f"dir:{tmp_path / 'copy'}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_podman_load_round_trip(tmp_path):
+    """podman loads the archive under the reference the manifest pulls, with our manifest digest,
+    config (image id) and layer diff_id. (Where podman is installed: .ci/run does not install it.)"""
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed (apt-get install podman)")
+    files = small_files(tmp_path)
+    ref = f"localhost/jvmkit-test-{os.getpid()}:1"
+    desc = oci.write_layout(tmp_path / "layout", files, ref=ref, mtime=1)
+    oci.write_archive(tmp_path / "layout", tmp_path / "image.tar", 1)
+    manifest = json.loads(blob(tmp_path / "layout", desc.digest))
+    config = json.loads(blob(tmp_path / "layout", manifest["config"]["digest"]))
+    loaded = subprocess.run(["podman", "load", "-q", "-i", str(tmp_path / "image.tar")], capture_output=True,
+                            text=True, timeout=120)
+    if loaded.returncode != 0 and "storage" in loaded.stderr.lower():
+        pytest.skip(f"podman cannot run here: {loaded.stderr.strip().splitlines()[-1]}")
+    try:
+        assert loaded.returncode == 0 and ref in loaded.stdout, loaded.stderr
+        info = json.loads(subprocess.run(["podman", "image", "inspect", ref], capture_output=True, text=True,
+                                         timeout=60, check=True).stdout)[0]
+        assert info["Digest"] == desc.digest
+        assert "sha256:" + info["Id"] == manifest["config"]["digest"]
+        assert info["RootFS"]["Layers"] == config["rootfs"]["diff_ids"]
+    finally:
+        subprocess.run(["podman", "rmi", "-f", ref], capture_output=True, timeout=60)

@@ -402,7 +402,7 @@ def test_kubevirt_export_boots_from_its_oci_image(images, target, tmp_path):
     vm, svc = yaml.safe_load_all((first / "virtualmachine.yaml").read_text())
     assert check(vm, SCHEMA) == [] and check(svc, SERVICE_SCHEMA) == []
     if shutil.which("skopeo"):
-        for ref in (f"oci:{first / 'containerdisk'}:1", f"oci-archive:{first / 'containerdisk.tar'}"):
+        for ref in (f"oci:{first / 'containerdisk'}:registry.example/app:1", f"oci-archive:{first / 'containerdisk.tar'}"):
             info = subprocess.run(["skopeo", "inspect", ref], capture_output=True, text=True, timeout=60)
             assert info.returncode == 0, info.stderr
     files = layer_files(first / "containerdisk")

@@ -1,6 +1,6 @@
 """`jvmkit export IMAGE --format kubevirt -o DIR`: a containerDisk OCI image and a VirtualMachine.
 
-DIR/containerdisk/      the OCI image layout (`skopeo inspect oci:DIR/containerdisk:TAG`)
+DIR/containerdisk/      the OCI image layout (`skopeo inspect oci:DIR/containerdisk:REF`)
 DIR/containerdisk.tar   the same as an oci-archive (`skopeo copy oci-archive:... docker://REGISTRY/...`,
                         `podman load -i`)
 DIR/virtualmachine.yaml a kubevirt.io/v1 VirtualMachine and, with --publish, a v1 Service
@@ -40,7 +40,7 @@ def k8s_name(name: str) -> str:
 
 
 def split_ref(ref: str) -> tuple[str, str]:
-    """(repository, tag) of an image reference; the tag names the image in the OCI layout's index."""
+    """(repository, tag) of an image reference (a digest reference is refused: the export makes the image)."""
     last = ref.rsplit("/", 1)[-1]
     if "@" in ref:
         raise UsageError(f"--image-ref {ref!r}: give a tag, not a digest", hint="e.g. registry.example/app:1.0")
@@ -159,7 +159,7 @@ def export_kubevirt(target, image, dest: Path, *, publish: tuple[str, ...] = (),
     memory, cpus, forwards = run_settings(image, target, memory_mib=memory_mib, cpus=cpus, publish=publish)
     name = k8s_name(manifest.name)
     ref = image_ref or f"jvmkit/{name}:latest"
-    _, tag = split_ref(ref)
+    split_ref(ref)  # refuses a digest reference
     cluster = target.cluster_boot(manifest)
     dest = prepare_dest(dest)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial.", dir=dest.parent))
@@ -183,7 +183,7 @@ def export_kubevirt(target, image, dest: Path, *, publish: tuple[str, ...] = (),
         annotations = {"org.opencontainers.image.title": name, "dev.jvmkit.image": manifest.name,
                        "dev.jvmkit.target": manifest.target}
         with ui.current().step(f"OCI image {ref} ({cluster.kind})"):
-            oci.write_layout(staging / LAYOUT, files, ref=tag, mtime=manifest.source_date_epoch,
+            oci.write_layout(staging / LAYOUT, files, ref=ref, mtime=manifest.source_date_epoch,
                              annotations=annotations)
             oci.write_archive(staging / LAYOUT, staging / ARCHIVE, manifest.source_date_epoch)
         shutil.rmtree(work)

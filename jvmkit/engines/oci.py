@@ -24,6 +24,7 @@ MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"   # what `ctr images import` names the image by
 CHUNK = 1 << 20
 
 
@@ -118,8 +119,9 @@ def write_layer(blobs: Path, files: list[LayerFile], mtime: int, dir_owner: tupl
 
 def write_layout(layout: Path, files: list[LayerFile], *, ref: str, mtime: int,
                  annotations: dict[str, str] | None = None, dir_owner: tuple[int, int] = (0, 0)) -> Descriptor:
-    """An OCI image layout at `layout` (a new directory) holding one image tagged `ref`; returns
-    the image manifest's descriptor."""
+    """An OCI image layout at `layout` (a new directory) holding one image named `ref` (a full
+    reference such as `registry.example/app:1.0`: `podman load` and `ctr import` name the image by
+    it, `skopeo inspect oci:LAYOUT:REF` selects it); returns the image manifest's descriptor."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     layer, diff_id = write_layer(blobs, files, mtime, dir_owner)
@@ -133,7 +135,7 @@ def write_layout(layout: Path, files: list[LayerFile], *, ref: str, mtime: int,
     manifest_bytes = canonical(manifest)
     manifest_desc = Descriptor(MANIFEST, _blob(blobs, manifest_bytes), len(manifest_bytes))
     index = {"schemaVersion": 2, "mediaType": INDEX,
-             "manifests": [manifest_desc.to_json(annotations={REF_NAME: ref})]}
+             "manifests": [manifest_desc.to_json(annotations={REF_NAME: ref, CONTAINERD_NAME: ref})]}
     fileio.atomic_write_bytes(layout / "index.json", canonical(index))
     fileio.atomic_write_bytes(layout / "oci-layout", canonical({"imageLayoutVersion": "1.0.0"}))
     return manifest_desc
