@@ -422,3 +422,21 @@ def test_kubevirt_export_boots_from_its_oci_image(images, target, tmp_path):
         argv = ["-drive", f"file={disk},if=virtio,format=raw,readonly=on"]
     body = boot_and_ask(argv, free_port(), work / "console.log")
     assert body is not None and body.startswith("hello from jvmkit httpd"), (work / "console.log").read_text()[-2000:]
+
+
+def test_export_errors_are_one_line_and_leave_nothing(images, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    proc = jvmkit("export", images["linux"], "--format", "libvirt", "-o", foreign)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "holds no earlier jvmkit export" in proc.stderr and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    proc = jvmkit("export", images["linux"], "--format", "kubevirt", "-o", tmp_path / "kv", "--memory", "16M")
+    assert proc.returncode == 2 and "too small" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "kv").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".kv")]
+    proc = jvmkit("export", images["linux"], "--format", "raw", "-o", tmp_path / "disk.img")
+    assert proc.returncode == 2 and "no format" in proc.stderr, proc.stderr
+    again = jvmkit("export", images["linux"], "--format", "libvirt", "-o", tmp_path / "lv")
+    assert again.returncode == 0, again.stderr
+    again = jvmkit("export", images["linux"], "--format", "libvirt", "-o", tmp_path / "lv", "--cpus", "2")
+    assert again.returncode == 0 and "<vcpu placement=\"static\">2</vcpu>" in (tmp_path / "lv/domain.xml").read_text()
