@@ -192,6 +192,22 @@ def test_the_targets_cluster_boot(target):
         assert boot.kind == "kernel" and boot.cmdline is None
 
 
+def test_from_the_manifest_to_the_virtual_machine():
+    """linux: kernelBoot with the runner's own kernel command line, the plan's kernel and initrd."""
+    from test_libvirt_xml import plan_for, runner_append
+
+    plan, _ = plan_for("linux")
+    boot, files = kubevirt.kernel_boot(plan)
+    assert boot == {"kernel": "/boot/kernel", "initrd": "/boot/initramfs", "cmdline": runner_append("linux")}
+    assert [(f.path, f.source, f.mode) for f in files] == [("boot/kernel", plan.kernel, 0o444),
+                                                           ("boot/initramfs", plan.initrd, 0o444)]
+    doc = vm(boot)
+    assert check(doc, SCHEMA) == []
+    assert doc["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]["kernelArgs"] == runner_append("linux")
+    boot, files = kubevirt.disk_boot(Path("/x/disk.img"))
+    assert boot == DISK_BOOT and (files[0].uid, files[0].gid, files[0].mode) == (107, 107, 0o440)
+
+
 # ---- the Go types themselves, when a KubeVirt source tree is given -------------------------------
 
 def _go_sources() -> list[str] | None:

@@ -151,6 +151,24 @@ def to_yaml(documents: list[dict]) -> str:
     return "".join("---\n" + "\n".join(_yaml(doc, 0)) + "\n" for doc in documents)
 
 
+# ---- what goes into the image ------------------------------------------------------------------------
+
+def kernel_boot(plan, cmdline: str | None = None) -> tuple[dict, list[oci.LayerFile]]:
+    """kernelBoot from a boot plan (pure): the `boot` of `virtual_machine` and the layer's files,
+    /boot/<kernel> and /boot/<initrd>, booted with the plan's command line (or `cmdline`)."""
+    files = [oci.LayerFile(f"boot/{plan.kernel.name}", plan.kernel, 0o444)]
+    boot = {"kernel": f"/boot/{plan.kernel.name}", "cmdline": cmdline or plan.append}
+    if plan.initrd is not None:
+        files.append(oci.LayerFile(f"boot/{plan.initrd.name}", plan.initrd, 0o444))
+        boot["initrd"] = f"/boot/{plan.initrd.name}"
+    return boot, files
+
+
+def disk_boot(disk: Path) -> tuple[dict, list[oci.LayerFile]]:
+    """A containerDisk (pure): /disk/disk.img, owned by KubeVirt's qemu user, read-only."""
+    return {"disk": "/disk/disk.img"}, [oci.LayerFile("disk/disk.img", disk, 0o440, QEMU_UID, QEMU_UID)]
+
+
 # ---- export ------------------------------------------------------------------------------------------
 
 def export_kubevirt(target, image, dest: Path, *, publish: tuple[str, ...] = (), memory_mib: int | None = None,
@@ -167,19 +185,12 @@ def export_kubevirt(target, image, dest: Path, *, publish: tuple[str, ...] = (),
         work = staging / ".files"
         work.mkdir()
         if cluster.kind == "disk":
-            disk = target.export(image, cluster.export_format, work / "disk.img", loader=loader,
-                                 cmdline=cluster.cmdline)
-            files = [oci.LayerFile("disk/disk.img", disk, 0o440, QEMU_UID, QEMU_UID)]
-            boot = {"disk": "/disk/disk.img"}
+            boot, files = disk_boot(target.export(image, cluster.export_format, work / "disk.img", loader=loader,
+                                                  cmdline=cluster.cmdline))
         else:
             unpacked = {role: unpack_file(image, role, work / raw_name(record.path))
                         for role, record in sorted(manifest.files.items())}
-            plan = target.boot_plan(manifest, unpacked, BootRequest(), _no_secrets)
-            files = [oci.LayerFile(f"boot/{plan.kernel.name}", plan.kernel, 0o444)]
-            boot = {"kernel": f"/boot/{plan.kernel.name}", "cmdline": cluster.cmdline or plan.append}
-            if plan.initrd is not None:
-                files.append(oci.LayerFile(f"boot/{plan.initrd.name}", plan.initrd, 0o444))
-                boot["initrd"] = f"/boot/{plan.initrd.name}"
+            boot, files = kernel_boot(target.boot_plan(manifest, unpacked, BootRequest(), _no_secrets), cluster.cmdline)
         annotations = {"org.opencontainers.image.title": name, "dev.jvmkit.image": manifest.name,
                        "dev.jvmkit.target": manifest.target}
         with ui.current().step(f"OCI image {ref} ({cluster.kind})"):

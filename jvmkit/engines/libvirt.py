@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from jvmkit import guest, ui
+from jvmkit import cache, guest, ui
 from jvmkit.balloon.host import BalloonDevice, DeviceLost
 from jvmkit.engines import libvirt_xml
 from jvmkit.errors import JvmkitError, UsageError
@@ -266,9 +266,10 @@ def run(image_path: Path, options, on_started: Callable[[LibvirtVm], None] | Non
         try:
             domain = conn.createXML(xml, lv.VIR_DOMAIN_START_AUTODESTROY)
         except lv.libvirtError as exc:
+            kept = cache.cache_dir("logs") / f"{run_dir.name}.domain.xml"
+            kept.write_text(xml)
             raise JvmkitError(f"libvirt could not start the domain: {error_text(exc)}",
-                              hint=f"the domain XML is {run_dir.path / 'domain.xml'} while this runs; "
-                                   "`--debug` keeps nothing more") from None
+                              hint=f"the domain XML is kept in {kept}") from None
         pid = qemu_pid_of(spec.name) if local else None
         vm = LibvirtVm(run_dir.name, run_dir, domain, memory, jmx, pid)
         run_dir.write_state({"name": run_dir.name, "engine": "libvirt", "connect": options.connect,
