@@ -22,6 +22,8 @@ import click
 from jvmkit import __version__, ui
 from jvmkit import config as configs
 from jvmkit.config import cli_options as settings_options
+from jvmkit.engines import EXPORT_FORMATS as ENGINE_FORMATS
+from jvmkit.settings import SizeType
 from jvmkit.errors import EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, JvmkitError
 from jvmkit.packager import targets
 from jvmkit.units import human, parse_mib
@@ -216,19 +218,52 @@ def describe_manifest(b) -> str:
     return "\n".join(lines)
 
 
+# Every target's Target.export_formats, in order (tests/test_libvirt_xml.py checks it against the
+# targets): listed here because importing the targets to ask costs ~80 ms on every command.
+EXPORT_FORMATS = ("raw", "qcow2", *ENGINE_FORMATS)
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The disk file to write.")
-@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The disk file (raw, qcow2) or the directory (libvirt, kubevirt) to write.")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="raw", show_default=True,
+              help="What to write (raw, qcow2: osv images only).")
 @click.option("--loader", type=click.Path(path_type=Path),
-              help="OSv's loader image (build/last/loader.img) [default: the one cached with the image's kernel].")
+              help="osv: OSv's loader image (build/last/loader.img) for raw/qcow2/kubevirt "
+                   "[default: the one cached with the image's kernel].")
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
+              help="libvirt: forward a host TCP port to the guest; kubevirt: a Service port HOST -> GUEST "
+                   "(repeatable).")
+@click.option("--memory", "memory_mib", type=SizeType(), metavar="SIZE",
+              help="libvirt, kubevirt: guest memory [default: the image's].")
+@click.option("--cpus", type=click.IntRange(1, 64), metavar="N", help="libvirt, kubevirt: vCPUs [default: the image's].")
+@click.option("--accel", type=click.Choice(["kvm", "tcg"]), default="kvm", show_default=True,
+              help="libvirt: domain type kvm, or qemu (TCG) for hosts without KVM.")
+@click.option("--image-ref", metavar="REF",
+              help="kubevirt: the containerDisk's image reference in the manifest [default: jvmkit/NAME:latest].")
 @output_options()
-def export(image, output, fmt, loader):
-    """Write IMAGE in a format other engines boot (osv: one bootable OSv disk, raw or qcow2)."""
+def export(image, output, fmt, loader, publish, memory_mib, cpus, accel, image_ref):
+    """Write IMAGE in a format other engines boot.
+
+    \b
+    raw, qcow2  osv: one bootable OSv disk
+    libvirt     DIR/domain.xml + the boot files (virsh define DIR/domain.xml)
+    kubevirt    DIR/containerdisk (OCI layout), DIR/containerdisk.tar (OCI archive),
+                DIR/virtualmachine.yaml (VirtualMachine + Service)
+    """
     from jvmkit.packager import bundle as bundles
 
     b = bundles.load(image)
-    dest = targets.get(b.target, "image target").export(b, fmt, output, loader=loader)
+    dest = targets.get(b.target, "image target").export(
+        b, fmt, output, loader=loader, publish=tuple(publish), memory_mib=memory_mib, cpus=cpus, accel=accel,
+        image_ref=image_ref)
+    if dest.is_dir():
+        files = sorted(p.name for p in dest.iterdir())
+        size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+        ui.current().result(f"{dest}/  {human(size)}  {fmt}: {', '.join(files)}",
+                            {"directory": str(dest), "format": fmt, "files": files, "size": size})
+        return
     ui.current().result(f"{dest}  {human(dest.stat().st_size)}  {fmt}", {"disk": str(dest), "format": fmt,
                                                                           "size": dest.stat().st_size})
 

@@ -35,6 +35,8 @@ Relative paths in it are relative to the file; on the command line, to the worki
     cpus = 2
     publish = ["8080:8080"]
     accel = "auto"
+    engine = "qemu"                 # or "libvirt": a transient libvirt domain (jvmkit.engines.libvirt)
+    connect = "qemu:///system"      # the libvirt URI for engine = "libvirt"
     timeout = 600.0
     balloon = true                  # as --balloon
     [balloon]                       # the balloon of `jvmkit run --balloon`

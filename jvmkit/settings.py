@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from jvmkit.engines import DEFAULT_CONNECT, ENGINES
 from jvmkit.errors import UsageError
 from jvmkit.packager import targets
 from jvmkit.units import parse_mib
@@ -277,6 +278,10 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="[ADDR:]HOST:GUEST"),
     Setting("accel", Choice(ACCELS), RUN, ("--accel",), "run.accel", "auto",
             "Accelerator: KVM only if a real probe succeeds (auto), or force one."),
+    Setting("engine", Choice(ENGINES), RUN, ("--engine",), "run.engine", "qemu",
+            "What starts the VM: jvmkit's own QEMU, or a transient libvirt domain (needs jvmkit[libvirt])."),
+    Setting("connect", TEXT, RUN, ("--connect",), "run.connect", DEFAULT_CONNECT,
+            "--engine libvirt: the libvirt URI (the domain's files must be on that host).", metavar="URI"),
     Setting("timeout", Seconds(0, low_open=True), RUN, ("--timeout",), "run.timeout",
             help="Stop the VM after this long (exit status 124).", metavar="SECONDS"),
     Setting("verbose", FLAG, RUN, ("-v", "--verbose"), default=False, help="Show kernel and init messages on stderr."),

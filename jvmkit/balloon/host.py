@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from jvmkit import ui
 from jvmkit.balloon import policy
@@ -66,7 +67,49 @@ def read_host_memory(meminfo: str | None = None, pressure: str | None = None) ->
     return result
 
 
-class QmpBalloon:
+class DeviceLost(OSError):
+    """The balloon device cannot be reached (its VM or domain is gone, the libvirt connection is
+    lost): the controller deflates and backs off, as for a lost QMP socket."""
+
+
+class BalloonDevice:
+    """What the controller steers: a VM's virtio-balloon, read and set in bytes.
+
+    `read()` returns {"actual", "updated", "total", "available", "free"} (the guest's own stats, None
+    where not reported; "updated" is the stats' last-update time, 0 if never); `set(bytes)` moves
+    the balloon. A device that cannot be reached raises OSError (DeviceLost) or QmpError.
+    Implementations: QmpBalloon (jvmkit's own QEMU), engines.libvirt.LibvirtBalloon (a libvirt
+    domain, through libvirt's API)."""
+
+    changed_at = 0.0
+    settle_s = 3.0  # the guest needs a moment to move pages, and stats are polled every 2 s
+
+    def read(self) -> dict:
+        raise NotImplementedError
+
+    def set(self, target_bytes: int) -> None:
+        raise NotImplementedError
+
+    def fresh(self, guest: dict) -> bool:
+        """Guest stats taken after the last balloon change had time to settle."""
+        return guest.get("total") is None or guest.get("updated", 0) >= self.changed_at + self.settle_s
+
+
+class VmHandle(Protocol):
+    """A started VM as the balloon sees it (runner.RunningVm, engines.libvirt.LibvirtVm)."""
+
+    name: str
+    run: Any                 # its vm.rundir.RunDir
+    memory_mib: int
+    jmx: dict | None
+
+    @property
+    def qemu_pid(self) -> int | None: ...
+
+    def balloon_device(self) -> BalloonDevice: ...
+
+
+class QmpBalloon(BalloonDevice):
     """virtio-balloon over QMP; connects per use so other jvmkit commands can use the socket too."""
 
     def __init__(self, socket_path: Path):
@@ -106,12 +149,15 @@ class QmpBalloon:
             qmp.execute("balloon", value=int(target_bytes))
         self.changed_at = time.time()
 
-    changed_at = 0.0
-    settle_s = 3.0  # the guest needs a moment to move pages, and stats are polled every 2 s
 
-    def fresh(self, guest: dict) -> bool:
-        """Guest stats taken after the last balloon change had time to settle."""
-        return guest.get("total") is None or guest.get("updated", 0) >= self.changed_at + self.settle_s
+def device_for(qmp_socket: Path, state: dict) -> BalloonDevice:
+    """A running VM's balloon from its run directory's state.json (`balloon status`): QMP for
+    jvmkit's QEMU, libvirt for `--engine libvirt` (which has no QMP socket of its own)."""
+    if state.get("engine") == "libvirt":
+        from jvmkit.engines import libvirt
+
+        return libvirt.attach(state)
+    return QmpBalloon(qmp_socket)
 
 
 # ---- the controller -------------------------------------------------------------------------------
@@ -129,9 +175,10 @@ class Controller:
     exit_marker: str | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     decisions: list = field(default_factory=list)
+    device: BalloonDevice | None = None   # None: QMP on qmp_socket
 
     def __post_init__(self):
-        self.balloon = QmpBalloon(self.qmp_socket)
+        self.balloon = self.device if self.device is not None else QmpBalloon(self.qmp_socket)
         self.client = None
         self.failures = 0
         self.last_gc_ms: float | None = None
@@ -201,7 +248,7 @@ class Controller:
         try:
             guest = self.balloon.read()
         except (QmpError, OSError, KeyError, TypeError) as exc:
-            self._lost(f"QMP ({exc})")
+            self._lost(f"the balloon device ({exc})")
             return
         now = time.monotonic()
         gc_ms = float(stats.gc_time_millis)
@@ -337,14 +384,15 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
         ui.current().warn(warning)
     state: dict = {}
 
-    def started(vm: runner.RunningVm) -> None:
+    def started(vm: VmHandle) -> None:
         floor = min_memory_mib or policy.default_floor_mib(vm.memory_mib)
         if floor > vm.memory_mib:
             ui.current().warn(f"--min-memory {floor}M is above --memory {vm.memory_mib}M; using {vm.memory_mib}M")
             floor = vm.memory_mib
         settings = policy.Settings(memory_mib=vm.memory_mib, min_memory_mib=floor)
-        controller = Controller(vm.name, vm.run.path, vm.config.qmp_socket, vm.jmx, settings, interval, log_path,
-                                qemu_pid=vm.process.pid, exit_marker=manifest.boot.exit_marker)
+        controller = Controller(vm.name, vm.run.path, vm.run.qmp_socket, vm.jmx, settings, interval, log_path,
+                                qemu_pid=vm.qemu_pid, exit_marker=manifest.boot.exit_marker,
+                                device=vm.balloon_device())
         state["controller"] = controller
         thread = threading.Thread(target=controller.run, name=f"balloon-{vm.name}", daemon=True)
         state["thread"] = thread
@@ -353,7 +401,7 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
         vm.run.write_state(st)
         thread.start()
 
-    def stopping(vm: runner.RunningVm) -> None:
+    def stopping(vm: VmHandle) -> None:
         controller = state.get("controller")
         if controller is not None:
             controller.stop_event.set()

@@ -54,6 +54,16 @@ class RunningVm:
     jmx: dict | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def qemu_pid(self) -> int | None:
+        return self.process.pid
+
+    def balloon_device(self):
+        """The VM's virtio-balloon for the balloon controller (balloon.host.VmHandle)."""
+        from jvmkit.balloon.host import QmpBalloon
+
+        return QmpBalloon(self.config.qmp_socket)
+
 
 # ---- pure helpers --------------------------------------------------------------------------------
 
@@ -239,6 +249,10 @@ def stop_vm(vm: RunningVm, graceful: bool, grace: float = STOP_GRACE) -> None:
 def run(image_path: Path, options: RunOptions,
         on_started: Callable[[RunningVm], None] | None = None,
         on_stopping: Callable[[RunningVm], None] | None = None) -> int:
+    if options.engine != "qemu":  # another engine boots the same boot plan (jvmkit.engines)
+        from jvmkit.engines import libvirt
+
+        return libvirt.run(image_path, options, on_started, on_stopping)
     console = ui.current()
     image = bundles.load(image_path)
     manifest = image.manifest

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ClassVar
 
+from jvmkit.engines import EXPORT_FORMATS as ENGINE_FORMATS
 from jvmkit.errors import UsageError
 from jvmkit.units import mib_text
 from jvmkit.packager.manifest import FileRecord, Manifest
@@ -72,6 +73,17 @@ class BootPlan:
     console_stdio: bool = False                  # one console for guest and app, on QEMU's stdout
     low_memory_mib: int = 1024                   # q35: guest RAM below 4 GiB
     acpi_shutdown: bool = False                  # the guest powers off on ACPI's power button
+
+
+@dataclass(frozen=True)
+class ClusterBoot:
+    """How a cluster engine that takes no host files (KubeVirt) boots the image from a container
+    image: `kernel` — the boot plan's kernel, initrd and command line (KubeVirt's kernelBoot);
+    `disk` — a disk that boots by itself, written by the target's own `export_format`."""
+
+    kind: str = "kernel"                         # "kernel" or "disk"
+    export_format: str | None = None             # kind "disk": the target's export format for it
+    cmdline: str | None = None                   # the command line for a cluster's network (None: the runner's)
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,7 @@ class Target(ABC):
     boot_type: ClassVar[type]                    # the manifest's `boot` dataclass
     machines: ClassVar[tuple[str, ...]]          # QEMU machine types its images may ask for
     uses_launcher: ClassVar[bool] = False        # main runs through jvmkit's Launcher
-    export_formats: ClassVar[tuple[str, ...]] = ()
+    export_formats: ClassVar[tuple[str, ...]] = ENGINE_FORMATS   # libvirt, kubevirt: every target
 
     # ---- pack time ----
     @abstractmethod
@@ -193,7 +205,18 @@ class Target(ABC):
     def import_kernel(self, path: Path) -> Any:
         """`jvmkit kernel import TARGET PATH`."""
 
+    def cluster_boot(self, manifest: Manifest) -> ClusterBoot:
+        """How KubeVirt boots this image (`jvmkit export --format kubevirt`): by default the kernel
+        and initrd of the boot plan, directly."""
+        return ClusterBoot("kernel")
+
     def export(self, image, fmt: str, dest: Path, **options) -> Path:
+        """`jvmkit export`: the engine formats (libvirt, kubevirt) for every target; a target adds
+        its own formats by overriding this and passing the engine formats on."""
+        if fmt in ENGINE_FORMATS:
+            from jvmkit.engines import export as engine_export
+
+            return engine_export.export(self, image, fmt, dest, **options)
         raise UsageError(f"image {image.path} is a {self.name} image; `jvmkit export` has no format for it",
                          hint=f"export formats by target: {exports_by_target()}")
 

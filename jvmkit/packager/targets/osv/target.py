@@ -17,7 +17,8 @@ from typing import BinaryIO, Callable
 from jvmkit import ui
 from jvmkit.errors import JvmkitError
 from jvmkit.packager.manifest import Manifest
-from jvmkit.packager.targets.base import BootPlan, BootRequest, BundleFiles, PackInputs, Target, pump_filtered
+from jvmkit.packager.targets.base import (ENGINE_FORMATS, BootPlan, BootRequest, BundleFiles, ClusterBoot, PackInputs,
+                                          Target, pump_filtered)
 from jvmkit.packager.targets.osv import disk as osv_disk
 from jvmkit.packager.targets.osv import image
 from jvmkit.packager.targets.osv.console import EXIT_LINE, ConsoleFilter
@@ -25,6 +26,8 @@ from jvmkit.packager.zstd import compress_file
 
 # What OSv prints when it cannot start the app (the runner's diagnosis when no status came).
 FAILURES = ("Could not mount rofs root filesystem", "Failed to parse command line", "Failed to load object")
+# The boot options that pin QEMU's user network addresses (image.BOOT_OPTIONS); without them OSv asks DHCP.
+FIXED_NETWORK = ("--ip=", "--defaultgw=", "--nameserver=")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class OsvTarget(Target):
     boot_type = OsvBoot
     machines = ("pc",)
     uses_launcher = True
-    export_formats = ("raw", "qcow2")
+    export_formats = ("raw", "qcow2", *ENGINE_FORMATS)
 
     # ---- pack ----
     def resolve_kernel(self, path, *, suite=None, mirror=None):
@@ -147,7 +150,30 @@ class OsvTarget(Target):
 
         return osv_kernels.import_osv(path)
 
-    def export(self, image_bundle, fmt: str, dest: Path, *, loader: Path | None = None, **_) -> Path:
+    def cluster_boot(self, manifest: Manifest) -> ClusterBoot:
+        """The classic disk (OSv's loader image + a command line + the ROFS) boots from its own boot
+        sector (on pc and, tried by hand, on q35), so KubeVirt needs only a containerDisk. Its line
+        leaves out the QEMU user network's fixed addresses: KubeVirt's pod network (masquerade:
+        the guest is 10.0.2.2 via 10.0.2.1) hands them out by DHCP, which OSv asks for without --ip."""
+        boot: OsvBoot = manifest.boot
+        line = boot.cmdline
+        options = [o for o in line.options if not o.startswith(FIXED_NETWORK)]
+        argv = [a for a in line.argv if a not in line.agent_flags]
+        return ClusterBoot("disk", export_format="raw",
+                           cmdline=image.boot_cmdline(argv, list(line.args), line.env, options))
+
+    def export(self, image_bundle, fmt: str, dest: Path, *, loader: Path | None = None, cmdline: str | None = None,
+               **options) -> Path:
+        """raw/qcow2: the classic disk, with the image's command line or `cmdline`; the engine
+        formats (libvirt, kubevirt) through Target.export."""
+        import dataclasses
+
         from jvmkit.packager.targets.osv.export import export_classic
 
+        if fmt in ENGINE_FORMATS:
+            return super().export(image_bundle, fmt, dest, loader=loader, **options)
+        if cmdline is not None:
+            m = image_bundle.manifest
+            image_bundle = dataclasses.replace(image_bundle, manifest=dataclasses.replace(
+                m, boot=dataclasses.replace(m.boot, kernel_cmdline=cmdline)))
         return export_classic(image_bundle, loader, dest, fmt)
