@@ -14,7 +14,8 @@ import time
 
 from jvmkit.vm import rundir
 from jvmkit.balloon import policy
-from jvmkit.balloon.host import REQUEST_FILE, RESULT_FILE, STATUS_FILE, QmpBalloon
+from jvmkit.balloon import host
+from jvmkit.balloon.host import REQUEST_FILE, RESULT_FILE, STATUS_FILE
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.vm.qmp import QmpError
 
@@ -63,7 +64,7 @@ def status_rows(name: str | None) -> list[dict]:
         guest = status = None
         if has_agent(state):
             try:
-                guest = QmpBalloon(run.qmp_socket).read()["actual"]
+                guest = host.device_for(run.qmp_socket, state).read()["actual"]
             except (QmpError, OSError, KeyError):
                 guest = None
             try:
