@@ -9,7 +9,9 @@ and `from_json` picks it by the manifest's `target`.
 Format 1 is what every jvmkit so far has written. Keys that jvmkit used to write and no code ever
 read (`boot.quiet_append`, `boot.verbose_append`, `boot.app_console`, `boot.seed_device`,
 `boot.console_filter`) are ignored on the way in and no longer written; unknown keys are ignored
-too, so an older jvmkit's image still loads.
+too, so an older jvmkit's image still loads. Beyond types, `manifest_limits` bounds sizes, counts,
+strings and nesting, and checks roles, paths, digests, the machine type and the boot section's
+names against allow-lists (an image may be hostile).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from jvmkit.errors import UsageError
+from jvmkit.packager import manifest_limits as limits
 
 FORMAT = 1
 
@@ -260,6 +263,7 @@ class Manifest:
 
         if not isinstance(data, dict):
             raise ManifestError("manifest must be a JSON object")
+        limits.check_json(data)
         fmt = data.get("format")
         if fmt != FORMAT:
             raise ManifestError(f"manifest format {fmt!r} is not the format {FORMAT} this jvmkit reads")
@@ -273,7 +277,9 @@ class Manifest:
         base = decode(cls, {**plain, "kernel": {}}, "manifest")
         kernel = KernelInfo.from_json(data.get("kernel", {}))
         boot = decode(target.boot_type, data.get("boot"), "manifest.boot")
-        return dataclasses.replace(base, kernel=kernel, boot=boot)
+        manifest = dataclasses.replace(base, kernel=kernel, boot=boot)
+        limits.check(manifest, target)
+        return manifest
 
     def to_json(self) -> dict:
         return encode(self)

@@ -10,9 +10,11 @@ QEMU is started with PR_SET_PDEATHSIG, so it never outlives jvmkit, even after a
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,9 +29,10 @@ import zstandard
 
 from jvmkit import cache, fileio, guest, ui
 from jvmkit.config import RunOptions
-from jvmkit.errors import UsageError
+from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.units import mib_text
 from jvmkit.packager import bundle as bundles
+from jvmkit.packager import manifest_limits
 from jvmkit.packager import targets
 from jvmkit.packager.targets.base import BootPlan, BootRequest, parse_marker
 from jvmkit.vm import consolelog, iouring, kvm, launch, network, rundir
@@ -170,8 +173,16 @@ def free_port(addr: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+UNPACK_HEADROOM = 64 << 20  # free space to leave in the cache beyond an unpacked boot file
+
+
 def prepare_boot_files(image: bundles.Bundle) -> dict[str, Path]:
-    """Decompress the bundle's compressed files into the boot cache once (keyed by digest)."""
+    """Decompress the bundle's compressed files into the boot cache once (keyed by digest).
+
+    The image may be hostile: the output is bounded by the manifest's `raw_size` (a zstd bomb
+    stops there), checked against its `raw_sha256` before the entry appears (so a lying image
+    cannot plant a file under another image's key), checked against the free space first, and
+    made read-only (0444); a corrupt stream is one line, exit status 2."""
     result = {}
     for role, record in sorted(image.manifest.files.items()):
         if record.compression != "zstd":
@@ -180,13 +191,36 @@ def prepare_boot_files(image: bundles.Bundle) -> dict[str, Path]:
         key = f"{role}-{record.raw_sha256[:24]}"
 
         def build(tmp: Path, record=record, role=role) -> None:
-            dctx = zstandard.ZstdDecompressor()
-            with open(image.file(role), "rb") as src, open(tmp / "file", "wb") as out:
-                dctx.copy_stream(src, out)
+            _unpack(image, role, record, tmp / "file")
 
         entry, _ = cache.ensure_entry("boot", key, build, role=role, image=str(image.path))
         result[role] = entry / "file"
     return result
+
+
+def _unpack(image: bundles.Bundle, role: str, record, dest: Path) -> None:
+    what = f"image {image.path}: its {role} ({record.path})"
+    free = shutil.disk_usage(dest.parent).free
+    if record.raw_size + UNPACK_HEADROOM > free:
+        raise JvmkitError(f"{what} unpacks to {mib_text(-(-record.raw_size >> 20))}, and the cache has "
+                          f"{mib_text(free >> 20)} free", hint="free some space (`jvmkit cache prune`)")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(image.file(role), "rb") as src, open(dest, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+            while chunk := reader.read(1 << 20):
+                size += len(chunk)
+                if size > record.raw_size:
+                    raise UsageError(f"{what} decompresses to more than the {record.raw_size} bytes its manifest "
+                                     "says", hint="this image is damaged or hostile; do not run it")
+                digest.update(chunk)
+                out.write(chunk)
+    except zstandard.ZstdError as exc:
+        raise UsageError(f"{what} is not a valid zstd stream ({exc})", hint="pack it again") from None
+    if size != record.raw_size or digest.hexdigest() != record.raw_sha256:
+        raise UsageError(f"{what} does not decompress to the {record.raw_size} bytes and SHA-256 its manifest says",
+                         hint="this image is damaged or hostile; do not run it")
+    os.chmod(dest, 0o444)
 
 
 def stop_vm(vm: RunningVm, graceful: bool, grace: float = STOP_GRACE) -> None:
@@ -222,6 +256,10 @@ def run(image_path: Path, options: RunOptions,
     image = bundles.load(image_path)
     manifest = image.manifest
     target = targets.get(manifest.target, "image target")
+    try:
+        manifest_limits.check_bootable(manifest, target)
+    except UsageError as exc:
+        raise UsageError(f"image {image_path}: {exc.message}", hint="this image is damaged or hostile; do not run it") from None
     qemu = find_qemu()
     forwards = [parse_publish(p) for p in options.publish]
     check_publish(forwards)
