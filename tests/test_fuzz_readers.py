@@ -25,7 +25,7 @@ from jvmkit.packager.targets.osv.readers import (parse_cmdline, read_cmdline, re
                                                  read_rofs)
 from jvmkit.packager.targets.osv.rofs import RofsBuilder
 
-FUZZ = settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1000, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 EXTREMES = (0, 1, 0x7F, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, (1 << 64) - 1)
 
 
@@ -120,7 +120,7 @@ def test_rofs_reader(data):
     assert total <= len(data)
 
 
-@settings(max_examples=600, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated(DISK, words=True))
 def test_mbr_and_disk_rofs_readers(data):
     with tempfile.NamedTemporaryFile(suffix=".img") as tmp:
@@ -137,7 +137,7 @@ def test_mbr_and_disk_rofs_readers(data):
             pass
 
 
-@settings(max_examples=2000, deadline=2000)
+@settings(max_examples=1500, deadline=2000)
 @given(st.text(alphabet=st.sampled_from(list(' \t\n;&!"\\$=-abcXYZ019/')), max_size=80) | st.text(max_size=80))
 def test_osv_cmdline_grammar(line):
     parsed = parse_cmdline(line)

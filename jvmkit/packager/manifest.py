@@ -17,6 +17,7 @@ names against allow-lists (an image may be hostile).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,11 +90,16 @@ def _decode(tp, value, where: str):
     raise TypeError(f"manifest codec: unsupported type {tp!r} at {where}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # resolving the annotations is most of a manifest's decode time
+
+
 def decode(cls, data, where: str = "manifest"):
     """Build dataclass `cls` from JSON-shaped `data`, checking every field (unknown keys ignored)."""
     if not isinstance(data, dict):
         raise ManifestError(f"{where} must be an object")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         key = f.name
