@@ -257,6 +257,15 @@ def test_the_console_log_is_capped_and_keeps_the_end(tmp_path):
     assert stat.S_IMODE((tmp_path / "console.log").stat().st_mode) == 0o600
 
 
+def test_qemu_writes_no_console_log_of_its_own_when_jvmkit_caps_it():
+    osv = dict(initrd=None, disk=Path("/d"), console_stdio=True, app_serial=False)
+    assert any("logfile=" in a for a in qemu_argv(config(**osv)))
+    capped = qemu_argv(config(**osv, qemu_console_log=False))
+    assert "stdio,id=console,signal=off" in capped and not any("logfile" in a or "c.log" in a for a in capped)
+    linux = qemu_argv(config(console_fd=5, qemu_console_log=False))
+    assert "file,id=console,path=/proc/self/fd/5" in linux and not any("c.log" in a for a in linux)
+
+
 def test_the_console_pump_and_tee(tmp_path):
     log = consolelog.BoundedLog(tmp_path / "c.log", cap=64)
     r, w = os.pipe()

@@ -264,7 +264,8 @@ def test_published_ports_and_jmx_keep_working(isolation_images, target, backend,
             time.sleep(1)
         assert jrmi_answers(jmx_port), "the guest agent's JMX port does not answer"
     finally:
-        http_body_when_up(f"http://127.0.0.1:{port}/exit?code=0", 30)
+        with contextlib.suppress(Exception):  # the reply may be cut short as the app exits
+            http_body_when_up(f"http://127.0.0.1:{port}/exit?code=0", 30)
         thread.join(timeout=120)
     assert result == [0]
 
@@ -367,8 +368,8 @@ def test_a_guest_printing_forever_does_not_fill_the_disk(isolation_images, targe
 
         def sample():
             while not stop.is_set():
-                total = sum(p.stat().st_size for p in vm.run.path.glob("console.log*") if p.exists())
-                seen["max"] = max(seen["max"], total)
+                with contextlib.suppress(OSError):  # the run directory goes at the end
+                    seen["max"] = max(seen["max"], sum(p.stat().st_size for p in vm.run.path.glob("console.log*")))
                 time.sleep(0.05)
 
         threading.Thread(target=sample, daemon=True).start()

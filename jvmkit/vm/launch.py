@@ -148,7 +148,8 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
         if not config.console_stdio:
             console_r, console_w = os.pipe()
             pass_fds.append(console_w)
-        config = dataclasses.replace(config, netdev=net.netdev, confinement=confinement, console_fd=console_w)
+        config = dataclasses.replace(config, netdev=net.netdev, confinement=confinement, console_fd=console_w,
+                                     qemu_console_log=False)
         argv = qemu_argv(config)
         process = proc.start(argv, what="QEMU", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              pass_fds=tuple(pass_fds), preexec_fn=setup)

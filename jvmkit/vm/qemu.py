@@ -136,6 +136,8 @@ class VmConfig:
     console_stdio: bool = False                  # osv: ttyS0 → QEMU's stdout, logged to console_log too
     data_disks: tuple[Path, ...] = ()            # osv: more raw virtio-blk disks (vblk1...), read-only
     console_fd: int | None = None                # ttyS0 into this inherited pipe (jvmkit caps the log)
+    qemu_console_log: bool = True                # QEMU writes console_log itself, uncapped (False: jvmkit
+                                                 # reads the console through a pipe: consolelog.py)
     ports: tuple[PortForward, ...] = ()
     network: bool = True
     netdev: NetDev = NetDev()
@@ -193,10 +195,10 @@ def qemu_argv(c: VmConfig) -> list[str]:
         argv += ["-drive", f"file={opt(path)},if=none,id=data{i},format=raw,readonly=on",
                  "-device", f"virtio-blk-pci,drive=data{i}"]
     if c.console_stdio:
-        log = f",logfile={opt(c.console_log)}" if c.console_fd is None else ""
+        log = f",logfile={opt(c.console_log)}" if c.qemu_console_log else ""
         argv += ["-chardev", f"stdio,id=console,signal=off{log}", "-serial", "chardev:console"]
     else:
-        path = f"/proc/self/fd/{c.console_fd}" if c.console_fd is not None else opt(c.console_log)
+        path = opt(c.console_log) if c.console_fd is None else f"/proc/self/fd/{c.console_fd}"
         argv += ["-chardev", f"file,id=console,path={path}", "-serial", "chardev:console"]
     if c.app_serial and not c.console_stdio:
         argv += ["-chardev", "stdio,id=app,signal=off", "-serial", "chardev:app"]
