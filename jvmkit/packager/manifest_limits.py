@@ -138,8 +138,8 @@ def _check_boot(boot, target) -> None:
         value = getattr(boot, f.name)
         where = f"manifest.boot.{f.name}"
         if f.name == "machine" and value not in target.machines:
-            raise ManifestError(f"{where} {value!r} is not a machine type jvmkit uses for {target.name} images "
-                                f"(known: {', '.join(target.machines)})")
+            raise ManifestError(f"{where} asks for QEMU machine type {value[:40]!r}, which jvmkit does not use for "
+                                f"{target.name} images (known: {', '.join(target.machines)})")
         if f.name.endswith("_fw_cfg") and not (FW_CFG_NAME.fullmatch(value) and len(value) <= FW_CFG_MAX):
             raise ManifestError(f"{where} {value[:60]!r} is not an fw_cfg name (opt/..., at most {FW_CFG_MAX} "
                                 "characters of letters, digits, '.', '_', '-' and '/')")
