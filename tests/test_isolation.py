@@ -330,6 +330,13 @@ def test_only_known_devices_and_read_only_drives():
         qemu_argv(config(extra=("-device", "usb-host")))
 
 
+def test_unused_built_in_devices_are_off():
+    for machine, extra in (("pc", ""), ("q35", ",sata=off")):
+        argv = qemu_argv(config(machine=machine))
+        machines = [argv[i + 1] for i, a in enumerate(argv) if a == "-machine"]
+        assert machines[1] == "vmport=off,smbus=off,i8042=off" + extra
+
+
 def test_cpu_and_memory_are_exactly_what_was_asked():
     """The guest gets --cpus and --memory and no way to grow: no hot-plug slots, no maxmem, no
     maxcpus; under TCG the translation cache is bounded too (tb-size)."""
