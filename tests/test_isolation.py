@@ -269,15 +269,15 @@ def test_qemu_writes_no_console_log_of_its_own_when_jvmkit_caps_it():
 def test_the_console_pump_and_tee(tmp_path):
     log = consolelog.BoundedLog(tmp_path / "c.log", cap=64)
     r, w = os.pipe()
-    out = consolelog.tee(r, log)
+    out, copier = consolelog.tee(r, log)
     os.write(w, b"x" * 300 + b"end\n")
     os.close(w)
     got = b""
     while chunk := os.read(out, 4096):
         got += chunk
     os.close(out)
+    copier.join(timeout=5)
     assert got == b"x" * 300 + b"end\n"      # the target's pump sees everything
-    time.sleep(0.05)
     assert log.written == 304 and log.on_disk() <= 128 and log.text().endswith("end\n")
 
 

@@ -88,9 +88,9 @@ def pump(fd: int, log: BoundedLog, forward: Callable[[bytes], None] | None = Non
         os.close(fd)
 
 
-def tee(fd: int, log: BoundedLog) -> int:
-    """A pipe that carries what `fd` carries, logged on the way (a thread copies): the target's
-    own console pump reads the returned fd as it read QEMU's stdout before."""
+def tee(fd: int, log: BoundedLog) -> tuple[int, threading.Thread]:
+    """A pipe that carries what `fd` carries, logged on the way (the returned thread copies, until
+    EOF): the target's own console pump reads the returned fd as it read QEMU's stdout before."""
     read_end, write_end = os.pipe()
 
     def forward(chunk: bytes) -> None:
@@ -104,5 +104,6 @@ def tee(fd: int, log: BoundedLog) -> int:
         finally:
             os.close(write_end)
 
-    threading.Thread(target=run, daemon=True, name="console-tee").start()
-    return read_end
+    thread = threading.Thread(target=run, daemon=True, name="console-tee")
+    thread.start()
+    return read_end, thread

@@ -175,13 +175,20 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
         threads.append(threading.Thread(target=consolelog.pump, args=(console_r, log, forward), daemon=True,
                                         name="console"))
         app_fd = os.dup(process.stdout.fileno())
+        for t in threads:
+            t.start()
     else:
-        app_fd = consolelog.tee(os.dup(process.stdout.fileno()), log)
+        app_fd, tee = consolelog.tee(os.dup(process.stdout.fileno()), log)
+        threads.append(tee)
     process.stdout.close()
-    for t in threads:
-        t.start()
     lifeline = None
     if confinement.runas is not None:
         pids = [process.pid] + ([net.passt.pid] if net.passt is not None else [])
-        lifeline = sandbox.Lifeline(pids)
+        try:
+            lifeline = sandbox.Lifeline(pids)
+        except BaseException:  # without it a killed jvmkit would leave the unprivileged QEMU running
+            process.kill()
+            process.wait()
+            net.stop()
+            raise
     return Launched(process, config, log, app_fd, net, host_filter, lifeline, threads)

@@ -136,6 +136,7 @@ class Network:
     netdev: NetDev
     pass_fds: tuple[int, ...] = ()
     passt: proc.Popen | None = None
+    _error: str | None = None
 
     def started(self) -> None:
         """QEMU has its copy of the socket: close jvmkit's."""
@@ -157,10 +158,11 @@ class Network:
                 self.passt.wait()
 
     def passt_error(self) -> str | None:
-        if self.passt is None or self.passt.poll() in (None, 0):
-            return None
-        err = self.passt.stderr.read().decode(errors="replace") if self.passt.stderr else ""
-        return proc.last_line(err)
+        """Why passt ended while QEMU runs (its last line of error output), or None."""
+        if self._error is None and self.passt is not None and self.passt.poll() not in (None, 0):
+            err = self.passt.stderr.read().decode(errors="replace") if self.passt.stderr else ""
+            self._error = f"exit status {self.passt.returncode}: {proc.last_line(err)}"
+        return self._error
 
 
 def start(choice: Choice, ports: tuple[PortForward, ...], *, passt: str | None, preexec=None,

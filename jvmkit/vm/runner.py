@@ -362,8 +362,12 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
                 outcome = "interrupted"
                 break
             if launched.backend_failed():
-                outcome = "network"
-                break
+                try:  # passt also ends when a finishing QEMU closes its socket: only a live QEMU lost its network
+                    qemu_proc.wait(timeout=2)
+                    continue
+                except subprocess.TimeoutExpired:
+                    outcome = "network"
+                    break
             if options.timeout and time.monotonic() - started > options.timeout:
                 outcome = "timeout"
                 break
