@@ -239,6 +239,21 @@ def jrmi_answers(port: int) -> bool:
 
 
 @pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("backend", ["slirp", "passt"])
+def test_the_guest_resolves_names_through_the_hosts_resolvers(isolation_images, target, backend):
+    """DNS at 10.0.2.3 reaches the host's resolvers with either backend (slirp reads resolv.conf
+    inside QEMU's empty root; passt forwards)."""
+    name = "deb.debian.org"
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET)
+    except OSError:
+        pytest.skip(f"this host cannot resolve {name}")
+    result = probe(isolation_images[("netprobe", target)], [f"{name}:80"],
+                   env={"JVMKIT_NETWORK_BACKEND": backend})
+    assert "UnknownHost" not in result[f"{name}:80"], result
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("backend", ["isolated", "passt"])
 def test_published_ports_and_jmx_keep_working(isolation_images, target, backend, monkeypatch):
     """Under `isolated` (slirp restrict=on) and through passt, a published port serves the app and

@@ -117,7 +117,7 @@ def passt_argv(passt: str, fd: int, ports: tuple[PortForward, ...], *, map_gatew
     (passt drops to `nobody` by itself when started as root)."""
     argv = [passt, "--foreground", "--quiet", "--fd", str(fd), "--ipv4-only",
             "--address", GUEST_ADDRESS, "--netmask", str(GUEST_PREFIX), "--gateway", GATEWAY,
-            "--dns", DNS, "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp", "--no-ra"]
+            "--dns-forward", DNS, "--no-dhcpv6", "--no-ndp", "--no-ra"]
     if not map_gateway:
         argv.append("--no-map-gw")
     if runas is not None:
