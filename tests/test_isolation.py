@@ -357,3 +357,17 @@ def test_the_balloon_never_gives_more_than_memory(memory, actual, used, committe
                     gc_time_delta_ms=gc_ms, interval_s=2.0, balloon_actual_mib=min(actual, memory),
                     host_total=16 << 30, host_available=(1 << 30) if pressure else 12 << 30)
     assert decide(inputs, settings_).balloon_target_mib <= memory
+
+
+def test_the_network_settings_in_jvmkit_toml(tmp_path):
+    from jvmkit.config import run_options
+
+    good = tmp_path / "jvmkit.toml"
+    good.write_text('[run]\nnetwork = "isolated"\nallow_host_loopback = false\n')
+    options = run_options({}, good)
+    assert options.network == "isolated" and options.allow_host_loopback is False
+    assert run_options({"network": "outbound"}, good).network == "outbound"  # a flag wins
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[run]\nnetwork = "open"\n')
+    with pytest.raises(UsageError, match=r"bad.toml:2: 'run.network' must be one of outbound, isolated"):
+        run_options({}, bad)

@@ -278,6 +278,10 @@ def test_published_ports_and_jmx_keep_working(isolation_images, target, backend,
         while not jrmi_answers(jmx_port) and time.monotonic() < deadline:
             time.sleep(1)
         assert jrmi_answers(jmx_port), "the guest agent's JMX port does not answer"
+        from jvmkit.vm.qmp import QmpClient  # and QMP, the balloon's other channel, to the unprivileged QEMU
+
+        with QmpClient.connect(started[0].config.qmp_socket, timeout=10) as qmp:
+            assert qmp.execute("query-balloon")["actual"] == 256 << 20
     finally:
         with contextlib.suppress(Exception):  # the reply may be cut short as the app exits
             http_body_when_up(f"http://127.0.0.1:{port}/exit?code=0", 30)
