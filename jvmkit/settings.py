@@ -28,6 +28,7 @@ DEFAULT_FILE = "jvmkit.toml"
 COMMANDS = ("pack", "run")
 TARGETS = targets.NAMES
 ACCELS = ("auto", "kvm", "tcg")
+NETWORKS = ("outbound", "isolated")  # jvmkit.vm.network.MODES
 
 
 class Invalid(ValueError):
@@ -282,6 +283,11 @@ SETTINGS: tuple[Setting, ...] = (
             "What starts the VM: jvmkit's own QEMU, or a transient libvirt domain (needs jvmkit[libvirt])."),
     Setting("connect", TEXT, RUN, ("--connect",), "run.connect", DEFAULT_CONNECT,
             "--engine libvirt: the libvirt URI (the domain's files must be on that host).", metavar="URI"),
+    Setting("network", Choice(NETWORKS), RUN, ("--network",), "run.network", "outbound",
+            "What the guest may reach: outbound (the internet and LAN, not this host) or isolated (nothing; "
+            "published ports still reach it)."),
+    Setting("allow_host_loopback", FLAG, RUN, ("--allow-host-loopback",), "run.allow_host_loopback", False,
+            "Let the guest reach this host: its loopback as 10.0.2.2 and its own addresses (with outbound)."),
     Setting("timeout", Seconds(0, low_open=True), RUN, ("--timeout",), "run.timeout",
             help="Stop the VM after this long (exit status 124).", metavar="SECONDS"),
     Setting("verbose", FLAG, RUN, ("-v", "--verbose"), default=False, help="Show kernel and init messages on stderr."),

@@ -2,9 +2,10 @@
 
     python3 samples/build.py OUT_DIR [--javac PATH]
 
-writes OUT_DIR/hello.jar, OUT_DIR/httpd.jar, OUT_DIR/multijar/app.jar and
+writes OUT_DIR/hello.jar, OUT_DIR/httpd.jar, OUT_DIR/phases.jar, OUT_DIR/netprobe.jar (a guest that
+tries TCP connects and floods its console: the isolation tests), OUT_DIR/multijar/app.jar and
 OUT_DIR/multijar/lib/{textutil,jsonish}.jar. Importable too: `build_samples(out_dir, javac=None)`
-returns {"hello": ..., "httpd": ..., "multijar": ...}, the path of each sample's main jar.
+returns {"hello": ..., "httpd": ..., "netprobe": ..., ...}, the path of each sample's main jar.
 
 The sources are compiled with the build JDK's javac (`--javac`, else $JAVA_HOME/bin/javac, else
 `javac` on PATH) for `--release 11`, so the jars run on any JDK from 11 on. The jars are written
@@ -48,6 +49,7 @@ SAMPLES: dict[str, tuple[JarSpec, ...]] = {
     "hello": (JarSpec("hello.jar", "hello/src", main="hello.Hello"),),
     "httpd": (JarSpec("httpd.jar", "httpd/src", main="httpd.Httpd"),),
     "phases": (JarSpec("phases.jar", "phases/src", main="phases.Phases"),),
+    "netprobe": (JarSpec("netprobe.jar", "netprobe/src", main="netprobe.NetProbe"),),
     "multijar": (
         JarSpec("multijar/lib/textutil.jar", "multijar/textutil/src"),
         JarSpec("multijar/lib/jsonish.jar", "multijar/jsonish/src"),

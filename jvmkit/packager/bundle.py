@@ -2,8 +2,9 @@
 
 Writers fill a staging directory next to the output and `publish()` renames it into place, so a
 failed pack leaves nothing half-written. `load()` reads and checks a bundle (format version,
-files present, SHA-256 of every listed file), which is how `run` and `inspect` refuse corrupt or
-truncated images with one clear line. A file whose SHA-256 matched once is not hashed again while
+files present, SHA-256 of every listed file, and the bounds and allow-lists of `manifest_limits`:
+an image may come from someone else), which is how `run` and `inspect` refuse corrupt, truncated
+or hostile images with one clear line (exit status 2), never a traceback. A file whose SHA-256 matched once is not hashed again while
 its identity and change times stay the same (a stamp in the cache's `verified/`; any write to the
 file changes its ctime, so a damaged file is hashed, and refused, again).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from jvmkit import cache, fileio
 from jvmkit.errors import UsageError
+from jvmkit.packager import manifest_limits as limits
 from jvmkit.packager.manifest import FORMAT, Manifest, ManifestError
 
 MANIFEST = "manifest.json"
@@ -119,11 +121,20 @@ def load(path: Path, verify: bool = True) -> Bundle:
     if not path.is_dir() or not manifest_path.is_file():
         raise UsageError(f"{path} is not a jvmkit image (no {MANIFEST} inside)", hint="make one with `jvmkit pack`")
     try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"image {path} has a corrupt {MANIFEST}: {exc}", hint="pack it again") from None
+        with open(manifest_path, "rb") as handle:
+            raw = handle.read(limits.MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"image {path}: cannot read its {MANIFEST} ({exc.strerror})") from None
+    if len(raw) > limits.MAX_MANIFEST_BYTES:
+        raise UsageError(f"image {path} has a {MANIFEST} of more than {limits.MAX_MANIFEST_BYTES >> 20} MiB; "
+                         "jvmkit writes a few KiB", hint="this image is damaged or hostile; do not run it")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        detail = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise UsageError(f"image {path} has a corrupt {MANIFEST}: {detail}", hint="pack it again") from None
     if isinstance(data, dict) and data.get("format") != FORMAT:
-        raise UsageError(f"image {path} has manifest format {data.get('format')!r}; this jvmkit reads format {FORMAT}",
+        raise UsageError(f"image {path} has manifest format {repr(data.get('format'))[:40]}; this jvmkit reads format {FORMAT}",
                          hint="pack it again with this jvmkit")
     try:
         manifest = Manifest.from_json(data)

@@ -9,18 +9,22 @@ and `from_json` picks it by the manifest's `target`.
 Format 1 is what every jvmkit so far has written. Keys that jvmkit used to write and no code ever
 read (`boot.quiet_append`, `boot.verbose_append`, `boot.app_console`, `boot.seed_device`,
 `boot.console_filter`) are ignored on the way in and no longer written; unknown keys are ignored
-too, so an older jvmkit's image still loads.
+too, so an older jvmkit's image still loads. Beyond types, `manifest_limits` bounds sizes, counts,
+strings and nesting, and checks roles, paths, digests, the machine type and the boot section's
+names against allow-lists (an image may be hostile).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from jvmkit.errors import UsageError
+from jvmkit.packager import manifest_limits as limits
 
 FORMAT = 1
 
@@ -86,11 +90,16 @@ def _decode(tp, value, where: str):
     raise TypeError(f"manifest codec: unsupported type {tp!r} at {where}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # resolving the annotations is most of a manifest's decode time
+
+
 def decode(cls, data, where: str = "manifest"):
     """Build dataclass `cls` from JSON-shaped `data`, checking every field (unknown keys ignored)."""
     if not isinstance(data, dict):
         raise ManifestError(f"{where} must be an object")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         key = f.name
@@ -256,6 +265,7 @@ class Manifest:
 
         if not isinstance(data, dict):
             raise ManifestError("manifest must be a JSON object")
+        limits.check_json(data)
         fmt = data.get("format")
         if fmt != FORMAT:
             raise ManifestError(f"manifest format {fmt!r} is not the format {FORMAT} this jvmkit reads")
@@ -271,7 +281,9 @@ class Manifest:
         base = decode(cls, {**plain, "kernel": {}}, "manifest")
         kernel = KernelInfo.from_json(data.get("kernel", {}))
         boot = decode(target.boot_type, data.get("boot"), "manifest.boot")
-        return dataclasses.replace(base, kernel=kernel, boot=boot)
+        manifest = dataclasses.replace(base, kernel=kernel, boot=boot)
+        limits.check(manifest, target)
+        return manifest
 
     def to_json(self) -> dict:
         return encode(self)

@@ -20,6 +20,21 @@ QEMU = "qemu-system-x86_64"
 # interrupt links are cheap to set up, where i440FX's LNKx links cost ~0.15 s per virtio device
 # under TCG). On q35 only `low_memory_mib` of guest RAM sits below 4 GiB (see `q35_low_memory_mib`).
 MACHINES = ("pc", "q35")
+# Every device model a jvmkit VM may get (`qemu_argv` refuses any other): the disks, the network,
+# the balloon and the RNG, all virtio-pci. Serial ports come with the machine (`-serial`).
+DEVICES = ("virtio-blk-pci", "virtio-net-pci", "virtio-balloon-pci", "virtio-rng-pci")
+
+
+def opt(value: object) -> str:
+    """A value inside a QEMU option list (`-drive file=...,...`, `-chardev ...,path=...`), escaped
+    (pure): QEMU splits option lists on commas and reads a doubled comma as one, so a comma in a
+    path (a cache under `/tmp/a,b`) or a name must be doubled or it would start an option of its
+    own (`file=x,format=qcow2,backing=...`). Control characters (a newline ends QMP and monitor
+    commands) are refused: no jvmkit path or name needs one."""
+    text = str(value)
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise ValueError(f"{text!r} holds a control character; it cannot be a QEMU option value")
+    return text.replace(",", ",,")
 
 
 def q35_low_memory_mib(initrd_bytes: int, bounce_buffer: bool = False) -> int:
@@ -50,7 +65,50 @@ class PortForward:
         return f"{self.host_addr}:{self.host_port}:{self.guest_port}"
 
     def hostfwd(self) -> str:
-        return f"hostfwd=tcp:{self.host_addr}:{self.host_port}-:{self.guest_port}"
+        return f"hostfwd=tcp:{opt(self.host_addr)}:{self.host_port}-:{self.guest_port}"
+
+
+@dataclass(frozen=True)
+class NetDev:
+    """The guest's network backend (vm/network.py chooses it): QEMU's user network (`user`:
+    slirp in QEMU, host forwards on its command line; `restrict`: no guest-initiated traffic
+    leaves), or a connected stream socket on file descriptor `fd` to a backend process (`stream`:
+    passt, which does the host forwards itself)."""
+
+    kind: str = "user"
+    restrict: bool = False
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How QEMU is confined (vm/sandbox.py decides): its seccomp filter (`seccomp`: QEMU has
+    `-sandbox`; `deny_elevate`: with `elevateprivileges=deny`, which QEMU 7.2 cannot combine with
+    `-runas`: it kills itself at its own setgid), and when jvmkit is root, the unprivileged
+    uid:gid it drops to and the empty directory it chroots into once its files are open."""
+
+    seccomp: bool = False
+    deny_elevate: bool = True
+    runas: tuple[int, int] | None = None
+    chroot: Path | None = None
+
+
+def sandbox_options(c: Confinement, *, spawn: bool = False) -> list[str]:
+    """QEMU's confinement options (pure). `spawn=True` is for a VM that must start programs
+    (an `exec:` migration); every other VM gets `spawn=deny` (no fork, no exec: a QEMU taken over
+    by its guest cannot start a shell)."""
+    argv = []
+    if c.seccomp:
+        parts = ["on", "obsolete=deny"]
+        if c.deny_elevate:
+            parts.append("elevateprivileges=deny")
+        parts += [f"spawn={'allow' if spawn else 'deny'}", "resourcecontrol=deny"]
+        argv += ["-sandbox", ",".join(parts)]
+    if c.runas is not None:
+        argv += ["-runas", f"{c.runas[0]}:{c.runas[1]}"]
+    if c.chroot is not None:
+        argv += ["-chroot", str(c.chroot)]
+    return argv
 
 
 # TCG's translation cache. When it fills, QEMU throws away every translated block and translates the
@@ -70,15 +128,21 @@ class VmConfig:
     cpus: int
     accel: str                                   # "kvm" or "tcg"
     qmp_socket: Path
-    console_log: Path                            # ttyS0: kernel and init messages
+    console_log: Path                            # ttyS0: kernel and init messages (when no console_fd)
     initrd: Path | None = None                   # linux target
     disk: Path | None = None                     # osv target: ROFS disk on virtio-blk
     disk_aio: str = "threads"                    # the root disk's QEMU aio= mode (iouring.disk_aio)
     app_serial: bool = True                      # ttyS1 → QEMU's stdout (the app's output)
     console_stdio: bool = False                  # osv: ttyS0 → QEMU's stdout, logged to console_log too
     data_disks: tuple[Path, ...] = ()            # osv: more raw virtio-blk disks (vblk1...), read-only
+    console_fd: int | None = None                # ttyS0 into this inherited pipe (jvmkit caps the log)
+    qemu_console_log: bool = True                # QEMU writes console_log itself, uncapped (False: jvmkit
+                                                 # reads the console through a pipe: consolelog.py)
     ports: tuple[PortForward, ...] = ()
     network: bool = True
+    netdev: NetDev = NetDev()
+    confinement: Confinement = Confinement()
+    spawn: bool = False                          # the VM may start programs (sandbox_options)
     balloon: bool = True
     free_page_reporting: bool = True
     rng: bool = True
@@ -103,8 +167,24 @@ def machine_option(c: VmConfig) -> str:
     return c.machine
 
 
+# Built-in devices no jvmkit guest uses, switched off: each is emulation code a hostile guest could
+# reach. vmport is VMware's backdoor I/O port (and its vmmouse), smbus an SMBus with 8 EEPROMs,
+# i8042 the PS/2 keyboard controller (the linux kernel line has i8042.noaux/nomux/nopnp; with the
+# controller gone its probe ends at once), q35's sata the ICH9 AHCI controller (linux images have
+# no disk). Both targets booted hello unchanged without them (under TCG: linux 3.6-4.4 s with,
+# 3.7-4.2 s without; OSv within its noise). Left on: the timers and interrupt controllers the
+# kernels use, fw_cfg, ACPI, and on `pc` the floppy controller, which QEMU 7.2 offers no switch for.
+# A second -machine option: QEMU merges its keys into the first.
+MACHINE_OFF = "vmport=off,smbus=off,i8042=off"
+
+
+def machine_devices_off(machine: str) -> list[str]:
+    return ["-machine", MACHINE_OFF + (",sata=off" if machine == "q35" else "")]
+
+
 def qemu_argv(c: VmConfig) -> list[str]:
-    """The full QEMU argv for a VM (pure)."""
+    """The full QEMU argv for a VM (pure). Every path and name inside an option list goes through
+    `opt()`; `-append` and `-kernel`/`-initrd` are plain values QEMU does not split."""
     if c.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     elif c.accel == "tcg":
@@ -115,39 +195,65 @@ def qemu_argv(c: VmConfig) -> list[str]:
     if c.machine not in MACHINES:
         raise ValueError(f"unknown machine type {c.machine!r}")
     argv = [
-        c.qemu, "-name", c.name,
+        c.qemu, "-name", opt(c.name),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", machine_option(c), *accel,
+        "-machine", machine_option(c), *machine_devices_off(c.machine), *accel,
         "-smp", str(c.cpus), "-m", f"{c.memory_mib}M",
         "-kernel", str(c.kernel), "-append", c.append,
     ]
     if c.initrd is not None:
         argv += ["-initrd", str(c.initrd)]
     if c.disk is not None:
-        argv += ["-drive", f"file={c.disk},if=none,id=rootfs,format=raw,readonly=on,cache=unsafe,aio={c.disk_aio}",
+        argv += ["-drive", f"file={opt(c.disk)},if=none,id=rootfs,format=raw,readonly=on,cache=unsafe,aio={c.disk_aio}",
                  "-device", f"virtio-blk-pci,drive=rootfs{ROOT_DISK_TCG if c.accel == 'tcg' else ''}"]
     for i, path in enumerate(c.data_disks):
-        argv += ["-drive", f"file={path},if=none,id=data{i},format=raw,readonly=on",
+        argv += ["-drive", f"file={opt(path)},if=none,id=data{i},format=raw,readonly=on",
                  "-device", f"virtio-blk-pci,drive=data{i}"]
     if c.console_stdio:
-        argv += ["-chardev", f"stdio,id=console,signal=off,logfile={c.console_log}", "-serial", "chardev:console"]
+        log = f",logfile={opt(c.console_log)}" if c.qemu_console_log else ""
+        argv += ["-chardev", f"stdio,id=console,signal=off{log}", "-serial", "chardev:console"]
     else:
-        argv += ["-chardev", f"file,id=console,path={c.console_log}", "-serial", "chardev:console"]
+        path = opt(c.console_log) if c.console_fd is None else f"/proc/self/fd/{c.console_fd}"
+        argv += ["-chardev", f"file,id=console,path={path}", "-serial", "chardev:console"]
     if c.app_serial and not c.console_stdio:
         argv += ["-chardev", "stdio,id=app,signal=off", "-serial", "chardev:app"]
-    argv += ["-qmp", f"unix:{c.qmp_socket},server=on,wait=off"]
+    argv += ["-qmp", f"unix:{opt(c.qmp_socket)},server=on,wait=off"]
     if c.network:
-        netdev = ",".join(["user", "id=net0", *(p.hostfwd() for p in c.ports)])
-        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
+        argv += netdev_option(c.netdev, c.ports) + ["-device", "virtio-net-pci,netdev=net0,romfile="]
     if c.balloon:
         fpr = "on" if c.free_page_reporting else "off"
         argv += ["-device", f"virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={fpr}"]
     if c.rng:
         argv += ["-device", "virtio-rng-pci"]
     for name, path in c.fw_cfg:
-        argv += ["-fw_cfg", f"name={name},file={path}"]
+        argv += ["-fw_cfg", f"name={opt(name)},file={opt(path)}"]
+    argv += sandbox_options(c.confinement, spawn=c.spawn)
     argv += list(c.extra)
+    check_devices(argv)
     return argv
+
+
+def netdev_option(n: NetDev, ports: tuple[PortForward, ...]) -> list[str]:
+    """The `-netdev` of a VM (pure). IPv6 is off: the images configure only IPv4, and the host
+    filter (vm/hostfilter.py) covers IPv4."""
+    if n.kind == "user":
+        parts = ["user", "id=net0", "ipv6=off"]
+        if n.restrict:
+            parts.append("restrict=on")
+        parts += [p.hostfwd() for p in ports]
+        return ["-netdev", ",".join(parts)]
+    if n.kind == "stream":
+        if n.fd is None:
+            raise ValueError("a stream netdev needs a file descriptor")
+        return ["-netdev", f"stream,id=net0,server=off,addr.type=fd,addr.str={n.fd}"]
+    raise ValueError(f"unknown netdev kind {n.kind!r}")
+
+
+def check_devices(argv: list[str]) -> None:
+    """Refuse an argv with a device model outside DEVICES (pure: a bug, never the user's input)."""
+    for i, word in enumerate(argv[:-1]):
+        if word == "-device" and argv[i + 1].split(",", 1)[0] not in DEVICES:
+            raise ValueError(f"device {argv[i + 1].split(',', 1)[0]!r} is not one jvmkit gives a VM")
 
 
 # ---- the probes' guests (kvm.py, iouring.py) ----------------------------------------------------
@@ -166,6 +272,13 @@ def kvm_kernel_argv(qemu: str, kernel: Path, console_log: Path) -> list[str]:
             "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "128M",
             "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
             "-serial", f"file:{console_log}"]
+
+
+def sandbox_probe_argv(qemu: str, confinement: Confinement) -> list[str]:
+    """QEMU on no machine with the confinement a VM would get, driven over QMP on stdio: it
+    quits cleanly only if it accepts all of it and survives dropping to the user (sandbox.py)."""
+    return [qemu, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+            *sandbox_options(confinement), "-qmp", "stdio"]
 
 
 def aio_probe_argv(qemu: str, image: Path) -> list[str]:

@@ -1,9 +1,12 @@
 """Run directories: one per running VM, so later commands find it.
 
 `<run root>/<name>/` (run root: `$XDG_RUNTIME_DIR/jvmkit`, else `<cache>/run`) holds `state.json`
-(name, QEMU and jvmkit pids, image, ports, QMP socket, JMX port), the QMP socket, the console log
-and the per-run seed (mode 0600). `jvmkit ps`, `stop` and `balloon` read them; entries whose
-processes are gone are removed on sight.
+(name, QEMU and jvmkit pids, image, ports, QMP socket, JMX port, QEMU's dynamic uid), the QMP
+socket, the console log (capped: vm/consolelog.py), the per-run seed and, when jvmkit is root,
+the empty directory QEMU chroots into (`root/`). The run root and every run directory are 0700,
+the state and secrets 0600, and QEMU creates its socket with umask 077: another local user reads
+no credentials, console or state of a VM and cannot connect to its QMP socket. `jvmkit ps`, `stop`
+and `balloon` read them; entries whose processes are gone are removed on sight.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from jvmkit import cache
+from jvmkit import cache, fileio
 from jvmkit.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -26,6 +29,9 @@ def run_root() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(xdg) / "jvmkit" if xdg and os.access(xdg, os.W_OK) else cache.cache_root() / "run"
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = base.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(base, 0o700)  # made wider by an older jvmkit or a umask: state and sockets are inside
     return base
 
 
@@ -62,16 +68,10 @@ class RunDir:
         return self.path / name
 
     def write_secret(self, name: str, data: bytes) -> Path:
-        path = self.path / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return path
+        return fileio.write_private(self.path / name, data)
 
     def write_state(self, state: dict) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, self.state_file)
+        fileio.atomic_write_bytes(self.state_file, json.dumps(state, indent=2, sort_keys=True).encode(), mode=0o600)
 
     def read_state(self) -> dict:
         try:
@@ -127,6 +127,16 @@ def running() -> list[RunDir]:
         if entry.is_dir() and run.read_state().get("qemu_pid"):
             result.append(run)
     return result
+
+
+def uids_in_use() -> set[int]:
+    """The dynamic uids of the VMs running now (QEMU's and its passt's)."""
+    taken = set()
+    for run in running():
+        uid = run.read_state().get("qemu_uid")
+        if isinstance(uid, int):
+            taken |= {uid, uid + 1}
+    return taken
 
 
 def find(name: str) -> RunDir:

@@ -10,9 +10,11 @@ QEMU is started with PR_SET_PDEATHSIG, so it never outlives jvmkit, even after a
 
 from __future__ import annotations
 
-import ctypes
+import hashlib
+import ipaddress
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,15 +27,16 @@ from typing import Callable
 
 import zstandard
 
-from jvmkit import cache, guest, proc, ui
+from jvmkit import cache, fileio, guest, ui
 from jvmkit.config import RunOptions
-from jvmkit.errors import UsageError
+from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.units import mib_text
 from jvmkit.packager import bundle as bundles
+from jvmkit.packager import manifest_limits
 from jvmkit.packager import targets
 from jvmkit.packager.targets.base import BootPlan, BootRequest, parse_marker
-from jvmkit.vm import iouring, kvm, rundir
-from jvmkit.vm.qemu import PortForward, VmConfig, find_qemu, qemu_argv
+from jvmkit.vm import consolelog, iouring, kvm, launch, network, rundir
+from jvmkit.vm.qemu import PortForward, VmConfig, find_qemu
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILED = 125
@@ -53,6 +56,7 @@ class RunningVm:
     memory_mib: int
     jmx: dict | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    console: consolelog.BoundedLog | None = None
 
     @property
     def qemu_pid(self) -> int | None:
@@ -85,6 +89,11 @@ def parse_publish(spec: str) -> PortForward:
     for port in (host, guest):
         if not 1 <= port <= 65535:
             raise UsageError(f"--publish {spec!r}: port {port} is out of range (1-65535)")
+    try:
+        ipaddress.IPv4Address(addr)  # it goes into QEMU's option list: nothing but an address
+    except ValueError:
+        raise UsageError(f"--publish {spec!r}: {addr!r} is not an IPv4 address",
+                         hint="e.g. --publish 0.0.0.0:8080:8080, or 127.0.0.1 (the default)") from None
     return PortForward(addr, host, guest)
 
 
@@ -174,8 +183,16 @@ def free_port(addr: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+UNPACK_HEADROOM = 64 << 20  # free space to leave in the cache beyond an unpacked boot file
+
+
 def prepare_boot_files(image: bundles.Bundle) -> dict[str, Path]:
-    """Decompress the bundle's compressed files into the boot cache once (keyed by digest)."""
+    """Decompress the bundle's compressed files into the boot cache once (keyed by digest).
+
+    The image may be hostile: the output is bounded by the manifest's `raw_size` (a zstd bomb
+    stops there), checked against its `raw_sha256` before the entry appears (so a lying image
+    cannot plant a file under another image's key), checked against the free space first, and
+    made read-only (0444); a corrupt stream is one line, exit status 2."""
     result = {}
     for role, record in sorted(image.manifest.files.items()):
         if record.compression != "zstd":
@@ -184,40 +201,36 @@ def prepare_boot_files(image: bundles.Bundle) -> dict[str, Path]:
         key = f"{role}-{record.raw_sha256[:24]}"
 
         def build(tmp: Path, record=record, role=role) -> None:
-            dctx = zstandard.ZstdDecompressor()
-            with open(image.file(role), "rb") as src, open(tmp / "file", "wb") as out:
-                dctx.copy_stream(src, out)
+            _unpack(image, role, record, tmp / "file")
 
         entry, _ = cache.ensure_entry("boot", key, build, role=role, image=str(image.path))
         result[role] = entry / "file"
     return result
 
 
-def _pdeathsig() -> None:  # runs in the child before exec
+def _unpack(image: bundles.Bundle, role: str, record, dest: Path) -> None:
+    what = f"image {image.path}: its {role} ({record.path})"
+    free = shutil.disk_usage(dest.parent).free
+    if record.raw_size + UNPACK_HEADROOM > free:
+        raise JvmkitError(f"{what} unpacks to {mib_text(-(-record.raw_size >> 20))}, and the cache has "
+                          f"{mib_text(free >> 20)} free", hint="free some space (`jvmkit cache prune`)")
+    digest, size = hashlib.sha256(), 0
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # Ctrl-C at the terminal reaches jvmkit only; jvmkit stops QEMU itself
-
-
-def _tail(path: Path, stop: threading.Event, out) -> None:
-    pos = 0
-    while True:
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(pos)
-                data = handle.read()
-                pos += len(data)
-        except FileNotFoundError:
-            data = b""
-        if data:
-            out.write(data.decode(errors="replace").replace("\r", ""))
-            out.flush()
-        if stop.is_set() and not data:
-            return
-        time.sleep(0.1)
+        with open(image.file(role), "rb") as src, open(dest, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+            while chunk := reader.read(1 << 20):
+                size += len(chunk)
+                if size > record.raw_size:
+                    raise UsageError(f"{what} decompresses to more than the {record.raw_size} bytes its manifest "
+                                     "says", hint="this image is damaged or hostile; do not run it")
+                digest.update(chunk)
+                out.write(chunk)
+    except zstandard.ZstdError as exc:
+        raise UsageError(f"{what} is not a valid zstd stream ({exc})", hint="pack it again") from None
+    if size != record.raw_size or digest.hexdigest() != record.raw_sha256:
+        raise UsageError(f"{what} does not decompress to the {record.raw_size} bytes and SHA-256 its manifest says",
+                         hint="this image is damaged or hostile; do not run it")
+    os.chmod(dest, 0o444)
 
 
 def stop_vm(vm: RunningVm, graceful: bool, grace: float = STOP_GRACE) -> None:
@@ -257,6 +270,10 @@ def run(image_path: Path, options: RunOptions,
     image = bundles.load(image_path)
     manifest = image.manifest
     target = targets.get(manifest.target, "image target")
+    try:
+        manifest_limits.check_bootable(manifest, target)
+    except UsageError as exc:
+        raise UsageError(f"image {image_path}: {exc.message}", hint="this image is damaged or hostile; do not run it") from None
     qemu = find_qemu()
     forwards = [parse_publish(p) for p in options.publish]
     check_publish(forwards)
@@ -269,6 +286,8 @@ def run(image_path: Path, options: RunOptions,
     check_memory(memory, asked, host_memory_mib())
     if not 1 <= cpus <= 64:
         raise UsageError(f"--cpus {cpus} is out of range (1-64)")
+    policy = network.Policy(options.network, options.allow_host_loopback)
+    choice = launch.plan_network(policy)
     if manifest.boot.machine not in target.machines:
         raise UsageError(f"image {image_path} asks for QEMU machine type {manifest.boot.machine!r}, which this jvmkit "
                          f"does not use for {target.name} images (known: {', '.join(target.machines)})",
@@ -295,7 +314,7 @@ def run(image_path: Path, options: RunOptions,
         plan = target.boot_plan(manifest, files, request, run.write_secret)
         config = vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
                            ports=tuple(forwards), free_page_reporting=options.free_page_reporting)
-        return _boot(image, target, plan, run, config, options, jmx, on_started, on_stopping)
+        return _boot(image, target, plan, run, config, options, jmx, on_started, on_stopping, (policy, choice))
     finally:
         run.remove()
 
@@ -313,9 +332,8 @@ def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: s
     )
 
 
-def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, on_stopping) -> int:
+def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, on_stopping, net) -> int:
     console = ui.current()
-    argv = qemu_argv(config)
     stop = threading.Event()
     previous = {}
 
@@ -327,25 +345,27 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
             previous[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread
             pass
-    tail_stop = threading.Event()
     threads = []
+    launched = None
     try:
         started = time.monotonic()
-        qemu_proc = proc.start(argv, what="QEMU", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               preexec_fn=_pdeathsig)
-        vm = RunningVm(run.name, run, config, qemu_proc, config.memory_mib, jmx)
+        launched = launch.start(config, run, *net, verbose=options.verbose, stderr=sys.stderr.buffer,
+                                console_cap=consolelog.CAP)
+        qemu_proc, config = launched.process, launched.config
+        vm = RunningVm(run.name, run, config, qemu_proc, config.memory_mib, jmx, console=launched.log)
         run.write_state({"name": run.name, "qemu_pid": qemu_proc.pid, "jvmkit_pid": os.getpid(),
                          "image": str(image.path), "target": target.name, "memory_mib": config.memory_mib,
                          "cpus": config.cpus, "accel": config.accel, "qmp": str(config.qmp_socket),
                          "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}" for p in config.ports],
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
+                         "network": launched.network.choice.backend,
+                         "qemu_uid": config.confinement.runas[0] if config.confinement.runas else None,
                          "started": time.time()})
         stderr_chunks: list[bytes] = []
         pump_console = target.console_pump(sys.stdout.buffer, sys.stderr.buffer if options.verbose else None)
-        pump = threading.Thread(target=pump_console, args=(qemu_proc.stdout,), daemon=True)
+        app_pipe = os.fdopen(launched.app_fd, "rb", buffering=0)
+        pump = threading.Thread(target=pump_console, args=(app_pipe,), daemon=True)
         threads = [pump, threading.Thread(target=lambda: stderr_chunks.append(qemu_proc.stderr.read()), daemon=True)]
-        if options.verbose and not config.console_stdio:
-            threads.append(threading.Thread(target=_tail, args=(run.console_log, tail_stop, sys.stderr), daemon=True))
         for t in threads:
             t.start()
         if on_started:
@@ -355,6 +375,13 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
             if stop.is_set():
                 outcome = "interrupted"
                 break
+            if launched.backend_failed():
+                try:  # passt also ends when a finishing QEMU closes its socket: only a live QEMU lost its network
+                    qemu_proc.wait(timeout=2)
+                    continue
+                except subprocess.TimeoutExpired:
+                    outcome = "network"
+                    break
             if options.timeout and time.monotonic() - started > options.timeout:
                 outcome = "timeout"
                 break
@@ -367,12 +394,10 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
         if outcome is not None:
             stop_vm(vm, graceful=plan.acpi_shutdown and outcome == "interrupted")
         qemu_proc.wait()
-        for t in threads[:2]:
+        for t in threads:
             t.join(timeout=5)
-        tail_stop.set()
-        if len(threads) > 2:
-            threads[2].join(timeout=2)
-        console_text = run.console_log.read_text(errors="replace") if run.console_log.exists() else ""
+        launched.finish()
+        console_text = launched.log.text()
         status = target.parse_exit(image.manifest, console_text)
         if outcome == "timeout":
             console.notice(f"jvmkit: the VM hit --timeout {options.timeout:g}s and was stopped")
@@ -380,22 +405,37 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
         if outcome == "interrupted":
             console.notice("jvmkit: interrupted; the VM was stopped")
             return EXIT_INTERRUPTED
+        if outcome == "network":
+            console.notice(f"jvmkit: error: the guest's network (passt) failed: {launched.backend_failed()}; "
+                           "the VM was stopped")
+            return EXIT_VM_FAILED
         if status is not None:
             return status
         reason = diagnose(console_text, b"".join(stderr_chunks).decode(errors="replace"), qemu_proc.returncode, target)
-        log = _keep_log(run)
+        log = _keep_log(run, launched.log)
         console.notice(f"jvmkit: error: {reason} (console log: {log})")
         return EXIT_VM_FAILED
     finally:
+        if launched is not None:  # also after an exception in between: no QEMU, passt or cgroup left
+            if launched.process.poll() is None:
+                launched.process.kill()
+                launched.process.wait()
+            launched.finish()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _keep_log(run: rundir.RunDir) -> Path:
+KEPT_LOGS = 32  # the console logs of failed runs kept in the cache's logs/ (each at most 2 x consolelog.CAP)
+
+
+def _keep_log(run: rundir.RunDir, log: consolelog.BoundedLog) -> Path:
     logs = cache.cache_dir("logs")
     dest = logs / f"{run.name}.console.log"
     try:
-        dest.write_bytes(run.console_log.read_bytes())
+        fileio.atomic_write_bytes(dest, log.data(), mode=0o600)
+        kept = sorted(logs.glob("*.console.log"), key=lambda p: p.stat().st_mtime)
+        for old in kept[:-KEPT_LOGS]:
+            old.unlink(missing_ok=True)
     except OSError:
         return run.console_log
     return dest

@@ -141,6 +141,7 @@ class Target(ABC):
     description: ClassVar[str]
     boot_type: ClassVar[type]                    # the manifest's `boot` dataclass
     machines: ClassVar[tuple[str, ...]]          # QEMU machine types its images may ask for
+    file_roles: ClassVar[tuple[str, ...]] = ()   # the bundle files its boot plan reads (a manifest must list them)
     uses_launcher: ClassVar[bool] = False        # main runs through jvmkit's Launcher
     export_formats: ClassVar[tuple[str, ...]] = ENGINE_FORMATS   # libvirt, kubevirt: every target
 

@@ -42,6 +42,7 @@ class LinuxTarget(Target):
     description = "a Linux micro-VM: a Debian cloud kernel + an initramfs with busybox, the runtime and the app"
     boot_type = LinuxBoot
     machines = ("pc", "q35")
+    file_roles = ("kernel", "initramfs")
 
     # ---- pack ----
     def resolve_kernel(self, path, *, suite=None, mirror=None):

@@ -2,6 +2,10 @@
 command line, the boot command line grammar, and ROFS. The writers (disk.py, cmdline.py, rofs.py)
 never use them; tests check the writers against them, and `inspect` can use them. Written from
 OSv's own tree (fs/devfs/device.cc, core/commands.cc, fs/rofs/rofs_vfsops.cc, rofs_vnops.cc).
+
+The input may be hostile (an image someone else built): a malformed MBR or ROFS is a `UsageError`
+(bad input, exit status 2) naming what is wrong; nothing is read past the end of the source (a
+length field of 2^64 never becomes an allocation), and every loop is bounded by the data.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from jvmkit.errors import JvmkitError
+from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager.targets.osv.cmdline import _OPTION_DELIMS
 from jvmkit.packager.targets.osv.disk import (CMDLINE_AREA_END, CMDLINE_MAX, CMDLINE_OFFSET, MBR_ENTRY,
                                               MBR_SIGNATURE, MBR_TABLE, ROFS_PARTITION, SECTOR)
@@ -72,7 +76,7 @@ def rofs_partition(disk: str | os.PathLike) -> Partition:
     for part in read_partitions(disk):
         if part.index == ROFS_PARTITION:
             return part
-    raise JvmkitError(f"{os.fsdecode(disk)} has no MBR partition entry #2 (OSv's /dev/vblk0.1); "
+    raise UsageError(f"{os.fsdecode(disk)} has no MBR partition entry #2 (OSv's /dev/vblk0.1); "
                       "OSv would fail with 'Could not mount rofs root filesystem'")
 
 
@@ -264,17 +268,18 @@ class RofsImage:
         self._offset = offset
         self._owned = owned
         self.limit = limit  # bytes available to the filesystem (the partition size), if known
+        self._end = handle.seek(0, os.SEEK_END)
         sb = self._read(0, BLOCK_SIZE, "super block")
         (self.magic, self.version, self.block_size, self.struct_first_block, self.struct_blocks,
          dirent_count, symlink_count, inode_count) = _SUPER.unpack_from(sb)
         if self.magic != MAGIC:
-            raise JvmkitError(f"not a ROFS image: magic {self.magic:#x}, expected {MAGIC:#x}")
+            raise UsageError(f"not a ROFS image: magic {self.magic:#x}, expected {MAGIC:#x}")
         if self.version != VERSION:
-            raise JvmkitError(f"ROFS version {self.version} is not the version OSv reads ({VERSION})")
+            raise UsageError(f"ROFS version {self.version} is not the version OSv reads ({VERSION})")
         if self.block_size != BLOCK_SIZE:
-            raise JvmkitError(f"ROFS block size {self.block_size}; OSv needs {BLOCK_SIZE}")
+            raise UsageError(f"ROFS block size {self.block_size}; OSv needs {BLOCK_SIZE}")
         if self.struct_blocks == 0:
-            raise JvmkitError("ROFS structure info block count is 0; OSv refuses to mount that")
+            raise UsageError("ROFS structure info block count is 0; OSv refuses to mount that")
         data = self._read(self.struct_first_block * BLOCK_SIZE, self.struct_blocks * BLOCK_SIZE,
                           "structure info")
         pos = 0
@@ -282,7 +287,7 @@ class RofsImage:
         def take(n: int, what: str) -> bytes:
             nonlocal pos
             if pos + n > len(data):
-                raise JvmkitError(f"ROFS {what} runs past the structure info blocks")
+                raise UsageError(f"ROFS {what} runs past the structure info blocks")
             pos += n
             return data[pos - n:pos]
 
@@ -301,34 +306,36 @@ class RofsImage:
 
     def _read(self, pos: int, n: int, what: str) -> bytes:
         if self.limit is not None and pos + n > self.limit:
-            raise JvmkitError(f"ROFS {what} at byte {pos} runs past the end of the partition ({self.limit} bytes)")
+            raise UsageError(f"ROFS {what} at byte {pos} runs past the end of the partition ({self.limit} bytes)")
+        if self._offset + pos + n > self._end:
+            raise UsageError(f"ROFS image truncated: {what} at byte {pos} needs {n} bytes past its end")
         self._f.seek(self._offset + pos)
         data = self._f.read(n)
         if len(data) != n:
-            raise JvmkitError(f"ROFS image truncated: {what} at byte {pos} needs {n} bytes, got {len(data)}")
+            raise UsageError(f"ROFS image truncated: {what} at byte {pos} needs {n} bytes, got {len(data)}")
         return data
 
     def _check(self) -> None:
         if not self.inodes or self.inodes[0].kind != DIR:
-            raise JvmkitError("ROFS inode 1 (the root) is missing or not a directory")
+            raise UsageError("ROFS inode 1 (the root) is missing or not a directory")
         for index, inode in enumerate(self.inodes):
             if inode.number != index + 1:
-                raise JvmkitError(f"ROFS inode at index {index} says it is inode {inode.number}; "
+                raise UsageError(f"ROFS inode at index {index} says it is inode {inode.number}; "
                                   "OSv keys its file cache on that number")
             if inode.kind == DIR:
                 if inode.data_offset + inode.count > len(self.dir_entries):
-                    raise JvmkitError(f"ROFS directory inode {inode.number} points past the directory entries")
+                    raise UsageError(f"ROFS directory inode {inode.number} points past the directory entries")
             elif inode.kind == SYMLINK:
                 if inode.data_offset >= len(self.symlinks):
-                    raise JvmkitError(f"ROFS symlink inode {inode.number} points past the symlink table")
+                    raise UsageError(f"ROFS symlink inode {inode.number} points past the symlink table")
             elif inode.kind == FILE:
                 if inode.count and inode.data_offset == 0:
-                    raise JvmkitError(f"ROFS file inode {inode.number} has data in the super block")
+                    raise UsageError(f"ROFS file inode {inode.number} has data in the super block")
             else:
-                raise JvmkitError(f"ROFS inode {inode.number} has mode {inode.mode:#o}, not a dir, file or symlink")
+                raise UsageError(f"ROFS inode {inode.number} has mode {inode.mode:#o}, not a dir, file or symlink")
         for number, name in self.dir_entries:
             if not 1 <= number <= len(self.inodes):
-                raise JvmkitError(f"ROFS directory entry {name!r} names inode {number}, out of range")
+                raise UsageError(f"ROFS directory entry {name[:60]!r} names inode {number}, out of range")
 
     # -- navigation, as rofs_lookup / rofs_readdir do it --
 
@@ -386,7 +393,7 @@ class RofsImage:
             inode = self.inodes[number - 1]
             if inode.kind == DIR:
                 if number in seen:
-                    raise JvmkitError(f"ROFS directory inode {number} is reachable twice (at {path})")
+                    raise UsageError(f"ROFS directory inode {number} is reachable twice (at {path})")
                 seen.add(number)
             target = os.fsdecode(self.symlinks[inode.data_offset]) if inode.kind == SYMLINK else None
             size = inode.count if inode.kind == FILE else 0
@@ -395,7 +402,9 @@ class RofsImage:
                 children = self._children(inode)
                 names = [name for _, name in children]
                 if len(set(names)) != len(names):
-                    raise JvmkitError(f"ROFS directory {path} has duplicate names")
+                    raise UsageError(f"ROFS directory {path} has duplicate names")
+                if any(not name or name in (b".", b"..") or b"/" in name for name in names):
+                    raise UsageError(f"ROFS directory {path} has an entry named '', '.', '..' or with a '/'")
                 for child_number, name in reversed(children):
                     stack.append((path.rstrip("/") + "/" + os.fsdecode(name), child_number))
 

@@ -58,6 +58,7 @@ class OsvTarget(Target):
     description = "an OSv unikernel: OSv kernel + a ROFS disk written by jvmkit"
     boot_type = OsvBoot
     machines = ("pc",)
+    file_roles = ("kernel", "disk")
     uses_launcher = True
     export_formats = ("raw", "qcow2", *ENGINE_FORMATS)
 

@@ -1,0 +1,194 @@
+"""Starting QEMU for `jvmkit run`: confined, on the network its policy allows, its console capped.
+
+`plan_network(policy)` decides the network backend before any run state exists (a missing passt
+is one line, exit status 1). `start(config, run, choice)` then, in order: puts up the host filter
+(hostfilter.py) when the choice needs it, decides QEMU's confinement (sandbox.py), starts passt
+when it is the backend, opens the console pipe, starts QEMU (in the filter's cgroup, its own
+process group, umask 077, parent-death signal) and, when QEMU drops to a dynamic user, the
+lifeline that stands in for the parent-death signal that drop clears. `Launched.finish()` undoes
+it all once QEMU has ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from jvmkit import cache, fileio, proc, ui
+from jvmkit.vm import consolelog, hostfilter, network, rundir, sandbox
+from jvmkit.vm.qemu import VmConfig, qemu_argv
+
+
+def plan_network(policy: network.Policy) -> network.Choice:
+    """The backend for `policy` on this host (raises a one-line error where none is safe)."""
+    return network.choose(policy, filter_reason=filter_unavailable(), passt=network.find_passt(),
+                          forced=os.environ.get(network.BACKEND_ENV))
+
+
+def filter_unavailable() -> str | None:
+    """Why the host filter cannot be set up here, from what is cheap to know (None: try it)."""
+    if os.geteuid() != 0:
+        return "it needs root"
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        mountinfo = ""
+    if hostfilter.cgroup2_mount(mountinfo) is None:
+        return "no cgroup v2 hierarchy is mounted"
+    return None
+
+
+def _set_pdeathsig() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def child_setup(host_filter: hostfilter.HostFilter | None) -> Callable[[], None]:
+    """What a child (QEMU, passt) does before exec: die with jvmkit, its own process group (Ctrl-C
+    at the terminal reaches jvmkit only; jvmkit stops QEMU itself), files it creates private,
+    and into the host filter's cgroup."""
+
+    def setup() -> None:
+        _set_pdeathsig()
+        os.setpgrp()
+        os.umask(0o077)
+        if host_filter is not None:
+            host_filter.join()
+
+    return setup
+
+
+def say_once(key: str, text: str, verbose: bool) -> None:
+    """A notice shown when it is new on this host (or with --verbose), like the KVM verdict's."""
+    path = cache.cache_root() / "notes.json"
+    try:
+        notes = json.loads(path.read_text())
+        if not isinstance(notes, dict):
+            notes = {}
+    except (OSError, ValueError):
+        notes = {}
+    if verbose or notes.get(key) != text:
+        ui.current().notice(f"jvmkit: {text}")
+    if notes.get(key) != text:
+        notes[key] = text
+        try:
+            fileio.atomic_write_bytes(path, json.dumps(notes, indent=2, sort_keys=True).encode())
+        except OSError:
+            pass
+
+
+@dataclass
+class Launched:
+    process: subprocess.Popen
+    config: VmConfig                             # as started: network, console pipe, confinement
+    log: consolelog.BoundedLog
+    app_fd: int                                  # what the target's console pump reads
+    network: network.Network
+    host_filter: hostfilter.HostFilter | None = None
+    lifeline: sandbox.Lifeline | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+    finished: bool = False
+
+    def backend_failed(self) -> str | None:
+        """Why the network backend process died while QEMU runs (None: it did not)."""
+        return self.network.passt_error()
+
+    def finish(self) -> None:
+        """After QEMU has ended: drain the console, stop passt, remove the filter, drop the lifeline
+        (once; later calls do nothing)."""
+        if self.finished:
+            return
+        self.finished = True
+        for t in self.threads:
+            t.join(timeout=5)
+        self.network.stop()
+        if self.lifeline is not None:
+            self.lifeline.release()
+        if self.host_filter is not None:
+            self.host_filter.close()
+        self.log.close()
+
+
+def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: network.Choice, *, verbose: bool,
+          stderr=None, console_cap: int = consolelog.CAP) -> Launched:
+    """Start QEMU for `config` (see the module docstring); the caller waits for it."""
+    host_filter = None
+    if choice.host_filter:
+        try:
+            # a cgroup is another VM's while its run directory exists (made before the cgroup, removed after)
+            host_filter = hostfilter.open_filter(run.name, alive=lambda name: (run.path.parent / name).is_dir())
+        except hostfilter.FilterUnavailable as exc:
+            choice = network.choose(policy, filter_reason=str(exc), passt=network.find_passt(),
+                                    forced=os.environ.get(network.BACKEND_ENV))
+    if choice.exposure:
+        say_once("network", f"note: the guest can reach {choice.exposure}", verbose)
+    decision = sandbox.decide(config.qemu, run.path, rundir.uids_in_use())
+    if decision.note:
+        say_once("sandbox", f"note: {decision.note}", verbose)
+    confinement = decision.confinement
+    setup = child_setup(host_filter)
+    net = None
+    log = consolelog.BoundedLog(run.console_log, console_cap)
+    console_r = console_w = None
+    try:
+        passt_ids = (confinement.runas[0] + 1,) * 2 if confinement.runas else None
+        net = network.start(choice, config.ports, passt=network.find_passt(), preexec=setup, runas=passt_ids)
+        pass_fds = list(net.pass_fds)
+        if not config.console_stdio:
+            console_r, console_w = os.pipe()
+            pass_fds.append(console_w)
+        config = dataclasses.replace(config, netdev=net.netdev, confinement=confinement, console_fd=console_w,
+                                     qemu_console_log=False)
+        argv = qemu_argv(config)
+        process = proc.start(argv, what="QEMU", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             pass_fds=tuple(pass_fds), preexec_fn=setup)
+    except BaseException:
+        for fd in (console_r, console_w):
+            if fd is not None:
+                os.close(fd)
+        if net is not None:
+            net.stop()
+        if host_filter is not None:
+            host_filter.close()
+        log.close()
+        raise
+    net.started()
+    threads = []
+    if console_w is not None:
+        os.close(console_w)
+        forward = None
+        if verbose and stderr is not None:
+            def forward(chunk: bytes) -> None:
+                stderr.write(chunk.replace(b"\r", b""))
+                stderr.flush()
+        threads.append(threading.Thread(target=consolelog.pump, args=(console_r, log, forward), daemon=True,
+                                        name="console"))
+        app_fd = os.dup(process.stdout.fileno())
+        for t in threads:
+            t.start()
+    else:
+        app_fd, tee = consolelog.tee(os.dup(process.stdout.fileno()), log)
+        threads.append(tee)
+    process.stdout.close()
+    lifeline = None
+    if confinement.runas is not None:
+        pids = [process.pid] + ([net.passt.pid] if net.passt is not None else [])
+        try:
+            lifeline = sandbox.Lifeline(pids)
+        except BaseException:  # without it a killed jvmkit would leave the unprivileged QEMU running
+            process.kill()
+            process.wait()
+            net.stop()
+            raise
+    return Launched(process, config, log, app_fd, net, host_filter, lifeline, threads)
