@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_body_when_up
+from support.servers import free_port, http_body_when_up
 
 pytestmark = pytest.mark.vm
 
@@ -66,7 +66,7 @@ def jvmkit(*args, timeout=240, env=None, **kw) -> subprocess.CompletedProcess:
 def isolation_images(samples, tmp_path_factory) -> dict[tuple[str, str], Path]:
     if not shutil.which("qemu-system-x86_64"):
         pytest.fail("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    from conftest import _load_samples_build
+    from support.images import load_samples_build as _load_samples_build
 
     out = tmp_path_factory.mktemp("isolation-images")
     jars = dict(samples)

@@ -238,7 +238,9 @@ def test_a_file_outside_the_bundle_is_refused(tmp_path, escape):
     for verify in (False, True):  # checked before any file is opened or hashed
         with pytest.raises(UsageError) as err:
             bundles.load(path, verify=verify)
-        assert err.value.message == f"image {path}: file 'disk' points outside the image ({escape!r})"
+        message = err.value.message  # the manifest's own check names the path; a symlink is caught on disk
+        assert message.startswith(f"image {path}") and repr(escape) in message, message
+        assert "points outside the image" in message or "is not a plain relative path inside the image" in message
         assert err.value.exit_code == 2
 
 
@@ -247,7 +249,7 @@ def test_a_file_inside_the_bundle_is_accepted(tmp_path, monkeypatch):
     data = v1("osv")
     path = image_dir(tmp_path, data)
     (path / "sub").mkdir()
-    for role, name in (("disk", "sub/../disk.img"), ("kernel", "sub/kernel.bin")):
+    for role, name in (("disk", "disk.img"), ("kernel", "sub/kernel.bin")):
         body = role.encode() * 10
         (path / name).write_bytes(body)
         data["files"][role] = {"path": name, "sha256": __import__("hashlib").sha256(body).hexdigest(),
