@@ -204,6 +204,15 @@ def floor_for(i: Inputs, s: Settings) -> Floor:
     return Floor(min_memory, "min-memory", need, s.min_memory_mib, s.memory_mib)
 
 
+def squeeze_floor_mib(i: Inputs, s: Settings) -> int:
+    """The least guest memory a squeeze may aim for (pure): what the guest needs once its heap is
+    shrunk to the live heap with minimal headroom (the committed heap not counted: the shrink
+    uncommits it first), or --min-memory; at most --memory. `floor_for` still applies after the
+    shrink, with the heap as it then is."""
+    need = guest_need(i, s, committed=False).total_mib
+    return min(s.memory_mib, max(min(s.min_memory_mib, s.memory_mib), need))
+
+
 def safe_floor_mib(i: Inputs, s: Settings) -> int:
     """The least guest memory that still holds the heap and keeps the guest above its low mark."""
     return floor_for(i, s).mib
@@ -265,6 +274,27 @@ def _growth_target_mib(i: Inputs, s: Settings) -> int:
     return int(min(s.memory_mib, max(s.ceiling, wanted)))
 
 
+def heap_pressure(i: Inputs, s: Settings) -> str | None:
+    """Why the guest needs memory now (pure), or None: GC overhead above `gc_overhead_grow`, the
+    guest nearly out of available memory, heap use rising fast, or heap used near committed while
+    the balloon holds some back. The fleet policy serves these VMs first."""
+    gc_overhead = (i.gc_time_delta_ms / 1000.0) / i.interval_s if i.interval_s > 0 else 0.0
+    grow_to = _growth_target_mib(i, s)
+    guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
+    heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
+    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < grow_to
+              and i.heap_used - i.heap_used_prev > max(s.rising_mib * MIB, s.rising_ratio * i.heap_used_prev))
+    if gc_overhead > s.gc_overhead_grow:
+        return "GC overhead %.0f%%" % (100 * gc_overhead)
+    if guest_low:
+        return "guest memory nearly exhausted"
+    if rising:
+        return "heap use rising fast"
+    if heap_tight and i.balloon_actual_mib < grow_to:
+        return "heap used near committed"
+    return None
+
+
 def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
     """One decision. `request`: this round answers a `balloon set`, so a binding ceiling asks the
     app's shrinker hooks for part of the used heap; later rounds never squeeze below the live
@@ -281,14 +311,9 @@ def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
     ceiling_note = f"the {s.ceiling}M ceiling from `balloon set`"
 
     grow_to = _growth_target_mib(i, s)
-    guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
     heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
-    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < grow_to
-              and i.heap_used - i.heap_used_prev > max(s.rising_mib * MIB, s.rising_ratio * i.heap_used_prev))
-    if gc_overhead > s.gc_overhead_grow or guest_low or rising or (heap_tight and i.balloon_actual_mib < grow_to):
-        why = ("GC overhead %.0f%%" % (100 * gc_overhead) if gc_overhead > s.gc_overhead_grow
-               else "guest memory nearly exhausted" if guest_low
-               else "heap use rising fast" if rising else "heap used near committed")
+    why = heap_pressure(i, s)
+    if why:
         numbers["above_set_ceiling"] = grow_to > s.ceiling
         if i.balloon_actual_mib >= grow_to and not heap_tight:
             where = "all of --memory" if grow_to >= s.memory_mib else "the ceiling"
