@@ -121,7 +121,8 @@ def run(image, args, config_path, **settings):
         from jvmkit.balloon.host import run_with_balloon
 
         status = run_with_balloon(image, dataclasses.replace(options, jmx=True), min_memory_mib=options.min_memory_mib,
-                                  interval=options.balloon_interval, log_path=options.balloon_log)
+                                  interval=options.balloon_interval, log_path=options.balloon_log,
+                                  weight=options.balloon_weight)
         # The JMX client's JVM lives in this process (JPype); threads still blocked in a Java call
         # would abort a normal interpreter shutdown, so leave directly once everything is flushed.
         sys.stdout.flush()
@@ -349,16 +350,19 @@ def balloon():
 @click.argument("name", required=False)
 @output_options()
 def balloon_status(name):
-    """Show memory, balloon, heap and the last balloon decision of running VMs.
+    """Show memory, balloon, heap and the last balloon decision of running VMs, and the host's budget.
 
-    GUEST MEM is the memory the balloon leaves the guest (JSON guest_mib), BALLOON the balloon's
-    size, what it holds back of MEMORY (balloon_mib).
+    MEMORY is the VM's ceiling, GUEST MEM the memory the balloon leaves the guest now (JSON
+    guest_mib), BALLOON the balloon's size, what it holds back of MEMORY (balloon_mib); TARGET is
+    where the host's balloon brain is taking it, FLOOR the least it may be left, WEIGHT its share
+    under contention. The last line is the budget all VMs on the host share.
     """
-    from jvmkit.balloon.control import status_rows
+    from jvmkit.balloon.control import budget_line, fleet_status, status_rows
 
-    rows = status_rows(name)
-    lines = [f"{'NAME':<28} {'MEMORY':>7} {'GUEST MEM':>9} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10}  "
-             f"LAST DECISION"]
+    fleet = fleet_status()
+    rows = status_rows(name, fleet)
+    lines = [f"{'NAME':<28} {'MEMORY':>7} {'GUEST MEM':>9} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10} "
+             f"{'TARGET':>7} {'FLOOR':>6} {'WEIGHT':>6}  LAST DECISION"]
     for r in rows:
         head = f"{r['name']:<28} {_mib(r.get('memory_mib')):>7} "
         if not r.get("controlled"):
@@ -367,9 +371,14 @@ def balloon_status(name):
         last = r.get("last") or r.get("note") or ""
         if r.get("above_set_ceiling") and r.get("last"):
             last = f"{r['note']}; {last}"
+        weight = "-" if r.get("weight") is None else str(r["weight"])
         lines.append(head + f"{_mib(r.get('guest_mib')):>9} {_mib(r.get('balloon_mib')):>8} "
-                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10}  {last}")
-    ui.current().result("\n".join(lines) if rows else "no VMs are running", {"vms": rows})
+                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10} "
+                     f"{_mib(r.get('target_mib')):>7} {_mib(r.get('floor_mib')):>6} {weight:>6}  {last}")
+    budget = budget_line(fleet)
+    if budget and rows:
+        lines.append(budget)
+    ui.current().result("\n".join(lines) if rows else "no VMs are running", {"vms": rows, "budget": fleet})
 
 
 def _mib(value) -> str:
