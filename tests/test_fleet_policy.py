@@ -202,3 +202,10 @@ def test_decision_serialises():
     d = decide([busy("hot", 500), vm("big", 60, 600, 1024)], 1500)
     doc = json.loads(json.dumps(d.to_dict()))
     assert {t["name"] for t in doc["targets"]} == {"hot", "big"} and doc["budget_mib"] == 1500
+
+
+def test_a_vm_content_below_its_computed_floor_is_left_alone():
+    """Its need grew by 2M since the last shrink: below the hysteresis, no creeping up 2M a step."""
+    v = vm("a", 3, 17, 275, non_heap=170)  # floor: 3M + 32M + 194M + 48M = 277M
+    t = decide([v], 3000).get("a")
+    assert t.decision.action == "hold" and t.decision.balloon_target_mib == 275, t.reason

@@ -188,6 +188,8 @@ def _entry(v: VmView) -> _Entry:
     if local.action == "shrink" and local.balloon_target_mib < floor:
         # a `balloon set` or host pressure asks the hooks for part of the live heap: that is its floor
         floor = local.balloon_target_mib
+    if local.action == "hold":  # content where it is (a change below the hysteresis is not made)
+        floor = min(floor, actual)
     want = min(s.memory_mib, max(local.balloon_target_mib, floor))
     why = policy.heap_pressure(i, s)
     if local.action == "grow" and why:
@@ -320,6 +322,9 @@ def _target(e: _Entry, step: int, ctx: _Ctx) -> Target:
     i, s, local = e.view.inputs, e.view.settings, e.local
     given = [m for m in e.moves if m.giver == e.name and m.taker != FREE]
     taken = [m for m in e.moves if m.taker == e.name]
+    if e.role in ("idle", "needs") and step != e.actual and abs(step - e.actual) < s.hysteresis_mib \
+            and not e.view.request:
+        step = e.actual  # not worth a change
     if e.role in ("idle", "pressure", "needs", "settling") and step == local.balloon_target_mib:
         decision, reason = local, local.reason  # what it would do alone: the fleet lets it
         if taken and e.role != "settling":
