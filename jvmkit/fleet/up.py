@@ -252,7 +252,12 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            state.remove(self.fleet.name)
+            self.save("ended")
+            last = state.state_path(self.fleet.name)
+            try:
+                last.replace(last.with_suffix(".last"))  # what `up -d` reports when the supervisor ended at once
+            except OSError:
+                pass
 
 
 def foreground(path: Path) -> int:
@@ -287,6 +292,8 @@ def detach(path: Path, timeout: float = 900.0) -> tuple[int, dict]:
         if data.get("pid") == child.pid and data.get("phase") in ("up", "stopping"):
             break
         time.sleep(0.25)
+    if child.poll() is not None:
+        data = lease.read_json(state.state_path(fleet.name).with_suffix(".last")) or {}
     vms = data.get("vms", {})
     if child.poll() is not None and not vms:
         raise UsageError(f"the fleet supervisor ended at once (exit status {child.returncode}): "
