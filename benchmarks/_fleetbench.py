@@ -168,7 +168,7 @@ class VmFleet:
         path.write_text(f'name = "{self.tag}-{k}"\nhost_memory = "{self.budget}"\n[[vm]]\nname = "{name}"\n'
                         f'image = "{self.image}"\nmemory = "{self.memory}"\nmin_memory = "{self.min_memory}"\n'
                         f'balloon = {str(self.balloon).lower()}\npublish = ["{self.base_port + k}:8080"]\n'
-                        f'args = ["--port", "8080"]\n')
+                        f'args = ["--port", "8080"]\nballoon_log = "balloon-logs/{{name}}.jsonl"\n')
         return path
 
     def start(self, k: int) -> tuple[bool, str]:

@@ -52,6 +52,17 @@ def mib(text: str) -> int:
     return parse_mib(text)
 
 
+_PORTS = {"next": 19100}
+
+
+def fresh_ports(n: int) -> int:
+    """The first of n host ports not used before in this run: `jvmkit run` checks a port with a
+    plain bind(), which fails while connections to a stopped VM's port are in TIME_WAIT."""
+    base = _PORTS["next"]
+    _PORTS["next"] += n + 8
+    return base
+
+
 def probe_all(ports: list[int]) -> list[tuple[int, bool, float]]:
     out = []
     for port in ports:
@@ -65,7 +76,8 @@ def probe_all(ports: list[int]) -> list[tuple[int, bool, float]]:
 def density_vm(way: str, ctx: dict, rep: int) -> dict:
     balloon = way == "vm_fleet"
     fleet = F.VmFleet(f"d{rep}{'b' if balloon else 'n'}", ctx["linux_image"], ctx["work"], ctx["env"],
-                      balloon=balloon, memory=ctx["vm_memory"], budget=ctx["budget"], base_port=ctx["port"])
+                      balloon=balloon, memory=ctx["vm_memory"], budget=ctx["budget"],
+                      base_port=fresh_ports(ctx["max_vms"]))
     result: dict = {"instances": 0, "stopped_by": None, "per_instance": []}
     try:
         for k in range(ctx["max_vms"]):
@@ -120,7 +132,7 @@ def settle(fleet: F.VmFleet, name: str, timeout: float) -> None:
 def density_cgroup(way: str, ctx: dict, rep: int) -> dict:
     host = way == "host_jvm"
     inst = F.CgroupInstances(f"{'h' if host else 'c'}{rep}", ctx["rootfs"], ctx["manifest"], mib(ctx["budget"]),
-                             mib(ctx["vm_memory"]), ctx["port"], host=host)
+                             mib(ctx["vm_memory"]), fresh_ports(ctx["max_cgroup"]), host=host)
     result: dict = {"instances": 0, "stopped_by": None, "per_instance": []}
     try:
         for k in range(ctx["max_cgroup"]):
@@ -223,14 +235,15 @@ def _pct(xs: list[float], p: int) -> float | None:
 
 def crowd_vm(image: Path, n: int, parallel: int, ctx: dict, tag: str) -> dict:
     path = ctx["work"] / f"crowd-{tag}.toml"
+    base = fresh_ports(n)
     path.write_text(f'name = "crowd-{tag}"\nparallel = {parallel}\n[[vm]]\nname = "{tag}"\nimage = "{image}"\n'
                     f'replicas = {n}\nmemory = "{ctx["crowd_memory"]}"\nballoon = false\n'
-                    f'publish = ["{ctx["port"]}+:8080"]\nargs = ["--port", "8080"]\n')
+                    f'publish = ["{base}+:8080"]\nargs = ["--port", "8080"]\n')
     t0 = time.monotonic()
     proc = subprocess.Popen([*C.JVMKIT, "up", str(path)], env=ctx["env"], cwd=C.REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        times = _all_healthy([ctx["port"] + k for k in range(n)], t0, 900)
+        times = _all_healthy([base + k for k in range(n)], t0, 900)
     finally:
         C.jvmkit(["down", f"crowd-{tag}"], ctx["env"], timeout=300, check=False)
         try:
@@ -241,8 +254,8 @@ def crowd_vm(image: Path, n: int, parallel: int, ctx: dict, tag: str) -> dict:
 
 
 def crowd_cgroup(n: int, host: bool, ctx: dict, tag: str) -> dict:
-    inst = F.CgroupInstances(tag, ctx["rootfs"], ctx["manifest"], 64 * 1024, mib(ctx["crowd_memory"]), ctx["port"],
-                             host=host)
+    inst = F.CgroupInstances(tag, ctx["rootfs"], ctx["manifest"], 64 * 1024, mib(ctx["crowd_memory"]),
+                             fresh_ports(n), host=host)
     try:
         t0 = time.monotonic()
         for k in range(n):
@@ -380,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--fill-mb", type=int, default=100)
     p.add_argument("--move-mb", type=int, default=150)
-    p.add_argument("--skip", action="append", default=[], help="density, moving, crowd (repeatable)")
+    p.add_argument("--skip", action="append", default=[], help="density or crowd (repeatable)")
+    p.add_argument("--ways", default=",".join(WAYS), help=f"density ways to run [{','.join(WAYS)}]")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("density.py needs root for its memory cgroups and namespaces", file=sys.stderr)
@@ -405,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = json.loads((linux / "manifest.json").read_text())
         ctx = {"work": ws.dir, "env": env, "linux_image": linux, "osv_image": osv, "manifest": manifest,
                "rootfs": F.unpack_initramfs(linux, ws.dir / "rootfs"), "budget": args.budget, "vm_memory": "1G",
-               "crowd_memory": "512M", "fill_mb": args.fill_mb, "move_mb": args.move_mb, "port": 19100,
+               "crowd_memory": "512M", "fill_mb": args.fill_mb, "move_mb": args.move_mb,
                "max_vms": 12, "max_cgroup": 40, "quick": args.quick}
         result: dict = {"benchmark": "density", "quick": args.quick, "machine": C.machine(env), "setup": {
             "budget": args.budget, "fill_mb": args.fill_mb, "move_mb": args.move_mb, "reps": reps,
@@ -418,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             "note": "TCG only (no KVM), 2 cores shared with other work: fewer repetitions than usual"}}
         if "density" not in args.skip:
             runs: dict = {w: [] for w in WAYS}
+            chosen = tuple(w for w in WAYS if w in args.ways.split(","))
             for rep in range(reps):
-                order = WAYS[rep % len(WAYS):] + WAYS[:rep % len(WAYS)]
+                order = chosen[rep % len(chosen):] + chosen[:rep % len(chosen)]
                 for way in order:
                     C.log(f"density {way}, round {rep + 1}/{reps}")
                     fn = density_vm if way.startswith("vm") else density_cgroup

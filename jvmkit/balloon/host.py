@@ -155,6 +155,8 @@ class Controller:
         self.manual_mib: int | None = None  # from `jvmkit balloon set`: a ceiling (the floor still applies)
         self.pending_request: int | None = None  # a request waiting for fresh guest stats
         self.last_floor: policy.Floor | None = None
+        self.non_heap_seen: int | None = None
+        self.shrink_stop: tuple[int, int, int] | None = None  # (floor MiB, heap used, committed) after a shrink
         self._log = open(self.log_path, "a", buffering=1) if self.log_path else None
 
     # -- logging --
@@ -228,7 +230,10 @@ class Controller:
             heap_max=stats.heap_max, gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
             host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"],
-            stats_fresh=self.balloon.fresh(guest), heap_used_prev=self.last_heap_used)
+            stats_fresh=self.balloon.fresh(guest), heap_used_prev=self.last_heap_used,
+            non_heap_seen=self.non_heap_seen, shrink_floor_mib=self._shrink_floor(stats))
+        if inputs.stats_fresh and inputs.guest_total is not None:
+            self.non_heap_seen = max(self.non_heap_seen or 0, policy.non_heap_bytes(inputs, self.settings))
         self.last_heap_used = stats.heap_used
         request = self._take_request()
         settings = self.settings
@@ -266,6 +271,8 @@ class Controller:
             after = policy.after_shrink(before, after_stats.heap_used, after_stats.heap_committed)
             target = policy.final_balloon_target(d, after, settings)
             self.last_floor = policy.floor_for(after, settings)
+            stopped = target > d.balloon_target_mib and not request
+            self.shrink_stop = (target, after_stats.heap_used, after_stats.heap_committed) if stopped else None
             achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target,
                             floor=self.last_floor.to_dict())
             if target > before.balloon_actual_mib or (target < before.balloon_actual_mib and self._may_inflate()):
@@ -285,6 +292,16 @@ class Controller:
             achieved["heap_committed"] = int(self.client.grow_to(d.heap_target))
         achieved["balloon_target_mib"] = target
         return achieved
+
+    def _shrink_floor(self, stats) -> int | None:
+        """The floor the last shrink stopped at, while the heap is within 8 MiB of what it was."""
+        if self.shrink_stop is None:
+            return None
+        floor, used, committed = self.shrink_stop
+        if abs(stats.heap_used - used) > 8 * MIB or abs(stats.heap_committed - committed) > 8 * MIB:
+            self.shrink_stop = None
+            return None
+        return floor
 
     def _may_inflate(self) -> bool:
         return self.may_inflate is None or self.may_inflate()

@@ -16,6 +16,7 @@
     cpus = 1                      # [the image's]
     balloon = true                # the JVM-aware balloon, in the host's budget [true]
     accel = "auto"                # auto | kvm | tcg [auto]
+    balloon_log = "logs/{name}.jsonl"  # each VM's balloon decisions as JSON lines (relative to this file)
 
 Values are checked with the kinds of jvmkit.settings (the same as jvmkit.toml's), and every
 mistake is one line naming the file, the line and what to write instead (`UsageError`).
@@ -38,7 +39,7 @@ MAX_REPLICAS = 64
 TOP = {"name": TEXT, "host_memory": SIZE, "parallel": Integer(1, 64)}
 VM = {"name": TEXT, "image": PathKind(), "replicas": Integer(1, MAX_REPLICAS), "memory": SIZE, "min_memory": SIZE,
       "weight": Integer(1, 1000), "publish": ListOf(TEXT), "args": ListOf(TEXT), "restart": Choice(RESTART),
-      "cpus": Integer(1, 64), "balloon": FLAG, "accel": Choice(ACCELS)}
+      "cpus": Integer(1, 64), "balloon": FLAG, "accel": Choice(ACCELS), "balloon_log": TEXT}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$")  # room for "-NN" within a VM name's 63
 
 
@@ -60,6 +61,7 @@ class VmSpec:
     cpus: int | None = None
     balloon: bool = True
     accel: str = "auto"
+    balloon_log: Path | None = None
 
     def run_args(self) -> list[str]:
         """`jvmkit run` arguments that start this VM."""
@@ -74,6 +76,8 @@ class VmSpec:
             argv += ["--balloon", "--weight", str(self.weight)]
             if self.min_memory_mib:
                 argv += ["--min-memory", f"{self.min_memory_mib}M"]
+            if self.balloon_log:
+                argv += ["--balloon-log", str(self.balloon_log)]
         argv.append(str(self.image))
         if self.args is not None:
             argv += ["--", *self.args]
@@ -258,12 +262,14 @@ def _entry(entry: dict, n: int, text: str, path: Path, check_images: bool) -> li
             _fail(path, text, f"{label}: every item of 'publish' {exc}", "publish", n)
     result = []
     for k in range(replicas):
+        name = group if replicas == 1 else f"{group}-{k + 1}"
         result.append(VmSpec(
-            name=group if replicas == 1 else f"{group}-{k + 1}", group=group, index=k + 1, image=image,
+            name=name, group=group, index=k + 1, image=image,
             line=line_of(text, None, n) or 0, entry=n, memory_mib=memory, min_memory_mib=floor,
             weight=values.get("weight", 1), publish=tuple(publish[k]), args=values.get("args"),
             restart=values.get("restart", "no"), cpus=values.get("cpus"), balloon=values.get("balloon", True),
-            accel=values.get("accel", "auto")))
+            accel=values.get("accel", "auto"),
+            balloon_log=path.parent / values["balloon_log"].replace("{name}", name) if "balloon_log" in values else None))
     return result
 
 

@@ -33,6 +33,7 @@ from jvmkit.balloon.policy import MIB
 
 FREE = "free"            # the budget's unallotted memory, as giver or taker of a move
 MIN_RELEASE_HEAP_MIB = 16  # an idle VM with less live heap than this has nothing for its hooks to give
+GROW_STEP_MIB = 64         # the least a VM under heap pressure grows by in one step
 
 GROWING = ("pressure", "needs")
 
@@ -213,6 +214,14 @@ def decide(vms: Sequence[VmView], budget_mib: int) -> FleetDecision:
         else:
             entries.append(_entry(v))
     weights = {e.name: max(1, e.view.weight) for e in entries}
+    if fixed + sum(e.want for e in entries) > budget_mib:
+        # Alone (or with room), a VM under pressure deflates to its ceiling; when the budget is
+        # short it grows by half again each step (at least GROW_STEP_MIB), so one busy VM does not
+        # empty the others' caches for memory it may not use (measured: a 100 MiB cache fill
+        # asked for all of its 1G ceiling).
+        for e in entries:
+            if e.kind == "pressure":
+                e.want = min(e.want, max(e.floor, e.actual + max(GROW_STEP_MIB, e.actual // 2)))
     pool = budget_mib - fixed - sum(e.floor for e in entries)
     over = max(0, -pool)
     pool = max(0, pool)
@@ -395,5 +404,5 @@ def _short_text(e: _Entry, ctx: _Ctx) -> str:
     if ctx.hooks:
         return f"; {missing}M short of the {e.want}M it wants: shrinker hooks of {', '.join(ctx.hooks)} asked first"
     why = (f"the floors alone are {ctx.over}M over the budget" if ctx.over
-           else "every idle VM is at its floor and its hooks were asked")
+           else "every idle VM is at its floor; none has heap its hooks could give, or they gave nothing lately")
     return f"; growth denied: {missing}M short of the {e.want}M it wants ({why})"

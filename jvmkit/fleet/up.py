@@ -136,6 +136,8 @@ class Supervisor:
         return False
 
     def start(self, m: Member) -> None:
+        if m.spec.balloon_log:
+            m.spec.balloon_log.parent.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "jvmkit", *m.spec.run_args()]
         m.process = proc.start(argv, what=f"jvmkit run ({m.spec.name})", stdout=proc.PIPE, stderr=proc.PIPE,
                                start_new_session=True, cwd=os.getcwd())
