@@ -108,6 +108,15 @@ def density_vm(way: str, ctx: dict, rep: int) -> dict:
         if balloon and rep == 0 and result["instances"]:
             result["moving_load"] = moving_load(fleet, ctx)
     finally:
+        if balloon:  # the brain's decisions and each VM's balloon log, for reading afterwards
+            import shutil
+
+            dest = ctx["out"] / f"density-logs-{fleet.tag}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for src in [fleet.root / ".brain" / "decisions.jsonl", *(ctx["work"] / "balloon-logs").glob(f"{fleet.tag}*")]:
+                if src.exists():
+                    shutil.copy(src, dest / src.name)
+            result["logs"] = str(dest)
         fleet.stop_all()
     return result
 
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = {"work": ws.dir, "env": env, "linux_image": linux, "osv_image": osv, "manifest": manifest,
                "rootfs": F.unpack_initramfs(linux, ws.dir / "rootfs"), "budget": args.budget, "vm_memory": "1G",
                "crowd_memory": "512M", "fill_mb": args.fill_mb, "move_mb": args.move_mb,
-               "max_vms": 12, "max_cgroup": 40, "quick": args.quick}
+               "max_vms": 12, "max_cgroup": 40, "quick": args.quick, "out": args.out}
         result: dict = {"benchmark": "density", "quick": args.quick, "machine": C.machine(env), "setup": {
             "budget": args.budget, "fill_mb": args.fill_mb, "move_mb": args.move_mb, "reps": reps,
             "vm_memory": "1G", "min_memory": "256M", "crowd_memory": "512M", "osv": osv_note or "packed",
