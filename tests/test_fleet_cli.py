@@ -74,6 +74,7 @@ def test_restart_policy_and_backoff():
     assert [backoff_s(n) for n in (1, 2, 3, 4, 7, 20)] == [1, 2, 4, 8, 60, 60]
     assert wants_restart("always", 0) and wants_restart("on-failure", 3) and not wants_restart("on-failure", 0)
     assert not wants_restart("no", 1)
+    assert not wants_restart("always", 130), "`jvmkit stop NAME` of a fleet VM is not undone"
 
 
 def test_up_and_down_appear_in_help():

@@ -10,7 +10,8 @@ own supervisor for QEMU, its console and its balloon lease. It
   for a few seconds, so more at once only makes each slower (benchmarks/density.py, crowd boot);
 - prefixes each line a VM prints with its name;
 - restarts a VM that ended as `restart` says ("no", "on-failure": a status other than 0,
-  "always"), after a backoff doubling from 1 s to 60 s (reset once it ran for a minute);
+  "always"; never one stopped on purpose, status 130), after a backoff doubling from 1 s to 60 s
+  (reset once it ran for a minute);
 - on Ctrl-C or SIGTERM (`jvmkit down`) stops every VM (SIGTERM to its `jvmkit run`, which stops
   QEMU) and returns 130; otherwise it returns when no VM is left to run: 0 if every VM's last
   exit was 0, else 1.
@@ -59,6 +60,10 @@ def backoff_s(restarts: int) -> float:
 
 
 def wants_restart(policy: str, status: int) -> bool:
+    """Whether a VM that ended with `status` is started again (pure). 130 is a VM stopped on
+    purpose (`jvmkit stop NAME`, Ctrl-C at its own terminal): never restarted."""
+    if status == EXIT_INTERRUPTED:
+        return False
     return policy == "always" or (policy == "on-failure" and status != 0)
 
 
