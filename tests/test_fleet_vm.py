@@ -8,6 +8,8 @@ test's brain sees only its own VMs. In order:
 - the brain squeezes every idle guest below its ceiling within the budget;
 - the brain is killed with SIGKILL while the balloons are inflated: every balloon is deflated to
   its ceiling within a few seconds, every VM keeps serving, and a new brain takes over;
+- the brain hangs (SIGSTOP): the same, but no second brain starts while it holds its lock, and
+  it squeezes again once it runs (SIGCONT);
 - a VM with restart = "always" that exits is started again;
 - `down` leaves no QEMU, no run directory and no fleet state.
 Marked `vm` (a few minutes under TCG).
@@ -177,6 +179,31 @@ def test_a_killed_brain_leaves_no_guest_squeezed(fleet):
     assert new != killed
     wait_for(lambda: all((balloon_actual(root, n) or MEMORY) < MEMORY for n in names), 90,
              "the new brain squeezing the guests again")
+
+
+def test_a_hung_brain_leaves_no_guest_squeezed(fleet):
+    """SIGSTOP: the lock stays held, so no second brain starts; the leases see the heartbeat
+    stop and deflate; once the brain runs again it squeezes again."""
+    root, names = fleet["root"], fleet["names"]
+    wait_for(lambda: all((balloon_actual(root, n) or MEMORY) < MEMORY for n in names), 90, "inflated balloons")
+    pid = json.loads((root / ".brain" / "heartbeat.json").read_text())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        wait_for(lambda: all(balloon_actual(root, n) == MEMORY for n in names), 12,
+                 "every balloon deflated while the brain is stopped", every=0.2)
+        print(f"all {len(names)} balloons deflated {time.monotonic() - t0:.1f}s after SIGSTOP")
+        for k, name in enumerate(names):
+            assert b"ok" in get(f"http://127.0.0.1:{fleet['base'] + k}/health"), name
+        time.sleep(12)  # past the respawn delay: still the same brain, still deflated
+        assert json.loads((root / ".brain" / "heartbeat.json").read_text())["pid"] == pid
+        assert all(balloon_actual(root, n) == MEMORY for n in names)
+        text = (root / ".fleet" / "shop.log").read_text()
+        assert all(f"jvmkit-balloon: {n}: the balloon brain does not answer (last heartbeat" in text for n in names)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: all((balloon_actual(root, n) or MEMORY) < MEMORY for n in names), 90,
+             "the brain squeezing again once it runs")
 
 
 def test_a_vm_that_exits_is_restarted(fleet):
