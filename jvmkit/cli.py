@@ -123,7 +123,8 @@ def run(image, args, config_path, **settings):
         from jvmkit.balloon.host import run_with_balloon
 
         status = run_with_balloon(image, dataclasses.replace(options, jmx=True), min_memory_mib=options.min_memory_mib,
-                                  interval=options.balloon_interval, log_path=options.balloon_log)
+                                  interval=options.balloon_interval, log_path=options.balloon_log,
+                                  weight=options.balloon_weight)
         # The JMX client's JVM lives in this process (JPype); threads still blocked in a Java call
         # would abort a normal interpreter shutdown, so leave directly once everything is flushed.
         sys.stdout.flush()
@@ -139,10 +140,13 @@ def _had_separator() -> bool:
 @cli.command(context_settings=CONTEXT)
 @output_options()
 def ps():
-    """List running VMs."""
+    """List running VMs, grouped by the fleet they belong to (`jvmkit up`)."""
+    from jvmkit.fleet.state import memberships
     from jvmkit.vm import rundir
 
-    rows = [r.read_state() | {"name": r.name} for r in rundir.running()]
+    fleets = memberships()
+    rows = [r.read_state() | {"name": r.name, "fleet": fleets.get(r.name)} for r in rundir.running()]
+    rows.sort(key=lambda r: (r["fleet"] is None, r["fleet"] or "", r["name"]))
     console = ui.current()
     if console.json:
         console.result("", {"vms": rows})
@@ -150,12 +154,77 @@ def ps():
     if not rows:
         console.result("no VMs are running", {})
         return
-    lines = [f"{'NAME':<28} {'TARGET':<6} {'MEMORY':>7} {'CPUS':>4} {'ACCEL':<5} {'UP':>7}  PORTS"]
+    width = max([5] + [len(r["fleet"] or "-") for r in rows])
+    lines = [f"{'FLEET':<{width}} {'NAME':<28} {'TARGET':<6} {'MEMORY':>7} {'CPUS':>4} {'ACCEL':<5} {'UP':>7}  PORTS"]
     for row in rows:
         up = time.time() - row.get("started", time.time())
-        lines.append(f"{row['name']:<28} {row.get('target', '?'):<6} {str(row.get('memory_mib', '?')) + 'M':>7} "
-                     f"{row.get('cpus', '?'):>4} {row.get('accel', '?'):<5} {up:>6.0f}s  {', '.join(row.get('ports', []))}")
+        lines.append(f"{row['fleet'] or '-':<{width}} {row['name']:<28} {row.get('target', '?'):<6} "
+                     f"{str(row.get('memory_mib', '?')) + 'M':>7} {row.get('cpus', '?'):>4} {row.get('accel', '?'):<5} "
+                     f"{up:>6.0f}s  {', '.join(row.get('ports', []))}")
     console.result("\n".join(lines), {"vms": rows})
+
+
+# ---- up / down ---------------------------------------------------------------------------------
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("-d", "--detach", is_flag=True, help="Start the fleet and return; a supervisor keeps it running.")
+@click.option("--supervise", is_flag=True, hidden=True)
+@output_options()
+def up(file, detach, supervise):
+    """Start the VMs of the fleet FILE together and keep them running.
+
+    \b
+    FILE is a fleet file (TOML):
+      host_memory = "6G"            # what all VMs on the host may use [MemTotal minus a reserve]
+      parallel = 2                  # VMs booting at once [the host's cores]
+      [[vm]]
+      name = "cache"                # replicas are cache-1 .. cache-4
+      image = "cache-service.jvmkit"
+      replicas = 4
+      memory = "1G"                 # ceiling per VM
+      min_memory = "256M"           # floor per VM
+      weight = 2                    # share under contention [1]
+      publish = ["18080+:8080"]     # one host port per replica, counting up
+      args = ["--port", "8080"]
+      restart = "on-failure"        # no | on-failure | always, with backoff [no]
+
+    Each VM runs as `jvmkit run --balloon` (unless `balloon = false`) and joins the host's memory
+    budget, which one balloon brain per host divides among all VMs. A VM whose floor does not fit
+    in what is left of host_memory is not started. Output lines are prefixed with the VM's name;
+    Ctrl-C stops them all. With -d the command returns once the VMs have booted (exit status 1 if
+    one was not admitted); `jvmkit down FILE|NAME` stops them.
+    """
+    from jvmkit.fleet import up as fleets
+
+    if supervise:
+        sys.exit(fleets.foreground(file))
+    if not detach:
+        sys.exit(fleets.foreground(file))
+    status, data = fleets.detach(file)
+    lines = [f"fleet {data['fleet']} is up (supervisor pid {data['supervisor_pid']}, log {data['log']})"]
+    for name, vm in data["vms"].items():
+        if vm.get("phase") == "refused":
+            continue
+        ports = f"  {', '.join(vm.get('publish') or [])}" if vm.get("publish") else ""
+        lines.append(f"  {name:<28} {vm.get('phase')}{ports}")
+    for note in data["refused"]:
+        ui.current().notice(f"jvmkit up: {note}")
+    ui.current().result("\n".join(lines), data)
+    sys.exit(status)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("target", metavar="FILE|NAME")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds before VMs are killed.")
+@output_options()
+def down(target, timeout):
+    """Stop the fleet NAME (or the one started from FILE): all its VMs, and its supervisor."""
+    from jvmkit.fleet.state import down as do_down
+
+    name, stopped = do_down(target, timeout)
+    ui.current().result(f"fleet {name} is down" + (f": stopped {', '.join(stopped)}" if stopped else ""),
+                        {"fleet": name, "stopped": stopped})
 
 
 @cli.command(context_settings=CONTEXT)
@@ -384,16 +453,19 @@ def balloon():
 @click.argument("name", required=False)
 @output_options()
 def balloon_status(name):
-    """Show memory, balloon, heap and the last balloon decision of running VMs.
+    """Show memory, balloon, heap and the last balloon decision of running VMs, and the host's budget.
 
-    GUEST MEM is the memory the balloon leaves the guest (JSON guest_mib), BALLOON the balloon's
-    size, what it holds back of MEMORY (balloon_mib).
+    MEMORY is the VM's ceiling, GUEST MEM the memory the balloon leaves the guest now (JSON
+    guest_mib), BALLOON the balloon's size, what it holds back of MEMORY (balloon_mib); TARGET is
+    where the host's balloon brain is taking it, FLOOR the least it may be left, WEIGHT its share
+    under contention. The last line is the budget all VMs on the host share.
     """
-    from jvmkit.balloon.control import status_rows
+    from jvmkit.balloon.control import budget_line, fleet_status, status_rows
 
-    rows = status_rows(name)
-    lines = [f"{'NAME':<28} {'MEMORY':>7} {'GUEST MEM':>9} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10}  "
-             f"LAST DECISION"]
+    fleet = fleet_status()
+    rows = status_rows(name, fleet)
+    lines = [f"{'NAME':<28} {'MEMORY':>7} {'GUEST MEM':>9} {'BALLOON':>8} {'HEAP USED':>10} {'COMMITTED':>10} "
+             f"{'TARGET':>7} {'FLOOR':>6} {'WEIGHT':>6}  LAST DECISION"]
     for r in rows:
         head = f"{r['name']:<28} {_mib(r.get('memory_mib')):>7} "
         if not r.get("controlled"):
@@ -402,9 +474,14 @@ def balloon_status(name):
         last = r.get("last") or r.get("note") or ""
         if r.get("above_set_ceiling") and r.get("last"):
             last = f"{r['note']}; {last}"
+        weight = "-" if r.get("weight") is None else str(r["weight"])
         lines.append(head + f"{_mib(r.get('guest_mib')):>9} {_mib(r.get('balloon_mib')):>8} "
-                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10}  {last}")
-    ui.current().result("\n".join(lines) if rows else "no VMs are running", {"vms": rows})
+                     f"{_mib(r.get('heap_used_mib')):>10} {_mib(r.get('heap_committed_mib')):>10} "
+                     f"{_mib(r.get('target_mib')):>7} {_mib(r.get('floor_mib')):>6} {weight:>6}  {last}")
+    budget = budget_line(fleet)
+    if budget and rows:
+        lines.append(budget)
+    ui.current().result("\n".join(lines) if rows else "no VMs are running", {"vms": rows, "budget": fleet})
 
 
 def _mib(value) -> str:

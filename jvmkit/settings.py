@@ -304,6 +304,8 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the balloon re-decides.", metavar="SECONDS"),
     Setting("balloon_log", PATH, RUN, ("--balloon-log",), "balloon.log",
             help="Write every balloon decision as JSON lines.", metavar="FILE"),
+    Setting("balloon_weight", Integer(1, 1000), RUN, ("--weight",), "balloon.weight", 1,
+            "This VM's share of the host's memory budget under contention (with --balloon).", metavar="N"),
 )
 
 

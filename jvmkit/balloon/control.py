@@ -28,11 +28,16 @@ def has_agent(state: dict) -> bool:
     return bool(state.get("balloon") or state.get("jmx"))
 
 
-def status_row(name: str, state: dict, status: dict | None, guest_bytes: int | None) -> dict:
+def status_row(name: str, state: dict, status: dict | None, guest_bytes: int | None,
+               fleet: dict | None = None) -> dict:
     """One VM's `balloon status` row (pure): `guest_mib` is the guest memory the balloon leaves
-    the guest, `balloon_mib` the balloon's size (what it holds back of --memory)."""
+    the guest, `balloon_mib` the balloon's size (what it holds back of --memory); from the
+    brain's view of the host (`fleet`): its target, floor, weight, role and fleet."""
     memory = state.get("memory_mib")
     row: dict = {"name": name, "memory_mib": memory, "controlled": has_agent(state)}
+    view = (fleet or {}).get("vms", {}).get(name) or {}
+    row.update(fleet=view.get("fleet"), weight=view.get("weight", (state.get("balloon") or {}).get("weight")),
+               target_mib=view.get("target_mib"), floor_mib=view.get("floor_mib"), role=view.get("role"))
     if not row["controlled"]:
         row.update(guest_mib=None, balloon_mib=None, note=NO_AGENT, last=None, set_ceiling_mib=None,
                    above_set_ceiling=False)
@@ -56,7 +61,31 @@ def status_row(name: str, state: dict, status: dict | None, guest_bytes: int | N
     return row
 
 
-def status_rows(name: str | None) -> list[dict]:
+def fleet_status() -> dict | None:
+    """The brain's view of the host (budget, each VM's target and floor), if a brain is alive."""
+    from jvmkit.fleet import lease
+
+    alive, _why = lease.brain_alive()
+    if not alive:
+        return None
+    return lease.read_json(lease.brain_dir() / "status.json")
+
+
+def budget_line(fleet: dict | None) -> str | None:
+    """The budget's use, one line (pure)."""
+    if not fleet:
+        return None
+    line = (f"host budget {fleet['budget_mib']}M ({fleet.get('budget_from', '?')}): "
+            f"{fleet.get('counted_mib', 0)}M in use now")
+    if fleet.get("floors_mib") is not None:
+        line += f", {fleet.get('allotted_mib')}M allotted, floors {fleet['floors_mib']}M"
+    line += f" (QEMU overheads included); brain pid {fleet.get('pid')}"
+    if fleet.get("short_mib"):
+        line += f"; {fleet['short_mib']}M of growth short"
+    return line
+
+
+def status_rows(name: str | None, fleet: dict | None = None) -> list[dict]:
     runs = [rundir.find(name)] if name else rundir.running()
     rows = []
     for run in runs:
@@ -71,7 +100,7 @@ def status_rows(name: str | None) -> list[dict]:
                 status = json.loads((run.path / STATUS_FILE).read_text())
             except (OSError, ValueError):
                 status = None
-        rows.append(status_row(run.name, state, status, guest))
+        rows.append(status_row(run.name, state, status, guest, fleet))
     return rows
 
 

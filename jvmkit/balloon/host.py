@@ -1,12 +1,18 @@
-"""The host agent: sensors → policy → actuators, one controller thread per VM.
+"""The host agent: sensors → policy → actuators, one controller per VM, run by the host's brain.
 
 Sensors: the guest agent's MXBean over JMX (jvmkit.balloon.jmx), QEMU's virtio-balloon over QMP
-(query-balloon, guest-stats), and the host's /proc/meminfo and /proc/pressure/memory. The pure
-`policy.decide()` turns them into targets. Actuators: shrink = guest agent shrinkTo (hooks + GC
-steering) and then inflate the balloon; grow = deflate first, then growTo. A lost JMX or QMP
-connection means deflate to the ceiling and back off. Every decision is logged (and written as a
-JSON line with --balloon-log); the latest one is kept in the run directory for `balloon status`.
-Requests from `jvmkit balloon set` arrive as `balloon-request.json` in the run directory.
+(query-balloon, guest-stats), and the host's /proc/meminfo and /proc/pressure/memory. A decision
+comes from the host-wide brain (jvmkit.fleet.brain: `jvmkit.fleet.fleet_policy` over every VM,
+itself built on the per-VM `policy.decide()`), or from `policy.decide()` alone for a controller
+without one. Actuators: shrink = guest agent shrinkTo (hooks + GC steering) and then inflate the
+balloon; grow = deflate first, then growTo. A lost JMX or QMP connection means deflate to the
+ceiling and back off. Every decision is logged (and written as a JSON line with --balloon-log);
+the latest one is kept in the run directory for `balloon status`. Requests from `jvmkit balloon
+set` arrive as `balloon-request.json` in the run directory.
+
+The controllers run in the brain's process (one JVM for every JMX connection on the host);
+`run_with_balloon` is what `jvmkit run --balloon` runs: the VM plus its lease on the brain
+(jvmkit.fleet.lease), which deflates the balloon if the brain goes away.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from jvmkit import ui
 from jvmkit.balloon import policy
@@ -176,6 +182,13 @@ class Controller:
     stop_event: threading.Event = field(default_factory=threading.Event)
     decisions: list = field(default_factory=list)
     device: BalloonDevice | None = None   # None: QMP on qmp_socket
+    # The brain (jvmkit.fleet.brain) decides for the whole host: decide(controller, inputs, settings,
+    # request) -> (Decision, record extras); None decides for this VM alone (policy.decide).
+    decide: Callable | None = None
+    may_inflate: Callable[[], bool] | None = None  # False: the brain's lease lapsed, take nothing
+    after_step: Callable[[str], None] | None = None
+    wake: threading.Event = field(default_factory=threading.Event)  # step now, not after the interval
+    keep_decisions: int = 200
 
     def __post_init__(self):
         self.balloon = self.device if self.device is not None else QmpBalloon(self.qmp_socket)
@@ -188,6 +201,8 @@ class Controller:
         self.manual_mib: int | None = None  # from `jvmkit balloon set`: a ceiling (the floor still applies)
         self.pending_request: int | None = None  # a request waiting for fresh guest stats
         self.last_floor: policy.Floor | None = None
+        self.non_heap_seen: int | None = None
+        self.shrink_stop: tuple[int, int, int] | None = None  # (floor MiB, heap used, committed) after a shrink
         self._log = open(self.log_path, "a", buffering=1) if self.log_path else None
 
     # -- logging --
@@ -197,6 +212,7 @@ class Controller:
         if rss is not None:
             record["qemu_rss_mib"] = round(rss / MIB, 1)
         self.decisions.append(record)
+        del self.decisions[:-self.keep_decisions]
         if self._log:
             self._log.write(json.dumps(record, sort_keys=True) + "\n")
         if event in ("decision", "lost-contact", "connected", "request") and data.get("action", "x") != "hold":
@@ -260,21 +276,30 @@ class Controller:
             heap_max=stats.heap_max, gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
             host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"],
-            stats_fresh=self.balloon.fresh(guest), heap_used_prev=self.last_heap_used)
+            stats_fresh=self.balloon.fresh(guest), heap_used_prev=self.last_heap_used,
+            non_heap_seen=self.non_heap_seen, shrink_floor_mib=self._shrink_floor(stats))
+        if inputs.stats_fresh and inputs.guest_total is not None:
+            self.non_heap_seen = max(self.non_heap_seen or 0, policy.non_heap_bytes(inputs, self.settings))
         self.last_heap_used = stats.heap_used
         request = self._take_request()
         settings = self.settings
         if self.manual_mib is not None:
             settings = policy.with_manual_ceiling(settings, self.manual_mib)
-        decision = policy.decide(inputs, settings, request=request is not None)
+        extra: dict = {}
+        if self.decide is not None:
+            decision, extra = self.decide(self, inputs, settings, request is not None)
+        else:
+            decision = policy.decide(inputs, settings, request=request is not None)
         achieved = self.apply(decision, inputs, settings, request=request is not None)
         self.failures = 0
-        record = decision.to_dict()
+        record = {**decision.to_dict(), **extra}
         if achieved.get("balloon_target_mib", decision.balloon_target_mib) > decision.balloon_target_mib \
                 and self.last_floor is not None:  # the floor raised the target: say so, with its numbers
             record["reason"] += f"; {self.last_floor.describe()}"
         self.log("decision", **record, achieved=achieved, request_mib=request,
                  set_ceiling_mib=settings.ceiling if settings.set_ceiling else None)
+        if self.after_step is not None:
+            self.after_step(self.name)
         if request is not None:
             if decision.stale_stats:  # answer once the guest's stats show the last change
                 self.pending_request = request
@@ -292,10 +317,14 @@ class Controller:
             after = policy.after_shrink(before, after_stats.heap_used, after_stats.heap_committed)
             target = policy.final_balloon_target(d, after, settings)
             self.last_floor = policy.floor_for(after, settings)
+            stopped = target > d.balloon_target_mib and not request
+            self.shrink_stop = (target, after_stats.heap_used, after_stats.heap_committed) if stopped else None
             achieved.update(heap_used_after=after_stats.heap_used, balloon_target_mib=target,
                             floor=self.last_floor.to_dict())
-            if target != before.balloon_actual_mib:  # above it too: a guest under its floor gets memory back
-                self.balloon.set(target * MIB)
+            if target > before.balloon_actual_mib or (target < before.balloon_actual_mib and self._may_inflate()):
+                self.balloon.set(target * MIB)  # above it too: a guest under its floor gets memory back
+            elif target < before.balloon_actual_mib:
+                achieved["inflate_skipped"] = "the balloon brain's lease lapsed"
             return achieved
         target = d.balloon_target_mib
         self.last_floor = policy.floor_for(before, settings)
@@ -309,6 +338,19 @@ class Controller:
             achieved["heap_committed"] = int(self.client.grow_to(d.heap_target))
         achieved["balloon_target_mib"] = target
         return achieved
+
+    def _shrink_floor(self, stats) -> int | None:
+        """The floor the last shrink stopped at, while the heap is within 8 MiB of what it was."""
+        if self.shrink_stop is None:
+            return None
+        floor, used, committed = self.shrink_stop
+        if abs(stats.heap_used - used) > 8 * MIB or abs(stats.heap_committed - committed) > 8 * MIB:
+            self.shrink_stop = None
+            return None
+        return floor
+
+    def _may_inflate(self) -> bool:
+        return self.may_inflate is None or self.may_inflate()
 
     def _guest_exited(self) -> bool:
         """The app ended (the guest wrote its exit line): a closed JMX port is expected then."""
@@ -332,6 +374,10 @@ class Controller:
             pass
         self.log("lost-contact", **decision.to_dict())
         self.stop_event.wait(backoff)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.wake.set()
 
     # -- balloon set --
     def _take_request(self) -> int | None:
@@ -365,15 +411,24 @@ class Controller:
             except Exception as exc:  # never let the controller die silently: deflate and go on
                 self._close_jmx()
                 self._lost(f"an error ({type(exc).__name__}: {exc})")
-            self.stop_event.wait(self.interval)
+            self.wake.wait(self.interval)
+            self.wake.clear()
         self._close_jmx()
         if self._log:
             self._log.close()
 
 
+JMX_SECRET = "jmx-password"
+
+
 def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interval: float,
-                     log_path: Path | None) -> int:
-    """`jvmkit run --balloon`: the runner plus one controller thread for the VM."""
+                     log_path: Path | None, weight: int = 1) -> int:
+    """`jvmkit run --balloon`: the runner plus the VM's lease on the host's balloon brain.
+
+    The brain (jvmkit.fleet.brain, one per host) reads this VM's heap over JMX and its balloon
+    over QMP and decides for every VM together; this process stays the VM's supervisor and
+    deflates its balloon if the brain goes away (jvmkit.fleet.lease)."""
+    from jvmkit.fleet.lease import LeaseWatch
     from jvmkit.packager import bundle as bundles
     from jvmkit.packager import targets
     from jvmkit.vm import runner
@@ -389,23 +444,20 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
         if floor > vm.memory_mib:
             ui.current().warn(f"--min-memory {floor}M is above --memory {vm.memory_mib}M; using {vm.memory_mib}M")
             floor = vm.memory_mib
-        settings = policy.Settings(memory_mib=vm.memory_mib, min_memory_mib=floor)
-        controller = Controller(vm.name, vm.run.path, vm.run.qmp_socket, vm.jmx, settings, interval, log_path,
-                                qemu_pid=vm.qemu_pid, exit_marker=manifest.boot.exit_marker,
-                                device=vm.balloon_device())
-        state["controller"] = controller
-        thread = threading.Thread(target=controller.run, name=f"balloon-{vm.name}", daemon=True)
-        state["thread"] = thread
+        vm.run.write_secret(JMX_SECRET, vm.jmx["password"].encode())
         st = vm.run.read_state()
-        st["balloon"] = {"floor_mib": floor, "ceiling_mib": vm.memory_mib, "interval": interval}
+        st["balloon"] = {"floor_mib": floor, "ceiling_mib": vm.memory_mib, "interval": interval, "weight": weight,
+                         "log": str(log_path.resolve()) if log_path else None, "brain": 1,
+                         "exit_marker": manifest.boot.exit_marker}
         vm.run.write_state(st)
-        thread.start()
+        watch = LeaseWatch(vm.name, vm.run.path, vm.run.qmp_socket, vm.memory_mib, log_path)
+        state["watch"] = watch
+        watch.start()
 
     def stopping(vm: VmHandle) -> None:
-        controller = state.get("controller")
-        if controller is not None:
-            controller.stop_event.set()
-            state["thread"].join(timeout=10)
+        watch = state.get("watch")
+        if watch is not None:
+            watch.close()
 
     return runner.run(image, runner.RunOptions(**{**options.__dict__, "jmx": True}), on_started=started,
                       on_stopping=stopping)

@@ -85,6 +85,8 @@ class Inputs:
     host_psi_some_avg10: float | None = None
     stats_fresh: bool = True        # guest stats were read after the last balloon change settled
     heap_used_prev: int | None = None  # heap used at the previous decision (to see a growth early)
+    non_heap_seen: int | None = None   # the most the guest was seen using besides the heap (bytes)
+    shrink_floor_mib: int | None = None  # the floor the last shrink stopped at, while the heap is as it was then
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,10 @@ def non_heap_bytes(i: Inputs, s: Settings) -> int:
         # Pages the balloon holds count as used inside the guest: take them out.
         inflated = max(0, s.memory_mib - i.balloon_actual_mib) * MIB
         guest_used = i.guest_total - i.guest_available - inflated
-        return max(0, guest_used - i.heap_committed)
+        # Heap the JVM has committed but not touched yet is free memory to the guest, so this
+        # reads low right after the heap grew (measured: 51M instead of ~200M after a 100 MiB
+        # cache fill, which then starved the guest): never less than the most seen before.
+        return max(0, guest_used - i.heap_committed, i.non_heap_seen or 0)
     return s.no_stats_non_heap_mib * MIB  # no guest stats (e.g. OSv): assume a generous share
 
 
@@ -202,6 +207,15 @@ def floor_for(i: Inputs, s: Settings) -> Floor:
     if need.total_mib > min_memory:
         return Floor(need.total_mib, "guest", need, s.min_memory_mib, s.memory_mib)
     return Floor(min_memory, "min-memory", need, s.min_memory_mib, s.memory_mib)
+
+
+def squeeze_floor_mib(i: Inputs, s: Settings) -> int:
+    """The least guest memory a squeeze may aim for (pure): what the guest needs once its heap is
+    shrunk to the live heap with minimal headroom (the committed heap not counted: the shrink
+    uncommits it first), or --min-memory; at most --memory. `floor_for` still applies after the
+    shrink, with the heap as it then is."""
+    need = guest_need(i, s, committed=False).total_mib
+    return min(s.memory_mib, max(min(s.min_memory_mib, s.memory_mib), need, i.shrink_floor_mib or 0))
 
 
 def safe_floor_mib(i: Inputs, s: Settings) -> int:
@@ -265,6 +279,27 @@ def _growth_target_mib(i: Inputs, s: Settings) -> int:
     return int(min(s.memory_mib, max(s.ceiling, wanted)))
 
 
+def heap_pressure(i: Inputs, s: Settings) -> str | None:
+    """Why the guest needs memory now (pure), or None: GC overhead above `gc_overhead_grow`, the
+    guest nearly out of available memory, heap use rising fast, or heap used near committed while
+    the balloon holds some back. The fleet policy serves these VMs first."""
+    gc_overhead = (i.gc_time_delta_ms / 1000.0) / i.interval_s if i.interval_s > 0 else 0.0
+    grow_to = _growth_target_mib(i, s)
+    guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
+    heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
+    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < grow_to
+              and i.heap_used - i.heap_used_prev > max(s.rising_mib * MIB, s.rising_ratio * i.heap_used_prev))
+    if gc_overhead > s.gc_overhead_grow:
+        return "GC overhead %.0f%%" % (100 * gc_overhead)
+    if guest_low:
+        return "guest memory nearly exhausted"
+    if rising:
+        return "heap use rising fast"
+    if heap_tight and i.balloon_actual_mib < grow_to:
+        return "heap used near committed"
+    return None
+
+
 def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
     """One decision. `request`: this round answers a `balloon set`, so a binding ceiling asks the
     app's shrinker hooks for part of the used heap; later rounds never squeeze below the live
@@ -281,14 +316,9 @@ def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
     ceiling_note = f"the {s.ceiling}M ceiling from `balloon set`"
 
     grow_to = _growth_target_mib(i, s)
-    guest_low = i.guest_available is not None and i.guest_available < s.guest_low_available_mib * MIB
     heap_tight = i.heap_committed < i.heap_max and i.heap_used > s.grow_used_ratio * i.heap_committed
-    rising = (i.heap_used_prev is not None and i.balloon_actual_mib < grow_to
-              and i.heap_used - i.heap_used_prev > max(s.rising_mib * MIB, s.rising_ratio * i.heap_used_prev))
-    if gc_overhead > s.gc_overhead_grow or guest_low or rising or (heap_tight and i.balloon_actual_mib < grow_to):
-        why = ("GC overhead %.0f%%" % (100 * gc_overhead) if gc_overhead > s.gc_overhead_grow
-               else "guest memory nearly exhausted" if guest_low
-               else "heap use rising fast" if rising else "heap used near committed")
+    why = heap_pressure(i, s)
+    if why:
         numbers["above_set_ceiling"] = grow_to > s.ceiling
         if i.balloon_actual_mib >= grow_to and not heap_tight:
             where = "all of --memory" if grow_to >= s.memory_mib else "the ceiling"
@@ -332,6 +362,11 @@ def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
         least = (int(i.heap_used * (1 - s.max_release)) if request or pressure
                  else i.heap_used + s.min_headroom_mib * MIB)
         heap_target = min(max(fits, least), i.heap_max)
+    if i.shrink_floor_mib and target < i.shrink_floor_mib and not request and not pressure:
+        # the last shrink stopped at this floor and the heap has not changed since: another one
+        # would run the collections again for nothing (measured: a GC every 2 s in an idle guest)
+        target = min(s.memory_mib, i.shrink_floor_mib)
+        numbers["shrink_floor_mib"] = i.shrink_floor_mib
     delta = target - i.balloon_actual_mib
     if delta < 0 and not i.stats_fresh:
         return Decision("hold", i.heap_committed, i.balloon_actual_mib,

@@ -1,0 +1,83 @@
+"""`jvmkit up` / `down` without booting guests: admission refusal, one-line errors, the pure parts.
+
+Admission happens before any `jvmkit run` starts, so a fleet whose VMs do not fit is refused here
+for real (the images are stand-ins: no VM gets far enough to read one). Booting fleets are in
+tests/test_fleet_vm.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jvmkit.fleet.state import Admission, vm_floor_mib
+from jvmkit.fleet.up import backoff_s, wants_restart
+
+
+@pytest.fixture
+def run_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    (tmp_path / "xdg").mkdir()
+    image = tmp_path / "app.jvmkit"
+    image.mkdir()
+    (image / "manifest.json").write_text("{}")
+    return tmp_path
+
+
+def jvmkit(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "jvmkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=os.environ)
+
+
+def test_a_vm_whose_floor_does_not_fit_is_not_started(run_root):
+    fleet = run_root / "tight.toml"
+    fleet.write_text('host_memory = "600M"\n[[vm]]\nname = "big"\nimage = "app.jvmkit"\nmemory = "1G"\n'
+                     'min_memory = "512M"\naccel = "tcg"\n')
+    for argv in (("up", fleet), ("up", "-d", fleet)):
+        proc = jvmkit(*argv)
+        assert proc.returncode == 1, proc
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, proc.stderr
+        assert lines[0] == ("jvmkit up: big not started: its floor 512M + 228M for QEMU does not fit in what is "
+                            "left of the host budget (600M of 600M, host_memory of fleet tight): 140M missing"), lines
+        assert not list((run_root / "xdg" / "jvmkit").glob("big*")), "no run directory, no VM"
+    assert json.loads(jvmkit("ps", "--json").stdout)["vms"] == []
+
+
+def test_without_the_balloon_a_vm_reserves_all_of_its_memory(run_root):
+    fleet = run_root / "plain.toml"
+    fleet.write_text('host_memory = "1G"\n[[vm]]\nname = "plain"\nimage = "app.jvmkit"\nmemory = "1G"\n'
+                     'min_memory = "128M"\nballoon = false\naccel = "kvm"\n')
+    proc = jvmkit("up", fleet)
+    assert proc.returncode == 1 and "its floor 1024M + 100M for QEMU" in proc.stderr and "100M missing" in proc.stderr
+
+
+def test_down_of_a_fleet_that_is_not_up(run_root):
+    proc = jvmkit("down", "nope")
+    assert proc.returncode == 2 and proc.stderr.strip() == ("jvmkit: error: no fleet named 'nope' is up "
+                                                            "(no fleet is up; see `jvmkit ps`)")
+
+
+def test_admission_arithmetic():
+    a = Admission("x", floor_mib=300, overhead_mib=228, budget_mib=3072, budget_from="host_memory of fleet f",
+                  reserved_mib=2700)
+    assert (a.left_mib, a.missing_mib, a.admitted) == (372, 156, False)
+    assert "156M missing" in a.refusal() and "372M of 3G" in a.refusal()
+    assert Admission("y", 100, 100, 1000, "", 800).admitted
+    assert vm_floor_mib(True, 1024, None) == 256 and vm_floor_mib(True, 1024, 384) == 384
+    assert vm_floor_mib(False, 1024, 384) == 1024
+
+
+def test_restart_policy_and_backoff():
+    assert [backoff_s(n) for n in (1, 2, 3, 4, 7, 20)] == [1, 2, 4, 8, 60, 60]
+    assert wants_restart("always", 0) and wants_restart("on-failure", 3) and not wants_restart("on-failure", 0)
+    assert not wants_restart("no", 1)
+    assert not wants_restart("always", 130), "`jvmkit stop NAME` of a fleet VM is not undone"
+
+
+def test_up_and_down_appear_in_help():
+    out = jvmkit("--help").stdout
+    assert " up " in out and " down " in out
+    assert "18080+:8080" in jvmkit("up", "--help").stdout

@@ -1,0 +1,240 @@
+"""The host-wide balloon policy as tables: every VM's readings and the budget in, targets out (pure)."""
+
+from dataclasses import replace
+
+import pytest
+
+from jvmkit.balloon import policy
+from jvmkit.balloon.policy import MIB, Inputs, Settings
+from jvmkit.fleet.fleet_policy import FREE, VmView, decide, proportional, water_fill
+
+# Every guest below is laid out like the 1 GiB linux guests of the cache-service fleet: MemTotal
+# 24 MiB under --memory (kept by the kernel) and `non_heap` MiB used besides the heap (runtime
+# files in RAM, metaspace, threads), so its squeeze floor is live heap + max(32M, 10%) + non-heap
+# + 24M + the 48M reserve (or --min-memory).
+
+
+def reading(used, committed, actual=1024, *, memory=1024, non_heap=144, gc_ms=0, prev=None, fresh=True):
+    total = memory - 24
+    available = total - (memory - actual) - non_heap - committed
+    assert available >= 0, "inconsistent row"
+    return Inputs(heap_used=used * MIB, heap_committed=committed * MIB, heap_max=700 * MIB, gc_time_delta_ms=gc_ms,
+                  interval_s=1.0, balloon_actual_mib=actual, guest_total=total * MIB, guest_available=available * MIB,
+                  host_total=24 * 1024 * MIB, host_available=20 * 1024 * MIB, host_psi_some_avg10=0.0,
+                  stats_fresh=fresh, heap_used_prev=None if prev is None else prev * MIB)
+
+
+def vm(name, used, committed, actual=1024, *, weight=1, memory=1024, min_memory=256, overhead=0, **kw):
+    return VmView(name, Settings(memory_mib=memory, min_memory_mib=min_memory), reading(used, committed, actual,
+                  memory=memory, **kw), weight=weight, overhead_mib=overhead)
+
+
+def floor_of(v: VmView) -> int:
+    return policy.squeeze_floor_mib(v.inputs, v.settings)
+
+
+def busy(name, actual, **kw):
+    """A VM under heap pressure: 30% of the last second in GC, heap used near committed."""
+    return vm(name, 190, 200, actual, gc_ms=300, **kw)
+
+
+def tried(v: VmView) -> VmView:
+    """The VM's hooks were asked lately and gave nothing."""
+    return replace(v, hooks_tried=True)
+
+
+def counted(d) -> int:
+    """What the targets add up to now (each VM at the larger of what it has and its step)."""
+    return d.fixed_mib + sum(t.counted_mib for t in d.targets if t.decision is not None)
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+CASES = [
+    # name, budget, VMs, check(decision)
+    ("plenty of budget: each VM does what it would alone", 8192,
+     [vm("a", 100, 600), busy("b", 600), vm("c", 400, 420, 700)],
+     lambda d, vms: all(d.get(v.name).decision == policy.decide(v.inputs, v.settings) for v in vms)
+     and not d.moves or all(m.giver in (FREE, "a") for m in d.moves)),
+    ("heap pressure is served first, from the VM with the most idle headroom", 2600,
+     [busy("hot", 500), vm("big", 60, 600, 1024), vm("small", 200, 230, 560)],
+     lambda d, vms: d.get("hot").allot_mib == d.get("hot").want_mib
+     and (1024 - d.get("big").allot_mib) > (560 - d.get("small").allot_mib)
+     and any(m.giver == "big" and m.taker == "hot" for m in d.moves)),
+    # idle at 1000M, each would keep 716M alone (heap target 500M) above a floor of 656M; the busy
+    # VM grows by half again (to 750M, 312M above its floor); then 40M are left for the two
+    ("a heavier idle VM keeps more of its headroom", 438 + 312 + 2 * 656 + 40,
+     [busy("hot", 500), vm("light", 400, 460, 1000, weight=1), vm("heavy", 400, 460, 1000, weight=3)],
+     lambda d, vms: d.get("light").role == d.get("heavy").role == "squeezed"
+     and (d.get("heavy").allot_mib - d.get("heavy").floor_mib) == 30
+     and (d.get("light").allot_mib - d.get("light").floor_mib) == 10),
+    ("growth is shared by weight when the budget cannot serve all", 2 * 438 + 268 + 120,
+     [busy("w1", 400, weight=1), busy("w2", 400, weight=2), vm("idle", 20, 40, 300)],
+     lambda d, vms: d.get("w2").allot_mib - d.get("w2").floor_mib
+     == pytest.approx(2 * (d.get("w1").allot_mib - d.get("w1").floor_mib), abs=2)),
+    ("short budget: the hooks of idle VMs at their floor are asked before growth is denied", 1300,
+     [busy("hot", 500), vm("c1", 120, 140, 420), vm("c2", 120, 140, 420)],
+     lambda d, vms: set(d.hooks_asked) == {"c1", "c2"} and d.get("hot").role == "waiting-hooks"
+     and all(d.get(n).role == "release" and d.get(n).decision.action == "shrink" for n in ("c1", "c2"))
+     and "shrinker hooks" in d.get("c1").reason and "hot" in d.get("c1").reason),
+    ("hooks already tried: growth is denied, and it says why", 1300,
+     [busy("hot", 500), tried(vm("c1", 120, 140, 420)), tried(vm("c2", 120, 140, 420))],
+     lambda d, vms: d.get("hot").role == "denied" and "growth denied" in d.get("hot").reason
+     and not d.hooks_asked and d.short_mib > 0),
+    ("a VM without the agent counts at its --memory, a booting one at its --min-memory", 3000,
+     [VmView("plain", Settings(1024, 256), managed=False), VmView("booting", Settings(1024, 300)),
+      vm("a", 100, 600)],
+     lambda d, vms: d.fixed_mib == 1024 + 300 and d.get("plain").decision is None
+     and d.get("booting").role == "waiting" and d.get("a").allot_mib <= 3000 - 1324),
+    ("QEMU's overhead counts for every VM", 2000,
+     [vm("a", 60, 600, overhead=200), vm("b", 60, 600, overhead=200)],
+     lambda d, vms: d.fixed_mib == 400 and d.allotted_mib <= 2000),
+    ("stale guest stats hold the VM where it is", 1200,
+     [vm("settling", 60, 100, 500, fresh=False), busy("hot", 500)],
+     lambda d, vms: d.get("settling").role == "settling" and d.get("settling").decision.action == "hold"
+     and d.get("settling").decision.balloon_target_mib == 500),
+    ("floors over the budget: nobody below its floor, hooks asked", 700,
+     [vm("a", 150, 200, 400), vm("b", 150, 200, 400)],
+     lambda d, vms: set(d.hooks_asked) == {"a", "b"} and "96M under what the floors need" in d.get("a").reason),
+]
+
+
+@pytest.mark.parametrize("name,budget,vms,check", CASES, ids=[c[0] for c in CASES])
+def test_fleet_table(name, budget, vms, check):
+    d = decide(vms, budget)
+    assert check(d, vms), d.summary + "\n" + "\n".join(f"{t.name} {t.role} {t.reason}" for t in d.targets)
+    for t in d.targets:
+        if t.decision is None:
+            continue
+        s = next(v for v in vms if v.name == t.name).settings
+        assert t.decision.balloon_target_mib <= s.memory_mib
+        if t.role != "release":  # floors are never crossed (hooks first free the heap that sets them)
+            assert t.decision.balloon_target_mib >= min(t.floor_mib, t.actual_mib), (t.name, t.reason)
+    # never more counted than the budget, unless the floors alone are over it
+    assert counted(d) <= max(budget, d.floors_mib, sum(t.actual_mib for t in d.targets) + d.fixed_mib)
+
+
+def test_targets_never_add_up_to_more_than_the_budget_in_a_tight_fleet():
+    vms = [busy("hot", 450), vm("a", 60, 600, 1000), vm("b", 100, 300, 900), vm("c", 30, 50, 600)]
+    budget = sum(v.inputs.balloon_actual_mib for v in vms)  # full: nothing free now
+    d = decide(vms, budget)
+    hot = d.get("hot")
+    assert hot.allot_mib > hot.actual_mib
+    assert hot.decision.balloon_target_mib == hot.actual_mib, "grows only into memory that is free now"
+    assert "more as" in hot.reason  # says the rest follows as the givers shrink
+    assert counted(d) <= budget
+    # once the givers have shrunk, the grower gets the rest
+    after = [v if v.name == "hot" else vm(v.name, v.inputs.heap_used // MIB, v.inputs.heap_used // MIB + 40,
+                                          d.get(v.name).decision.balloon_target_mib) for v in vms]
+    d2 = decide(after, budget)
+    assert d2.get("hot").decision.balloon_target_mib > hot.actual_mib
+    assert counted(d2) <= budget
+
+
+def test_every_move_names_giver_and_taker_and_why():
+    vms = [busy("hot", 500), vm("big", 60, 600, 1024), vm("small", 200, 230, 560)]
+    d = decide(vms, 2600)
+    between = [m for m in d.moves if FREE not in (m.giver, m.taker)]
+    assert between, d.summary
+    for m in between:
+        assert m.taker == "hot" and "GC overhead" in m.why
+        assert f"to hot (GC overhead" in d.get(m.giver).reason, d.get(m.giver).reason
+        assert f"from {m.giver}" in d.get("hot").reason or "more as" in d.get("hot").reason
+        assert m.describe() in d.summary
+
+
+def test_a_lone_vm_with_room_behaves_as_the_per_vm_policy():
+    """`jvmkit run --balloon` alone on a host: the brain's targets are policy.decide's."""
+    for i in (reading(50, 600), reading(290, 300, 500), reading(500, 560, 1024, gc_ms=0), reading(10, 20, 300)):
+        v = VmView("solo", Settings(1024, 256), i)
+        assert decide([v], 20000).get("solo").decision == policy.decide(i, v.settings)
+
+
+def test_a_request_is_answered_as_alone():
+    s = policy.with_manual_ceiling(Settings(1024, 256), 300)
+    v = VmView("set", s, reading(180, 600), request=True)
+    assert decide([v], 20000).get("set").decision == policy.decide(v.inputs, s, request=True)
+
+
+def test_squeezed_vm_keeps_its_live_heap_and_headroom():
+    vms = [busy("hot", 400), vm("idle", 200, 600, 1024)]  # floors 438M and 448M; idle wants 466M
+    d = decide(vms, 438 + 162 + 455)  # the busy VM grows by half again: 600M
+    idle = d.get("idle")
+    assert idle.role == "squeezed" and idle.decision.action == "shrink"
+    assert idle.decision.heap_target >= 200 * MIB + 32 * MIB
+    assert idle.decision.balloon_target_mib >= idle.floor_mib
+
+
+def test_release_asks_hooks_for_the_shortfall_shared_by_heap_and_weight():
+    vms = [busy("hot", 450), vm("c1", 200, 250, 500, weight=1), vm("c2", 100, 120, 400, weight=1)]
+    d = decide(vms, sum(floor_of(v) for v in vms[1:]) + 460)
+    asked = {n: d.get(n).decision.numbers["hooks_asked_mib"] for n in d.hooks_asked}
+    assert set(asked) == {"c1", "c2"} and asked["c1"] > asked["c2"]
+    for n, ask in asked.items():
+        t = d.get(n)
+        assert t.decision.heap_target == (200 if n == "c1" else 100) * MIB - ask * MIB
+        assert ask <= (200 if n == "c1" else 100) * 0.5 + 1  # never more than max_release of the live heap
+
+
+# ---- sharing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("requests,weights,amount,expected", [
+    ({"a": 100, "b": 100}, {}, 300, {"a": 100, "b": 100}),
+    ({"a": 100, "b": 100}, {}, 100, {"a": 50, "b": 50}),
+    ({"a": 100, "b": 100}, {"a": 1, "b": 3}, 100, {"a": 25, "b": 75}),
+    ({"a": 10, "b": 100}, {}, 60, {"a": 10, "b": 50}),
+    ({"a": 10, "b": 100}, {}, 0, {"a": 0, "b": 0}),
+    ({"a": 0, "b": 40}, {}, 20, {"a": 0, "b": 20}),
+])
+def test_water_fill(requests, weights, amount, expected):
+    assert water_fill(requests, weights, amount) == expected
+
+
+def test_proportional_respects_caps():
+    assert proportional({"a": 10, "b": 100}, {"a": 1.0, "b": 1.0}, 60) == {"a": 10, "b": 50}
+    assert proportional({"a": 10, "b": 100}, {"a": 1.0, "b": 1.0}, 500) == {"a": 10, "b": 100}
+    assert proportional({"a": 50, "b": 50}, {"a": 3.0, "b": 1.0}, 40) == {"a": 30, "b": 10}
+
+
+def test_decision_serialises():
+    import json
+
+    d = decide([busy("hot", 500), vm("big", 60, 600, 1024)], 1500)
+    doc = json.loads(json.dumps(d.to_dict()))
+    assert {t["name"] for t in doc["targets"]} == {"hot", "big"} and doc["budget_mib"] == 1500
+
+
+def test_a_vm_content_below_its_computed_floor_is_left_alone():
+    """Its need grew by 2M since the last shrink: below the hysteresis, no creeping up 2M a step."""
+    v = vm("a", 3, 17, 275, non_heap=170)  # floor: 3M + 32M + 194M + 48M = 277M
+    t = decide([v], 3000).get("a")
+    assert t.decision.action == "hold" and t.decision.balloon_target_mib == 275, t.reason
+
+
+def test_with_room_a_busy_vm_deflates_to_its_ceiling_and_when_short_grows_in_steps():
+    roomy = decide([busy("hot", 400), vm("idle", 20, 40, 300)], 4000).get("hot")
+    assert roomy.decision.balloon_target_mib == 1024
+    tight = decide([busy("hot", 400), vm("idle", 20, 40, 300)], 1100).get("hot")
+    assert tight.want_mib == 600 and tight.decision.balloon_target_mib <= 600
+
+
+# ---- what the controllers remember for policy.decide (jvmkit.balloon.host) -----------------------
+
+def test_non_heap_never_reads_below_what_was_seen():
+    """Committed but untouched heap reads as free in the guest: the non-heap estimate falls
+    (51M instead of ~200M measured after a cache fill) unless the most seen is kept."""
+    s = Settings(1024, 256)
+    low = reading(130, 520, 784, non_heap=40)
+    assert policy.non_heap_bytes(low, s) == (24 + 40 - 24) * MIB  # what the stats alone say
+    kept = replace(low, non_heap_seen=200 * MIB)
+    assert policy.non_heap_bytes(kept, s) == 200 * MIB
+    assert policy.squeeze_floor_mib(kept, s) > policy.squeeze_floor_mib(low, s) + 150
+
+
+def test_a_shrink_that_stopped_at_its_floor_is_not_retried_while_the_heap_is_unchanged():
+    s = Settings(1024, 256)
+    i = reading(127, 212, 482, non_heap=198)
+    assert policy.decide(i, s).action == "shrink"  # wants 428M; the committed heap keeps it at 482M
+    again = policy.decide(replace(i, shrink_floor_mib=482), s)
+    assert again.action == "hold" and again.balloon_target_mib == 482, again.reason
+    assert policy.decide(replace(i, shrink_floor_mib=482), s, request=True).action == "shrink"
