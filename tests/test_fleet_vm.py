@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, http_body_when_up
+from support.images import ROOT
+from support.servers import free_port, http_body_when_up
 from jvmkit.vm.qmp import QmpClient
 
 pytestmark = pytest.mark.vm
