@@ -2,8 +2,8 @@
 
     python3 samples/build.py OUT_DIR [--javac PATH]
 
-writes OUT_DIR/hello.jar, OUT_DIR/httpd.jar, OUT_DIR/multijar/app.jar and
-OUT_DIR/multijar/lib/{textutil,jsonish}.jar. Importable too: `build_samples(out_dir, javac=None)`
+writes OUT_DIR/hello.jar, OUT_DIR/httpd.jar, OUT_DIR/phases.jar, OUT_DIR/warmstart.jar,
+OUT_DIR/multijar/app.jar and OUT_DIR/multijar/lib/{textutil,jsonish}.jar. Importable too: `build_samples(out_dir, javac=None)`
 returns {"hello": ..., "httpd": ..., "multijar": ...}, the path of each sample's main jar.
 
 The sources are compiled with the build JDK's javac (`--javac`, else $JAVA_HOME/bin/javac, else
@@ -48,6 +48,7 @@ SAMPLES: dict[str, tuple[JarSpec, ...]] = {
     "hello": (JarSpec("hello.jar", "hello/src", main="hello.Hello"),),
     "httpd": (JarSpec("httpd.jar", "httpd/src", main="httpd.Httpd"),),
     "phases": (JarSpec("phases.jar", "phases/src", main="phases.Phases"),),
+    "warmstart": (JarSpec("warmstart.jar", "warmstart/src", main="warmstart.Warmstart"),),
     "multijar": (
         JarSpec("multijar/lib/textutil.jar", "multijar/textutil/src"),
         JarSpec("multijar/lib/jsonish.jar", "multijar/jsonish/src"),

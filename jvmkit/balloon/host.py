@@ -306,8 +306,10 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
     from jvmkit.vm import runner
     from jvmkit.packager import bundle as bundles
 
+    from jvmkit.packager import targets
+
     manifest = bundles.load(image, verify=False).manifest
-    if manifest.get("target") == "osv" and not manifest.get("kernel", {}).get("has_balloon"):
+    if not targets.get(manifest.target).has_balloon(manifest):
         ui.current().warn("this image's OSv kernel has no virtio-balloon driver: the guest heap will shrink, "
                           "but the host cannot take the memory back (use an OSv kernel built since 2026-07)")
     state: dict = {}
@@ -319,7 +321,7 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
             floor = vm.memory_mib
         settings = policy.Settings(memory_mib=vm.memory_mib, min_memory_mib=floor)
         controller = Controller(vm.name, vm.run.path, vm.config.qmp_socket, vm.jmx, settings, interval, log_path,
-                                qemu_pid=vm.process.pid, exit_marker=manifest.get("boot", {}).get("exit_marker"))
+                                qemu_pid=vm.process.pid, exit_marker=manifest.boot.exit_marker)
         state["controller"] = controller
         thread = threading.Thread(target=controller.run, name=f"balloon-{vm.name}", daemon=True)
         state["thread"] = thread
