@@ -305,7 +305,6 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
     """`jvmkit run --balloon`: the runner plus one controller thread for the VM."""
     from jvmkit.vm import runner
     from jvmkit.packager import bundle as bundles
-
     from jvmkit.packager import targets
 
     manifest = bundles.load(image, verify=False).manifest
