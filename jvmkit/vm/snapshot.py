@@ -181,6 +181,7 @@ class Resume:
     ports: tuple[PortForward, ...]       # the run's forwards, published once the identity is renewed
     replay: bytes                        # the app's output up to the snapshot
     jmx_seed: str | None = None
+    verbose: bool = False
     loaded_s: float | None = None
     started: bool = False                # attach() ran: the pipe's ends belong to QEMU and the feeder
     renewed_s: float | None = None
@@ -235,9 +236,11 @@ class Resume:
         if answer.startswith("error"):
             raise snapctl.ControlError(f"the guest agent refused the restore: {answer[6:]}")
         result = snapctl.parse_restored(answer)
-        if ui.current().debug:
-            ui.current().info(f"jvmkit: restored: state loaded in {self.loaded_s:.2f} s, identity renewed in "
-                              f"{time.monotonic() - t0:.2f} s (guest agent: {result})")
+        if self.verbose or ui.current().debug:
+            lag = int(result.get("lag", "0") or 0)
+            clock = f"wall clock {result.get('clock', '?')}" + (f", {lag / 1000:.1f} s behind the host's" if lag else "")
+            ui.current().info(f"jvmkit: restored from the image's snapshot: state loaded in {self.loaded_s:.2f} s, "
+                              f"identity renewed in {time.monotonic() - t0:.2f} s ({clock})")
         return result
 
 
@@ -274,7 +277,7 @@ def run_restored(image: bundles.Bundle, target, files: dict[str, Path], run: run
     reason = mismatch(info, wanted) or snapshot_problem(image, info)
     if reason:
         console.notice(f"jvmkit: not restoring the image's snapshot: {reason}; booting cold "
-                       f"(`jvmkit snapshot` takes one for this run, `--cold` skips this check)")
+                       f"(`jvmkit snapshot` with this run's options takes one for it; `--cold` skips the snapshot)")
         return None
     token = (image.path / info.token).read_text().strip()
     replay = (image.path / info.output.path).read_bytes()
@@ -284,7 +287,7 @@ def run_restored(image: bundles.Bundle, target, files: dict[str, Path], run: run
     if jmx is not None:
         jmx_seed = guest.seed_text(jmx_host_port=jmx["port"], user=jmx["user"], password=jmx["password"],
                                    jmx_guest_port=manifest.guest.jmx_port)
-    resume = Resume(info, token, feeder, read_fd, control, forwards, replay, jmx_seed)
+    resume = Resume(info, token, feeder, read_fd, control, forwards, replay, jmx_seed, verbose=options.verbose)
     config = dataclasses.replace(config, incoming=f"fd:{read_fd}")
     try:
         status = runner._boot(image, target, plan, run, config, options, jmx, on_started, on_stopping, resume=resume)

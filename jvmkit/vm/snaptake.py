@@ -264,6 +264,7 @@ def _publish(image: bundles.Bundle, tmp: Path, saved: snapstate.Saved, output: b
     tag = saved.sha256[:16]
     state_rel, output_rel, token_rel = (f"{SNAPSHOT_DIR}/state-{tag}.zst", f"{SNAPSHOT_DIR}/output-{tag}.txt",
                                         f"{SNAPSHOT_DIR}/token-{tag}")
+    os.chmod(tmp, 0o600)  # the guest's memory, secrets included
     os.replace(tmp, image.path / state_rel)
     fileio.write_private(image.path / output_rel, output)
     fileio.write_private(image.path / token_rel, token.encode() + b"\n")
