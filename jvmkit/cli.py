@@ -87,7 +87,21 @@ def pack(list_profiles, config_path, **settings):
     if list_profiles:
         _print_profiles(console)
         return
-    result = do_pack(configs.pack_request(settings, config_path))
+    request = configs.pack_request(settings, config_path)
+    if request.snapshot:
+        from jvmkit.vm.snapshot import readiness
+
+        readiness(request.ready_port, request.ready_line, request.ready_after, request.ready_url)  # fails before packing
+    result = do_pack(request)
+    if request.snapshot:  # pack --snapshot: the image is complete; now boot it once and save it ready
+        from jvmkit.settings import SnapshotOptions
+        from jvmkit.vm.snaptake import take
+
+        taken = take(result.output, SnapshotOptions(ready_port=request.ready_port, ready_line=request.ready_line,
+                                                    ready_after=request.ready_after, ready_url=request.ready_url,
+                                                    ready_timeout=request.ready_timeout))
+        console.result(result.summary() + "\n" + taken.summary(), {**result.to_dict(), "snapshot": taken.to_dict()})
+        return
     console.result(result.summary(), result.to_dict())
 
 
@@ -135,6 +149,36 @@ def run(image, args, config_path, **settings):
 
 def _had_separator() -> bool:
     return "--" in sys.argv[1:]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@settings_options("snapshot")
+@click.option("--remove", is_flag=True, help="Remove the image's snapshot instead of taking one.")
+@output_options()
+def snapshot(image, args, remove, config_path, **settings):
+    """Boot IMAGE, wait until the app is ready, and save the VM into the image.
+
+    `jvmkit run IMAGE` then restores that VM instead of booting it, when the run asks for the same
+    memory, vCPUs and app arguments on the same QEMU (else it boots cold, saying why). Ready means:
+    the app called io.jvmkit.Ready.signal() (default), or --ready-port, --ready-line or
+    --ready-after. Arguments after `--` replace the image's default app arguments. The snapshot
+    holds the guest's memory (secrets included): its files are 0600; `export` never writes them.
+    """
+    from jvmkit.settings import SnapshotOptions
+    from jvmkit.vm import snaptake
+
+    console = ui.current()
+    if remove:
+        removed = snaptake.remove(image)
+        console.result(f"{image}: snapshot removed" if removed else f"{image} has no snapshot",
+                       {"image": str(image), "removed": removed})
+        return
+    options = SnapshotOptions(**configs.merge("snapshot", settings, config_path,
+                                              args=tuple(args) if _had_separator() else None))
+    result = snaptake.take(image, options)
+    console.result(result.summary(), result.to_dict())
 
 
 @cli.command(context_settings=CONTEXT)
@@ -284,6 +328,13 @@ def describe_manifest(b) -> str:
     ]
     for role, f in sorted(m.files.items()):
         lines.append(f"  {role:<10} {f.path:<22} {human(f.size):>10}  sha256 {f.sha256[:16]}")
+    if m.snapshot is not None:
+        s = m.snapshot
+        used = f", guest used {s.guest_used_mib} MiB" if s.guest_used_mib is not None else ""
+        lines += [f"snapshot   present: taken {s.taken or '?'} at {s.memory_mib}M, {s.cpus} vCPU, {s.accel}, "
+                  f"QEMU {s.qemu_version}, ready by {s.ready}; args {' '.join(s.args) or '(none)'}",
+                  f"  state      {s.state.path:<22} {human(s.state.size):>10}  sha256 {s.state.sha256[:16]}{used}"
+                  f"  (0600: the guest's memory)"]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from jvmkit.packager import targets
 from jvmkit.units import parse_mib
 
 DEFAULT_FILE = "jvmkit.toml"
-COMMANDS = ("pack", "run")
+COMMANDS = ("pack", "run", "snapshot")
 TARGETS = targets.NAMES
 ACCELS = ("auto", "kvm", "tcg")
 NETWORKS = ("outbound", "isolated")  # jvmkit.vm.network.MODES
@@ -227,6 +227,9 @@ class Setting:
 
 
 PACK, RUN = ("pack",), ("run",)
+# `jvmkit snapshot` boots an image the way `jvmkit run` will ([run]'s memory, cpus, accel: a restore
+# needs them to match), and `pack --snapshot` waits for readiness the way `jvmkit snapshot` does.
+RUN_SNAPSHOT, SNAPSHOT_PACK = ("run", "snapshot"), ("snapshot", "pack")
 SETTINGS: tuple[Setting, ...] = (
     # pack: the image and its defaults (jvmkit.toml's top level)
     Setting("jar", PATH, PACK, argument="JAR", key="jar", required=True,
@@ -269,15 +272,17 @@ SETTINGS: tuple[Setting, ...] = (
             default_text="from apt's sources", metavar="URL"),
     Setting("ports", ListOf(Integer(1, 65535)), PACK, key="ports", default=(),
             help="Guest ports the app listens on (documented in the manifest)."),
+    Setting("snapshot", FLAG, PACK, ("--snapshot",), "snapshot.pack", False,
+            "Then boot the image, wait until the app is ready and save the VM into it (as `jvmkit snapshot`)."),
     # run: how an image boots (jvmkit.toml's [run] and [balloon])
-    Setting("memory_mib", SIZE, RUN, ("--memory",), "run.memory", help="Guest memory.",
+    Setting("memory_mib", SIZE, RUN_SNAPSHOT, ("--memory",), "run.memory", help="Guest memory.",
             default_text="the image's default", metavar="SIZE"),
-    Setting("cpus", Integer(1, 64), RUN, ("--cpus",), "run.cpus", help="Guest vCPUs.",
+    Setting("cpus", Integer(1, 64), RUN_SNAPSHOT, ("--cpus",), "run.cpus", help="Guest vCPUs.",
             default_text="the image's default", metavar="N"),
     Setting("publish", ListOf(TEXT), RUN, ("-p", "--publish"), "run.publish", (),
             "Forward a host TCP port to the guest (host side 127.0.0.1 unless ADDR is given; repeatable).",
             metavar="[ADDR:]HOST:GUEST"),
-    Setting("accel", Choice(ACCELS), RUN, ("--accel",), "run.accel", "auto",
+    Setting("accel", Choice(ACCELS), RUN_SNAPSHOT, ("--accel",), "run.accel", "auto",
             "Accelerator: KVM only if a real probe succeeds (auto), or force one."),
     Setting("engine", Choice(ENGINES), RUN, ("--engine",), "run.engine", "qemu",
             "What starts the VM: jvmkit's own QEMU, or a transient libvirt domain (needs jvmkit[libvirt])."),
@@ -290,12 +295,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Let the guest reach this host: its loopback as 10.0.2.2 and its own addresses (with outbound)."),
     Setting("timeout", Seconds(0, low_open=True), RUN, ("--timeout",), "run.timeout",
             help="Stop the VM after this long (exit status 124).", metavar="SECONDS"),
-    Setting("verbose", FLAG, RUN, ("-v", "--verbose"), default=False, help="Show kernel and init messages on stderr."),
-    Setting("args", ListOf(TEXT), RUN, help="the app's arguments after `--`; None: the image's defaults"),
+    Setting("verbose", FLAG, RUN_SNAPSHOT, ("-v", "--verbose"), default=False,
+            help="Show kernel and init messages on stderr."),
+    Setting("args", ListOf(TEXT), RUN_SNAPSHOT, help="the app's arguments after `--`; None: the image's defaults"),
     Setting("name", TEXT, RUN, ("--name",), help="VM name for ps/stop/balloon.",
             default_text="the image's name + a random suffix", metavar="NAME"),
     Setting("jmx", FLAG, RUN, default=False, help="forward the guest agent's JMX port (the balloon needs it)"),
-    Setting("free_page_reporting", FLAG, RUN, default=True, help="virtio-balloon free page reporting"),
+    Setting("free_page_reporting", FLAG, RUN_SNAPSHOT, default=True, help="virtio-balloon free page reporting"),
+    Setting("cold", FLAG, RUN, ("--cold",), "run.cold", False,
+            "Boot cold even when the image has a snapshot that matches this run."),
     Setting("balloon", FLAG, RUN, ("--balloon",), "run.balloon", False, "Run the JVM-aware memory balloon for this VM."),
     Setting("min_memory_mib", SIZE, RUN, ("--min-memory",), "balloon.min_memory",
             help="Balloon floor: never shrink the guest below this.", default_text="a share of --memory",
@@ -306,6 +314,20 @@ SETTINGS: tuple[Setting, ...] = (
             help="Write every balloon decision as JSON lines.", metavar="FILE"),
     Setting("balloon_weight", Integer(1, 1000), RUN, ("--weight",), "balloon.weight", 1,
             "This VM's share of the host's memory budget under contention (with --balloon).", metavar="N"),
+    # snapshot: when the app is ready to be saved (jvmkit.toml's [snapshot]; also for pack --snapshot)
+    Setting("ready_port", Integer(1, 65535), SNAPSHOT_PACK, ("--ready-port",), "snapshot.ready_port",
+            help="Ready when this guest port accepts a connection.", default_text="io.jvmkit.Ready.signal()",
+            metavar="PORT"),
+    Setting("ready_url", TEXT, SNAPSHOT_PACK, ("--ready-url",), "snapshot.ready_url",
+            help="Ready when an HTTP GET of this URL, made inside the guest (http://127.0.0.1:PORT/PATH), answers "
+                 "2xx or 3xx; it also warms the app's request path for the first answer after a restore.",
+            metavar="URL"),
+    Setting("ready_line", TEXT, SNAPSHOT_PACK, ("--ready-line",), "snapshot.ready_line",
+            help="Ready when a line of the app's output matches this regular expression.", metavar="REGEX"),
+    Setting("ready_after", Seconds(0, low_open=True), SNAPSHOT_PACK, ("--ready-after",), "snapshot.ready_after",
+            help="Ready this long after the VM started.", metavar="SECONDS"),
+    Setting("ready_timeout", Seconds(0, low_open=True), SNAPSHOT_PACK, ("--ready-timeout",), "snapshot.ready_timeout",
+            300.0, "Give up when the app is not ready after this long.", metavar="SECONDS"),
 )
 
 
@@ -342,6 +364,8 @@ def _request_class(name: str, command: str, doc: str):
 
 PackRequest = _request_class("PackRequest", "pack", "What `jvmkit pack` is asked to build (flags + jvmkit.toml).")
 RunOptions = _request_class("RunOptions", "run", "How `jvmkit run` boots an image (flags + jvmkit.toml).")
+SnapshotOptions = _request_class("SnapshotOptions", "snapshot",
+                                 "How `jvmkit snapshot` boots an image and when the app is ready (flags + jvmkit.toml).")
 
 
 def given(value) -> bool:

@@ -2,8 +2,8 @@
 
     python3 samples/build.py OUT_DIR [--javac PATH]
 
-writes OUT_DIR/hello.jar, OUT_DIR/httpd.jar, OUT_DIR/phases.jar, OUT_DIR/netprobe.jar (a guest that
-tries TCP connects and floods its console: the isolation tests), OUT_DIR/multijar/app.jar and
+writes OUT_DIR/hello.jar, OUT_DIR/httpd.jar, OUT_DIR/phases.jar, OUT_DIR/warmstart.jar, OUT_DIR/netprobe.jar (a guest
+that tries TCP connects and floods its console: the isolation tests), OUT_DIR/multijar/app.jar and
 OUT_DIR/multijar/lib/{textutil,jsonish}.jar. Importable too: `build_samples(out_dir, javac=None)`
 returns {"hello": ..., "httpd": ..., "netprobe": ..., ...}, the path of each sample's main jar.
 
@@ -50,6 +50,7 @@ SAMPLES: dict[str, tuple[JarSpec, ...]] = {
     "httpd": (JarSpec("httpd.jar", "httpd/src", main="httpd.Httpd"),),
     "phases": (JarSpec("phases.jar", "phases/src", main="phases.Phases"),),
     "netprobe": (JarSpec("netprobe.jar", "netprobe/src", main="netprobe.NetProbe"),),
+    "warmstart": (JarSpec("warmstart.jar", "warmstart/src", main="warmstart.Warmstart"),),
     "multijar": (
         JarSpec("multijar/lib/textutil.jar", "multijar/textutil/src"),
         JarSpec("multijar/lib/jsonish.jar", "multijar/jsonish/src"),

@@ -243,6 +243,36 @@ class GuestInfo:
 
 
 @dataclass(frozen=True)
+class SnapshotInfo:
+    """A VM saved once the app was ready (`jvmkit snapshot`, `pack --snapshot`): what it was taken
+    from, which a restore must match (jvmkit.vm.snapshot.mismatch), and its files under `snapshot/`.
+
+    Not part of `files`: the image proper stays as reproducible as before and `bundle.load` does
+    not verify a snapshot; a restore checks the state file's digest itself and boots cold, with a
+    notice, when it does not match. The files are 0600: the state holds the guest's memory."""
+
+    state: FileRecord                # QEMU's migration stream, zstd
+    output: FileRecord               # the app's output up to the snapshot, replayed by a restore
+    token: str                       # the file (0600) with the token the guest agent's restore session asks for
+    boot_files: dict[str, str]       # role -> raw SHA-256 of what QEMU booted (kernel, initramfs or disk)
+    qemu_version: str
+    accel: str                       # tcg or kvm
+    cpu_model: str
+    machine: str                     # QEMU's -machine option (q35: with its split of RAM around 4 GiB)
+    memory_mib: int
+    cpus: int
+    devices: tuple[str, ...]         # the device signature (jvmkit.vm.qemu.device_signature)
+    args: tuple[str, ...]            # the app arguments the snapshot ran with
+    ready: str                       # how readiness was decided: "signal", "port 8080", "line REGEX", "after 5s"
+    control_port: int                # the guest agent's snapshot control port in the guest
+    clock: str = "none"              # how a restore sets the guest's wall clock (Target.restore_traits)
+    guest_used_mib: int | None = field(default=None, metadata=omit_none())   # MemTotal - MemFree after the trim
+    heap_committed_mib: int | None = field(default=None, metadata=omit_none())
+    taken: str = ""                  # when (UTC, ISO 8601): snapshots are not reproducible
+    created_by: str = ""
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     target: str
@@ -258,6 +288,7 @@ class Manifest:
     created_by: str = ""
     source_date_epoch: int = 0
     format: int = FORMAT
+    snapshot: SnapshotInfo | None = field(default=None, metadata=omit_none())  # jvmkit snapshot
 
     @classmethod
     def from_json(cls, data) -> "Manifest":

@@ -121,7 +121,7 @@ class Launched:
 
 
 def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: network.Choice, *, verbose: bool,
-          stderr=None, console_cap: int = consolelog.CAP) -> Launched:
+          stderr=None, console_cap: int = consolelog.CAP, extra_pass_fds: tuple[int, ...] = ()) -> Launched:
     """Start QEMU for `config` (see the module docstring); the caller waits for it."""
     host_filter = None
     if choice.host_filter:
@@ -144,7 +144,7 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
     try:
         passt_ids = (confinement.runas[0] + 1,) * 2 if confinement.runas else None
         net = network.start(choice, config.ports, passt=network.find_passt(), preexec=setup, runas=passt_ids)
-        pass_fds = list(net.pass_fds)
+        pass_fds = list(net.pass_fds) + list(extra_pass_fds)  # + a restore's `-incoming fd:N` (vm/snapshot.py)
         if not config.console_stdio:
             console_r, console_w = os.pipe()
             pass_fds.append(console_w)

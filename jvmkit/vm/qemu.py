@@ -22,7 +22,7 @@ QEMU = "qemu-system-x86_64"
 MACHINES = ("pc", "q35")
 # Every device model a jvmkit VM may get (`qemu_argv` refuses any other): the disks, the network,
 # the balloon and the RNG, all virtio-pci. Serial ports come with the machine (`-serial`).
-DEVICES = ("virtio-blk-pci", "virtio-net-pci", "virtio-balloon-pci", "virtio-rng-pci")
+DEVICES = ("virtio-blk-pci", "virtio-net-pci", "virtio-balloon-pci", "virtio-rng-pci", "vmgenid")
 
 
 def opt(value: object) -> str:
@@ -152,6 +152,10 @@ class VmConfig:
     qemu: str = QEMU
     tcg_tb_mib: int = TCG_TB_MIB
     extra: tuple[str, ...] = field(default=())
+    # Snapshots (jvmkit.vm.snapshot): a VM that is saved and the VMs restored from it get the same
+    # devices in the same order; a restored one also gets `-incoming URI` (jvmkit uses `fd:N`).
+    vmgenid: bool = False                        # -device vmgenid,guid=auto: a new generation ID per QEMU
+    incoming: str | None = None
 
 
 # Under TCG a virtio-blk kick handled in the vCPU thread (no ioeventfd) skips a wake-up of QEMU's
@@ -227,8 +231,12 @@ def qemu_argv(c: VmConfig) -> list[str]:
         argv += ["-device", "virtio-rng-pci"]
     for name, path in c.fw_cfg:
         argv += ["-fw_cfg", f"name={opt(name)},file={opt(path)}"]
+    if c.vmgenid:
+        argv += ["-device", "vmgenid,id=vmgenid0,guid=auto"]
     argv += sandbox_options(c.confinement, spawn=c.spawn)
     argv += list(c.extra)
+    if c.incoming is not None:
+        argv += ["-incoming", c.incoming]
     check_devices(argv)
     return argv
 
@@ -254,6 +262,35 @@ def check_devices(argv: list[str]) -> None:
     for i, word in enumerate(argv[:-1]):
         if word == "-device" and argv[i + 1].split(",", 1)[0] not in DEVICES:
             raise ValueError(f"device {argv[i + 1].split(',', 1)[0]!r} is not one jvmkit gives a VM")
+
+
+# ---- snapshots: what a restore must match, and what it changes while the VM runs ----------------
+
+# Options that name host files or host-side behaviour: they may differ between the QEMU that saved
+# a VM and the one that restores it (the guest never sees them), so they are no part of its signature.
+_BACKEND_OPTIONS = ("file", "path", "aio", "logfile", "cache")
+
+
+def device_signature(c: VmConfig) -> tuple[str, ...]:
+    """What QEMU must give the guest identically for a saved VM to be restored (pure): machine,
+    accelerator and CPU model, vCPUs, memory, and every device and drive in argv order, without host
+    paths and backend options (file names, aio, log files) and without the per-run network forwards."""
+    argv = qemu_argv(c)
+    keep = {"-machine", "-accel", "-cpu", "-smp", "-m", "-device", "-drive"}
+    out = []
+    for flag, value in zip(argv, argv[1:]):
+        if flag not in keep:
+            continue
+        if flag == "-drive":
+            value = ",".join(part for part in value.split(",") if part.split("=", 1)[0] not in _BACKEND_OPTIONS)
+        out.append(f"{flag} {value}")
+    return tuple(out)
+
+
+def hostfwd_add_command(fwd: PortForward, netdev: str = "net0") -> str:
+    """The monitor command that adds a port forward to a running VM's user network (pure), sent
+    through QMP's human-monitor-command; QEMU answers "" when it worked, else the reason."""
+    return f"hostfwd_add {netdev} tcp:{fwd.host_addr}:{fwd.host_port}-:{fwd.guest_port}"
 
 
 # ---- the probes' guests (kvm.py, iouring.py) ----------------------------------------------------

@@ -309,6 +309,14 @@ def run(image_path: Path, options: RunOptions,
             jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
             seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
                                    jmx_guest_port=manifest.guest.jmx_port).encode()
+        if manifest.snapshot is not None and not options.cold:  # warm start: restore the image's snapshot
+            from jvmkit.vm import snapshot
+
+            status = snapshot.run_restored(image, target, files, run, options, memory=memory, cpus=cpus, accel=accel,
+                                           qemu=qemu, forwards=tuple(forwards), jmx=jmx, on_started=on_started,
+                                           on_stopping=on_stopping, net=(policy, choice))
+            if status is not None:
+                return status
         request = BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
                               verbose=options.verbose)
         plan = target.boot_plan(manifest, files, request, run.write_secret)
@@ -332,7 +340,10 @@ def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: s
     )
 
 
-def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, on_stopping, net) -> int:
+def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, on_stopping, net,
+          resume=None) -> int | None:
+    """Start QEMU and see the VM to its end. With `resume` (vm/snapshot.py's Resume) the VM is
+    restored from a snapshot first; None when that failed and the caller should boot cold."""
     console = ui.current()
     stop = threading.Event()
     previous = {}
@@ -350,19 +361,32 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
     try:
         started = time.monotonic()
         launched = launch.start(config, run, *net, verbose=options.verbose, stderr=sys.stderr.buffer,
-                                console_cap=consolelog.CAP)
+                                console_cap=consolelog.CAP, extra_pass_fds=resume.pass_fds if resume else ())
         qemu_proc, config = launched.process, launched.config
         vm = RunningVm(run.name, run, config, qemu_proc, config.memory_mib, jmx, console=launched.log)
         run.write_state({"name": run.name, "qemu_pid": qemu_proc.pid, "jvmkit_pid": os.getpid(),
                          "image": str(image.path), "target": target.name, "memory_mib": config.memory_mib,
                          "cpus": config.cpus, "accel": config.accel, "qmp": str(config.qmp_socket),
-                         "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}" for p in config.ports],
+                         "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}"
+                                   for p in (resume.ports if resume else config.ports)],
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
                          "network": launched.network.choice.backend,
                          "qemu_uid": config.confinement.runas[0] if config.confinement.runas else None,
                          "started": time.time()})
+        if resume is not None:
+            from jvmkit.vm.snapshot import RestoreFailed
+
+            try:
+                resume.attach(vm)
+            except RestoreFailed as exc:
+                stop_vm(vm, graceful=False)
+                console.notice(f"jvmkit: the image's snapshot could not be restored ({exc}); booting cold")
+                return None
+            sys.stdout.buffer.write(resume.replay)  # the app's output up to the snapshot, as a cold boot prints it
+            sys.stdout.buffer.flush()
         stderr_chunks: list[bytes] = []
-        pump_console = target.console_pump(sys.stdout.buffer, sys.stderr.buffer if options.verbose else None)
+        pump_console = (target.resumed_console_pump if resume else target.console_pump)(
+            sys.stdout.buffer, sys.stderr.buffer if options.verbose else None)
         app_pipe = os.fdopen(launched.app_fd, "rb", buffering=0)
         pump = threading.Thread(target=pump_console, args=(app_pipe,), daemon=True)
         threads = [pump, threading.Thread(target=lambda: stderr_chunks.append(qemu_proc.stderr.read()), daemon=True)]

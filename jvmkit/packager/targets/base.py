@@ -87,6 +87,16 @@ class ClusterBoot:
 
 
 @dataclass(frozen=True)
+class RestoreTraits:
+    """What differs between targets when a VM is saved and restored (jvmkit.vm.snapshot)."""
+
+    vmgenid: bool = False           # give the VM QEMU's vmgenid device: a kernel with its driver reseeds on restore
+    clock: str = "none"             # how the guest agent steps the wall clock after a restore: busybox-date, none
+    settle_s: float = 0.0           # after the trim, how long the guest takes to hand its free pages to the host
+    note: str = ""                  # what a restore cannot renew in this guest (README, inspect)
+
+
+@dataclass(frozen=True)
 class MemoryFloor:
     """The smallest guest an image can boot, and why (one rule, stated the same by pack and run)."""
 
@@ -196,6 +206,15 @@ class Target(ABC):
     def balloon_warning(self, manifest: Manifest) -> str | None:
         """Why the host cannot take memory back from this image's guest (no balloon driver), or None."""
         return None
+
+    # ---- snapshots ----
+    def restore_traits(self, manifest: Manifest) -> RestoreTraits:
+        """How this target's guest is saved and restored (devices, clock, free-page settling)."""
+        return RestoreTraits()
+
+    def resumed_console_pump(self, stdout: BinaryIO, stderr: BinaryIO | None) -> Callable[[BinaryIO], None]:
+        """`console_pump` for a VM restored from a snapshot: its console starts in the app's output."""
+        return self.console_pump(stdout, stderr)
 
     # ---- kernels and export (the CLI) ----
     @abstractmethod

@@ -18,7 +18,7 @@ from jvmkit import ui
 from jvmkit.errors import JvmkitError
 from jvmkit.packager.manifest import Manifest
 from jvmkit.packager.targets.base import (ENGINE_FORMATS, BootPlan, BootRequest, BundleFiles, ClusterBoot, PackInputs,
-                                          Target, pump_filtered)
+                                          RestoreTraits, Target, pump_filtered)
 from jvmkit.packager.targets.osv import disk as osv_disk
 from jvmkit.packager.targets.osv import image
 from jvmkit.packager.targets.osv.console import EXIT_LINE, ConsoleFilter
@@ -123,6 +123,23 @@ class OsvTarget(Target):
     def console_pump(self, stdout: BinaryIO, stderr: BinaryIO | None):
         filt = ConsoleFilter(stdout, stderr)
         return lambda pipe: pump_filtered(pipe, filt)
+
+    def resumed_console_pump(self, stdout: BinaryIO, stderr: BinaryIO | None):
+        filt = ConsoleFilter(stdout, stderr)
+        filt.state = "app"  # OSv's `Cmdline:` line was printed before the snapshot
+        return lambda pipe: pump_filtered(pipe, filt)
+
+    def restore_traits(self, manifest: Manifest) -> RestoreTraits:
+        # OSv has no vmgenid driver and ignores writes to /dev/random: its Yarrow pool reseeds from
+        # RDRAND and virtio-rng within moments of the restore on its own, and the guest agent
+        # reseeds the JVM's SecureRandom state at once. OSv has no settimeofday: under KVM its
+        # kvmclock re-reads the host's wall clock every second; under TCG (HPET, wall time read
+        # from the RTC once at boot) the clock stays behind by the time the snapshot was kept.
+        # No free page reporting in OSv's balloon driver: nothing to wait for after the trim.
+        return RestoreTraits(vmgenid=False, clock="none", settle_s=0.0,
+                             note="OSv cannot set its wall clock: under TCG it stays behind by the snapshot's age "
+                                  "(io.jvmkit.Ready.clockLagMillis() says by how much); under KVM it follows the "
+                                  "host within a second")
 
     def diagnose(self, console_text: str) -> str | None:
         for failure in FAILURES:

@@ -12,19 +12,28 @@ import java.nio.file.Path;
  * delayed: detect the collector and record the startup free ratios / soft limit, register the
  * {@code io.jvmkit:type=Balloon} MXBean, then, if a seed is given (system property
  * {@code jvmkit.seed}, or agent option {@code seed=PATH}), start the JMX connector described there
- * and log {@code jvmkit-agent: JMX ready on port N}. Problems are logged, never fatal.
+ * and log {@code jvmkit-agent: JMX ready on port N}; a seed from {@code jvmkit snapshot} also (or
+ * instead) starts the snapshot control ({@link Snapshots}). Problems are logged, never fatal.
  */
 public final class Agent {
     private static boolean started;
+    private static volatile Instrumentation instrumentation;
 
     private Agent() {}
 
-    public static void premain(String options, Instrumentation instrumentation) {
+    public static void premain(String options, Instrumentation inst) {
+        instrumentation = inst;
         start(options);
     }
 
-    public static void agentmain(String options, Instrumentation instrumentation) {
+    public static void agentmain(String options, Instrumentation inst) {
+        instrumentation = inst;
         start(options);
+    }
+
+    /** The JVM's Instrumentation (null when the agent was not loaded as an agent). */
+    static Instrumentation instrumentation() {
+        return instrumentation;
     }
 
     private static synchronized void start(String options) {
@@ -49,8 +58,9 @@ public final class Agent {
     }
 
     private static void run(String seedPath) {
+        Balloon balloon;
         try {
-            Balloon.register();
+            balloon = Balloon.register();
         } catch (Exception | LinkageError e) {
             Log.problem("cannot register the balloon MXBean", e);
             return;
@@ -69,6 +79,20 @@ public final class Agent {
             Log.problem("seed file " + seedPath + " is not valid; JMX connector not started", e);
             return;
         }
+        if (seed.hasSnapshot()) {
+            try {
+                Snapshots.start(seed, balloon);
+            } catch (Exception | LinkageError e) {
+                Log.problem("cannot start the snapshot control on port " + seed.snapshotPort(), e);
+            }
+        }
+        if (seed.hasJmx()) {
+            startJmx(seed);
+        }
+    }
+
+    /** Start the JMX connector the seed describes (at startup, or after a restore with a new seed). */
+    static void startJmx(Seed seed) {
         try {
             JmxConnector.start(seed, ManagementFactory.getPlatformMBeanServer());
             Log.info("JMX ready on port " + seed.listenPort());

@@ -102,6 +102,17 @@ public final class Balloon implements BalloonMXBean {
         return result.committedAfter();
     }
 
+    /**
+     * Before a snapshot: collect and shrink the committed heap as far as steering goes (live heap
+     * plus headroom), without the app's shrinker hooks: its caches are part of what a snapshot keeps.
+     */
+    synchronized HeapSteering.Result trimForSnapshot() {
+        HeapSteering.Result result = steering.shrinkTo(1);
+        lastShrink = "snapshot trim: committed " + Log.mib(result.committedBefore()) + " -> "
+                + Log.mib(result.committedAfter()) + ", live " + Log.mib(result.liveAfter()) + ", " + result.how();
+        return result;
+    }
+
     @Override
     public synchronized long growTo(long targetBytes) {
         return steering.growTo(targetBytes).committedAfter();

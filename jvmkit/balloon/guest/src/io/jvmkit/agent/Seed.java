@@ -13,23 +13,32 @@ import java.util.Map;
  * <pre>
  * jmx.port=7091                 the guest port the connector listens on (all interfaces)
  * jmx.advertise=127.0.0.1:43211 the host:port clients use (stubs point there); default 127.0.0.1:jmx.port
- * jmx.user=...                  required
- * jmx.password=...              required
+ * jmx.user=...                  required with jmx.port
+ * jmx.password=...              required with jmx.port
+ * snapshot.port=7092            jvmkit snapshot: the guest port the agent's snapshot control listens on
+ * snapshot.token=...            required with snapshot.port: what the host presents there
  * </pre>
+ * A seed has the JMX keys (run --balloon), the snapshot keys (jvmkit snapshot), or both.
  */
-record Seed(int listenPort, String advertiseHost, int advertisePort, String user, String password) {
+record Seed(int listenPort, String advertiseHost, int advertisePort, String user, String password,
+            int snapshotPort, String snapshotToken) {
     static final String PROPERTY = "jvmkit.seed";
     static final int MAX_BYTES = 4096;
 
     static Seed load(Path path) throws IOException {
-        Map<String, String> values = new HashMap<>();
         // One bounded read, never on to EOF: on OSv the seed is a 4 KiB block device (/dev/vblk1),
         // and reading past a device's end fails with EIO there instead of returning EOF.
         byte[] bytes;
         try (java.io.InputStream in = new java.io.FileInputStream(path.toFile())) {
             bytes = in.readNBytes(MAX_BYTES);
         }
-        for (String raw : new String(bytes, StandardCharsets.UTF_8).split("\n")) {
+        return parse(lines(new String(bytes, StandardCharsets.UTF_8)));
+    }
+
+    /** The key=value lines of a seed text (blank lines and # comments skipped). */
+    static Map<String, String> lines(String text) {
+        Map<String, String> values = new HashMap<>();
+        for (String raw : text.split("\n")) {
             String line = raw.strip();
             if (line.isEmpty() || line.startsWith("#")) {
                 continue;
@@ -40,10 +49,22 @@ record Seed(int listenPort, String advertiseHost, int advertisePort, String user
             }
             values.put(line.substring(0, eq).strip(), line.substring(eq + 1).strip());
         }
-        return parse(values);
+        return values;
     }
 
     static Seed parse(Map<String, String> values) {
+        int snapshotPort = 0;
+        String token = null;
+        if (values.containsKey("snapshot.port")) {
+            snapshotPort = port(values.get("snapshot.port"), "snapshot.port");
+            token = values.get("snapshot.token");
+            if (token == null || token.length() < 16) {
+                throw new IllegalArgumentException("snapshot.token (at least 16 characters) is required with snapshot.port");
+            }
+            if (!values.containsKey("jmx.port")) {
+                return new Seed(0, null, 0, null, null, snapshotPort, token);
+            }
+        }
         int listen = port(values.get("jmx.port"), "jmx.port");
         String advertise = values.getOrDefault("jmx.advertise", "127.0.0.1:" + listen);
         int colon = advertise.lastIndexOf(':');
@@ -60,7 +81,17 @@ record Seed(int listenPort, String advertiseHost, int advertisePort, String user
         if (user == null || user.isEmpty() || password == null || password.isEmpty()) {
             throw new IllegalArgumentException("jmx.user and jmx.password are required");
         }
-        return new Seed(listen, host, port, user, password);
+        return new Seed(listen, host, port, user, password, snapshotPort, token);
+    }
+
+    /** Whether this seed starts the JMX connector (a --balloon run). */
+    boolean hasJmx() {
+        return listenPort > 0;
+    }
+
+    /** Whether this seed starts the snapshot control (a jvmkit snapshot boot). */
+    boolean hasSnapshot() {
+        return snapshotPort > 0;
     }
 
     private static int port(String value, String what) {
@@ -81,6 +112,7 @@ record Seed(int listenPort, String advertiseHost, int advertisePort, String user
 
     @Override
     public String toString() { // never print the password
-        return "Seed[listen=" + listenPort + ", advertise=" + advertiseHost + ":" + advertisePort + ", user=" + user + "]";
+        return "Seed[listen=" + listenPort + ", advertise=" + advertiseHost + ":" + advertisePort + ", user=" + user
+                + ", snapshot=" + snapshotPort + "]";
     }
 }
