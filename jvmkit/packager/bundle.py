@@ -105,7 +105,8 @@ class Bundle:
 
 def _inside(bundle: Path, rel: str) -> bool:
     """Whether a file the manifest names stays inside the bundle directory."""
-    if not rel or os.path.isabs(rel) or "\0" in rel:
+    if not rel or os.path.isabs(rel) or len(rel.encode(errors="surrogateescape")) > 4096 or any(
+            ord(ch) < 0x20 or ord(ch) == 0x7F for ch in rel):
         return False
     root = os.path.realpath(bundle)
     return os.path.commonpath([root, os.path.realpath(os.path.join(root, rel))]) == root
