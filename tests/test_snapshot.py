@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from conftest import free_port
+from support.servers import free_port
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager.manifest import FileRecord, Manifest, ManifestError, SnapshotInfo
 from jvmkit.vm import qemu, snapctl, snapstate, snapshot, snaptake

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_body_when_up
+from support.servers import free_port, http_body_when_up
 
 pytestmark = pytest.mark.vm
 
