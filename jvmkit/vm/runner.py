@@ -301,22 +301,28 @@ def run(image_path: Path, options: RunOptions,
 
     run = rundir.create(options.name or image.name, explicit=options.name is not None)
     try:
-        jmx = None
-        seed = None
-        if options.jmx:
-            jmx_port = free_port()
-            forwards.append(PortForward("127.0.0.1", jmx_port, manifest.guest.jmx_port))
-            jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
-            seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
-                                   jmx_guest_port=manifest.guest.jmx_port).encode()
-        request = BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
-                              verbose=options.verbose)
+        jmx, request = boot_request(manifest, options, forwards)
         plan = target.boot_plan(manifest, files, request, run.write_secret)
         config = vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
                            ports=tuple(forwards), free_page_reporting=options.free_page_reporting)
         return _boot(image, target, plan, run, config, options, jmx, on_started, on_stopping, (policy, choice))
     finally:
         run.remove()
+
+
+def boot_request(manifest, options: RunOptions, forwards: list[PortForward]) -> tuple[dict | None, BootRequest]:
+    """What one run asks of the image: its app arguments and, for --balloon (`options.jmx`), this
+    run's JMX credentials and the seed carrying them, with the agent's port forwarded from a free
+    loopback port (appended to `forwards`). Returns (jmx, request); jmx None without the agent."""
+    jmx = seed = None
+    if options.jmx:
+        jmx_port = free_port()
+        forwards.append(PortForward("127.0.0.1", jmx_port, manifest.guest.jmx_port))
+        jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
+        seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
+                               jmx_guest_port=manifest.guest.jmx_port).encode()
+    return jmx, BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
+                            verbose=options.verbose)
 
 
 def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: str, qemu: str, run: rundir.RunDir,
