@@ -61,12 +61,10 @@ def balloon_actual(root: Path, name: str) -> int | None:
         return None
 
 
-def qemus(names, root: Path) -> list[str]:
-    """This fleet's QEMUs: their names, and their QMP sockets under this test's run root (other
-    QEMUs on the host, e.g. another fleet with the same VM names, are not the test's)."""
+def qemus(names) -> list[str]:
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if line.startswith("/") and "qemu-system" in line
-            and any(f"-name {n} " in line for n in names) and str(root) in line]
+            and any(f"-name {n} " in line for n in names)]
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +220,11 @@ def test_a_vm_that_exits_is_restarted(fleet):
 
 def test_down_leaves_no_qemu(fleet):
     env, root, names = fleet["env"], fleet["root"], fleet["names"]
-    assert qemus(names, root), "the fleet's QEMUs before down"
+    assert qemus(names), "the fleet's QEMUs before down"
     proc = cli("down", fleet["work"] / "shop.toml", env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("fleet shop is down: stopped cache-1, cache-2, cache-3"), proc.stdout
-    wait_for(lambda: not qemus(names, root), 10, "no QEMU left")
+    wait_for(lambda: not qemus(names), 30, "no QEMU left")  # `down` stops them in turn: each up to its grace
     assert json.loads(cli("ps", "--json", env=env).stdout)["vms"] == []
     assert not (root / ".fleet" / "shop.json").exists()
     assert not [p for p in root.iterdir() if p.name in names]

@@ -434,11 +434,20 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
 KEPT_LOGS = 32  # the console logs of failed runs kept in the cache's logs/ (each at most 2 x consolelog.CAP)
 
 
-def _keep_log(run: rundir.RunDir, log: consolelog.BoundedLog) -> Path:
+def _keep_log(run: rundir.RunDir, log: consolelog.BoundedLog | None = None) -> Path:
+    """Keep a failed VM's console log in the cache's logs/ (the bounded log jvmkit read the console
+    into, or, for an engine that writes the console file itself (libvirt), that file's last part)."""
     logs = cache.cache_dir("logs")
     dest = logs / f"{run.name}.console.log"
     try:
-        fileio.atomic_write_bytes(dest, log.data(), mode=0o600)
+        if log is not None:
+            data = log.data()
+        else:
+            with open(run.console_log, "rb") as handle:
+                size = handle.seek(0, 2)
+                handle.seek(max(0, size - consolelog.CAP))
+                data = handle.read()
+        fileio.atomic_write_bytes(dest, data, mode=0o600)
         kept = sorted(logs.glob("*.console.log"), key=lambda p: p.stat().st_mtime)
         for old in kept[:-KEPT_LOGS]:
             old.unlink(missing_ok=True)
