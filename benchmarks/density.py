@@ -17,8 +17,8 @@ Moving load: with the fleet of (ii) full, load goes to one VM at a time (a first
 OOM kills (guest consoles, the app's output), p50/p99 latency, the first request's latency, and
 the time until the loaded VM's guest memory has grown by 80% of what it filled.
 Crowd boot: N = 1, 4, 8, 16 started at once, time until every one answers GET /health: linux and
-osv VMs (`jvmkit up`, parallel = N, no balloon), and for linux also the fleet default (parallel =
-the host's cores), containers and host JVMs. Under TCG on 2 cores the big N take minutes, so
+osv VMs (`jvmkit up`, parallel = N, no balloon), and for linux also 2 at a time (parallel = 2, as
+many as the host has cores), containers and host JVMs. Under TCG on 2 cores the big N take minutes, so
 N >= 8 runs once (--quick: N = 1, 4 only).
 Writes density.json and density.png, moving-load.png, crowd-boot.png under --out.
 """
