@@ -17,8 +17,8 @@ Moving load: with the fleet of (ii) full, load goes to one VM at a time (a first
 OOM kills (guest consoles, the app's output), p50/p99 latency, the first request's latency, and
 the time until the loaded VM's guest memory has grown by 80% of what it filled.
 Crowd boot: N = 1, 4, 8, 16 started at once, time until every one answers GET /health: linux and
-osv VMs (`jvmkit up`, parallel = N, no balloon), and for linux also the fleet default (parallel =
-the host's cores), containers and host JVMs. Under TCG on 2 cores the big N take minutes, so
+osv VMs (`jvmkit up`, parallel = N, no balloon), and for linux also 2 at a time (parallel = 2, as
+many as the host has cores), containers and host JVMs. Under TCG on 2 cores the big N take minutes, so
 N >= 8 runs once (--quick: N = 1, 4 only).
 Writes density.json and density.png, moving-load.png, crowd-boot.png under --out.
 """
@@ -251,8 +251,17 @@ def crowd_vm(image: Path, n: int, parallel: int, ctx: dict, tag: str) -> dict:
     t0 = time.monotonic()
     proc = subprocess.Popen([*C.JVMKIT, "up", str(path)], env=ctx["env"], cwd=C.REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    state = Path(ctx["env"]["XDG_RUNTIME_DIR"]) / "jvmkit" / ".fleet" / f"crowd-{tag}.json"
+
+    def failed() -> list[str]:  # a VM that ended will never answer
+        try:
+            vms = json.loads(state.read_text()).get("vms", {})
+        except (OSError, ValueError):
+            return []
+        return [f"{name}: exit status {vm.get('status')}" for name, vm in vms.items() if vm.get("phase") == "exited"]
+
     try:
-        times = _all_healthy([base + k for k in range(n)], t0, 900)
+        times = _all_healthy([base + k for k in range(n)], t0, 900, failed)
     finally:
         C.jvmkit(["down", f"crowd-{tag}"], ctx["env"], timeout=300, check=False)
         try:
@@ -269,14 +278,20 @@ def crowd_cgroup(n: int, host: bool, ctx: dict, tag: str) -> dict:
         t0 = time.monotonic()
         for k in range(n):
             inst.start(k, ctx["work"])
-        return _all_healthy(inst.ports, t0, 300)
+        return _all_healthy(inst.ports, t0, 300,
+                            lambda: [f"instance {k}: exit status {p.returncode}" for k, p in enumerate(inst.procs)
+                                     if p.poll() is not None])
     finally:
         inst.close()
 
 
-def _all_healthy(ports: list[int], t0: float, timeout: float) -> dict:
+def _all_healthy(ports: list[int], t0: float, timeout: float, failed=lambda: []) -> dict:
     answered: dict[int, float] = {}
     while len(answered) < len(ports) and time.monotonic() - t0 < timeout:
+        gone = failed()
+        if gone:
+            return {"all_s": None, "first_s": round(min(answered.values()), 2) if answered else None,
+                    "answered": len(answered), "n": len(ports), "failed": gone}
         for port in ports:
             if port not in answered:
                 ok, _, _ = F.http(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -221,7 +221,7 @@ def up(file, detach, supervise):
     \b
     FILE is a fleet file (TOML):
       host_memory = "6G"            # what all VMs on the host may use [MemTotal minus a reserve]
-      parallel = 2                  # VMs booting at once [the host's cores]
+      parallel = 2                  # VMs booting at once [all]
       [[vm]]
       name = "cache"                # replicas are cache-1 .. cache-4
       image = "cache-service.jvmkit"

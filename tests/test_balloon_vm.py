@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from jvmkit.vm.qmp import QmpClient
+from support.vms import read_log, wait_for
 from support.images import build_samples, pack_image
 
 pytestmark = pytest.mark.vm
@@ -35,22 +36,6 @@ LOW_MARK_MIB = 24  # policy.Settings.guest_low_available_mib
 def cli(*args, timeout=120):
     return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

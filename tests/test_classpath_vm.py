@@ -14,7 +14,6 @@ The `full` variant has the class directory entry too, which pack puts into the i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import classpath_apps
-from jvmkit.packager.kernels import osv as osv_kernels
+from support.vms import osv_kernel_path
 
 pytestmark = pytest.mark.vm
 
@@ -37,17 +36,7 @@ def jvmkit(*args, timeout=BOOT_TIMEOUT) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-def _osv_kernel() -> str | None:
-    if os.environ.get(osv_kernels.KERNEL_ENV):
-        return os.environ[osv_kernels.KERNEL_ENV]
-    try:
-        cached = osv_kernels.cached_osv_kernel()
-    except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
-        return None
-    return str(cached.path) if cached is not None else None
-
-
-OSV_KERNEL = _osv_kernel()
+OSV_KERNEL = osv_kernel_path()
 
 
 @pytest.fixture(scope="module")

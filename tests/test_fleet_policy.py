@@ -231,6 +231,69 @@ def test_non_heap_never_reads_below_what_was_seen():
     assert policy.squeeze_floor_mib(kept, s) > policy.squeeze_floor_mib(low, s) + 150
 
 
+def test_a_reading_taken_while_the_heap_moved_does_not_raise_the_non_heap_estimate():
+    """Guest stats polled before an uncommit still count the freed heap as used: guest used minus
+    the new committed size spiked (271M against a steady 124M on a libvirt domain) and, kept as the
+    most seen, held the balloon's floor 150M high for good."""
+    s = Settings(1024, 256)
+    spiked = replace(reading(3, 40, 772, non_heap=271), non_heap_seen=124 * MIB, heap_settled=False)
+    assert policy.non_heap_bytes(spiked, s) == 124 * MIB
+    assert policy.non_heap_bytes(replace(spiked, heap_settled=True), s) == 271 * MIB  # settled: a real growth
+    assert policy.non_heap_bytes(replace(spiked, non_heap_seen=None), s) == 271 * MIB  # nothing better known
+    low = replace(reading(130, 520, 784, non_heap=40), non_heap_seen=200 * MIB, heap_settled=False)
+    assert policy.non_heap_bytes(low, s) == 200 * MIB  # after a growth it reads low: the most seen stands
+
+
+def test_the_controller_keeps_non_heap_only_from_stats_taken_after_the_heap_moved(tmp_path):
+    """jvmkit.balloon.host.Controller's bookkeeping with a scripted agent and balloon device (no
+    guest here: the VM tests run the real ones)."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from jvmkit.balloon.host import BalloonDevice, Controller
+
+    class Device(BalloonDevice):
+        def __init__(self):
+            self.stats = {}
+
+        def read(self):
+            return self.stats
+
+        def set(self, target_bytes):
+            self.changed_at = 0.0  # keep the scripted stats fresh
+
+    class Agent:
+        committed = 520 * MIB
+
+        def balloon_stats(self):
+            return SimpleNamespace(heap_used=100 * MIB, heap_committed=self.committed, heap_max=700 * MIB,
+                                   gc_time_millis=0)
+
+        def shrink_to(self, target):
+            return self.committed
+
+        def close(self):
+            pass
+
+    device, agent = Device(), Agent()
+    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=device)
+    controller.client = agent
+
+    def step(non_heap, updated):
+        total = 1000 * MIB
+        device.stats = {"actual": 1024 * MIB, "updated": updated, "total": total,
+                        "available": total - non_heap * MIB - agent.committed, "free": None}
+        controller.step()
+
+    step(120, _time.time() + 10)   # stats newer than the heap's last move: kept
+    assert controller.non_heap_seen == 120 * MIB
+    agent.committed = 40 * MIB     # the heap uncommitted 480M; the stats below predate that
+    step(120 + 480, _time.time() - 1)
+    assert controller.non_heap_seen == 120 * MIB
+    step(150, _time.time() + 10)   # settled again: a real growth counts
+    assert controller.non_heap_seen == 150 * MIB
+
+
 def test_a_shrink_that_stopped_at_its_floor_is_not_retried_while_the_heap_is_unchanged():
     s = Settings(1024, 256)
     i = reading(127, 212, 482, non_heap=198)

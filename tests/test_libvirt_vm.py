@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from support.vms import read_log, wait_for
 from support.servers import free_port, http_body_when_up
 
 pytestmark = pytest.mark.vm
@@ -219,22 +220,6 @@ def phases_image(samples, tmp_path_factory):
     proc = jvmkit("pack", jar, "--target", "linux", "-o", image, "--memory", "1G", "--jvm-arg=-Xmx600m", timeout=900)
     assert proc.returncode == 0, proc.stderr
     return image
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def test_balloon_follows_the_heap_on_a_libvirt_domain(conn, phases_image, tmp_path):

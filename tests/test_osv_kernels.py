@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import re
 import shutil
 import socket
@@ -25,6 +24,7 @@ from jvmkit import cache, proc, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import elf as elfs
 from jvmkit.packager.kernels import osv, store
+from support.vms import osv_kernel_path
 from jvmkit.packager.kernels.osv import (
     ELF_ASSET, LOADER_ASSET, import_osv, list_osv_kernels, pull_osv, resolve_osv_kernel,
 )
@@ -32,19 +32,7 @@ from jvmkit.packager.kernels.osv import (
 TAG = "v9.9.9"
 
 
-def _real_kernel() -> str | None:
-    """A real OSv kernel: $JVMKIT_OSV_KERNEL, else the bootable one most recently used in the cache
-    (read at import, before the fixtures below switch to an empty cache)."""
-    if os.environ.get(osv.KERNEL_ENV):
-        return os.environ[osv.KERNEL_ENV]
-    try:
-        cached = osv.cached_osv_kernel()
-    except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
-        return None
-    return str(cached.path) if cached is not None else None
-
-
-REAL_KERNEL = _real_kernel()
+REAL_KERNEL = osv_kernel_path()  # read at import, before the fixtures switch caches
 
 
 def fake_kernel(pvh: bool = True, version: str | None = "v9.9.9-1-gabcdef0", balloon: bool = False,

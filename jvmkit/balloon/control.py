@@ -1,7 +1,9 @@
 """`jvmkit balloon status|set`: talking to running VMs through their run directories.
 
-A VM run with `--balloon` has a controller (jvmkit.balloon.host) that writes its last decision to
-the run directory and takes `balloon set` requests from there. A VM started without it has no
+A VM run with `--balloon` has a controller (jvmkit.balloon.host, run by the host's balloon brain,
+jvmkit.fleet.brain) that writes its last decision to the run directory and takes `balloon set`
+requests from there; the brain's view of the whole host (budget, each VM's target, floor and
+weight) is `<run root>/.brain/status.json`, shown while the brain is alive. A VM started without it has no
 guest agent to shrink its heap first, so `balloon set` refuses it in one line (a plain
 virtio-balloon inflated under a JVM's committed heap takes nothing or starves the guest) and
 `balloon status` says so instead of showing balloon numbers for it.

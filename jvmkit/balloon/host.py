@@ -34,6 +34,7 @@ STATUS_FILE = "balloon.json"
 REQUEST_FILE = "balloon-request.json"
 RESULT_FILE = "balloon-result.json"
 BALLOON_QOM = "/machine/peripheral/balloon0"
+COMMITTED_MOVED = 8 * 2**20  # a heap committed size that moved more than this is a new reading
 
 
 # ---- sensors ----------------------------------------------------------------------------------
@@ -202,6 +203,8 @@ class Controller:
         self.pending_request: int | None = None  # a request waiting for fresh guest stats
         self.last_floor: policy.Floor | None = None
         self.non_heap_seen: int | None = None
+        self.committed_at: tuple[int, float] | None = None  # (heap committed, wall time first seen):
+        # guest stats older than that were taken while the heap moved
         self.shrink_stop: tuple[int, int, int] | None = None  # (floor MiB, heap used, committed) after a shrink
         self._log = open(self.log_path, "a", buffering=1) if self.log_path else None
 
@@ -271,14 +274,18 @@ class Controller:
         delta = 0.0 if self.last_gc_ms is None else max(0.0, gc_ms - self.last_gc_ms)
         interval, self.last_gc_ms, self.last_time = now - self.last_time, gc_ms, now
         host = read_host_memory()
+        if self.committed_at is None or abs(stats.heap_committed - self.committed_at[0]) > COMMITTED_MOVED:
+            self.committed_at = (stats.heap_committed, time.time())
         inputs = policy.Inputs(
             heap_used=stats.heap_used, heap_committed=stats.heap_committed,
             heap_max=stats.heap_max, gc_time_delta_ms=delta, interval_s=max(interval, 0.001),
             balloon_actual_mib=guest["actual"] // MIB, guest_total=guest["total"], guest_available=guest["available"],
             host_total=host["total"], host_available=host["available"], host_psi_some_avg10=host["psi_some_avg10"],
             stats_fresh=self.balloon.fresh(guest), heap_used_prev=self.last_heap_used,
-            non_heap_seen=self.non_heap_seen, shrink_floor_mib=self._shrink_floor(stats))
-        if inputs.stats_fresh and inputs.guest_total is not None:
+            non_heap_seen=self.non_heap_seen, shrink_floor_mib=self._shrink_floor(stats),
+            heap_settled=guest.get("updated", 0) >= self.committed_at[1] + self.balloon.settle_s)
+        if inputs.stats_fresh and inputs.heap_settled and inputs.guest_total is not None:
+            # Only consistent readings are kept (policy.non_heap_bytes says why).
             self.non_heap_seen = max(self.non_heap_seen or 0, policy.non_heap_bytes(inputs, self.settings))
         self.last_heap_used = stats.heap_used
         request = self._take_request()

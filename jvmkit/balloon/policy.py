@@ -86,6 +86,7 @@ class Inputs:
     stats_fresh: bool = True        # guest stats were read after the last balloon change settled
     heap_used_prev: int | None = None  # heap used at the previous decision (to see a growth early)
     non_heap_seen: int | None = None   # the most the guest was seen using besides the heap (bytes)
+    heap_settled: bool = True       # the guest stats were taken after the heap's committed size last moved
     shrink_floor_mib: int | None = None  # the floor the last shrink stopped at, while the heap is as it was then
 
 
@@ -167,7 +168,13 @@ def non_heap_bytes(i: Inputs, s: Settings) -> int:
         # Heap the JVM has committed but not touched yet is free memory to the guest, so this
         # reads low right after the heap grew (measured: 51M instead of ~200M after a 100 MiB
         # cache fill, which then starved the guest): never less than the most seen before.
-        return max(0, guest_used - i.heap_committed, i.non_heap_seen or 0)
+        reading = max(0, guest_used - i.heap_committed)
+        if not i.heap_settled and i.non_heap_seen:
+            # Stats taken before the heap last moved are off either way (after an uncommit they
+            # still count the freed heap as used: measured 271M against a steady 124M): the most
+            # seen from settled readings stands.
+            return i.non_heap_seen
+        return max(reading, i.non_heap_seen or 0)
     return s.no_stats_non_heap_mib * MIB  # no guest stats (e.g. OSv): assume a generous share
 
 

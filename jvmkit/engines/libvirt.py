@@ -15,7 +15,6 @@ libvirt-dev + pkg-config), imported only here and only when this engine is used.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -24,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from jvmkit import cache, guest, ui
+from jvmkit import cache, ui
 from jvmkit.balloon.host import BalloonDevice, DeviceLost
 from jvmkit.engines import libvirt_xml
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager import targets
-from jvmkit.packager.targets.base import BootRequest
 from jvmkit.units import mib_text
 from jvmkit.vm import iouring, kvm, rundir, runner
 from jvmkit.vm.qemu import PortForward, find_qemu
@@ -245,15 +243,7 @@ def run(image_path: Path, options, on_started: Callable[[LibvirtVm], None] | Non
     run_dir = rundir.create(options.name or image.name, explicit=options.name is not None)
     domain = None
     try:
-        jmx = seed = None
-        if options.jmx:
-            jmx_port = runner.free_port()
-            forwards.append(PortForward("127.0.0.1", jmx_port, manifest.guest.jmx_port))
-            jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
-            seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
-                                   jmx_guest_port=manifest.guest.jmx_port).encode()
-        request = BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
-                              verbose=options.verbose)
+        jmx, request = runner.boot_request(manifest, options, forwards)
         plan = target.boot_plan(manifest, files, request, run_dir.write_secret)
         qemu = find_qemu() if local else None
         spec = domain_spec(DOMAIN_PREFIX + run_dir.name, plan, memory_mib=memory, cpus=cpus, accel=accel,

@@ -2,7 +2,7 @@
 
     name = "shop"                 # the fleet's name [the file's name without .toml]
     host_memory = "6G"            # what all VMs on the host together may use [MemTotal minus a reserve]
-    parallel = 2                  # VMs booting at once [the host's cores]
+    parallel = 2                  # VMs booting at once [all]
     [[vm]]
     name = "cache"
     image = "cache-service.jvmkit"   # relative to this file

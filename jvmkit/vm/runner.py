@@ -301,14 +301,7 @@ def run(image_path: Path, options: RunOptions,
 
     run = rundir.create(options.name or image.name, explicit=options.name is not None)
     try:
-        jmx = None
-        seed = None
-        if options.jmx:
-            jmx_port = free_port()
-            forwards.append(PortForward("127.0.0.1", jmx_port, manifest.guest.jmx_port))
-            jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
-            seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
-                                   jmx_guest_port=manifest.guest.jmx_port).encode()
+        jmx, request = boot_request(manifest, options, forwards)
         if manifest.snapshot is not None and not options.cold:  # warm start: restore the image's snapshot
             from jvmkit.vm import snapshot
 
@@ -317,14 +310,27 @@ def run(image_path: Path, options: RunOptions,
                                            on_stopping=on_stopping, net=(policy, choice))
             if status is not None:
                 return status
-        request = BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
-                              verbose=options.verbose)
         plan = target.boot_plan(manifest, files, request, run.write_secret)
         config = vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
                            ports=tuple(forwards), free_page_reporting=options.free_page_reporting)
         return _boot(image, target, plan, run, config, options, jmx, on_started, on_stopping, (policy, choice))
     finally:
         run.remove()
+
+
+def boot_request(manifest, options: RunOptions, forwards: list[PortForward]) -> tuple[dict | None, BootRequest]:
+    """What one run asks of the image: its app arguments and, for --balloon (`options.jmx`), this
+    run's JMX credentials and the seed carrying them, with the agent's port forwarded from a free
+    loopback port (appended to `forwards`). Returns (jmx, request); jmx None without the agent."""
+    jmx = seed = None
+    if options.jmx:
+        jmx_port = free_port()
+        forwards.append(PortForward("127.0.0.1", jmx_port, manifest.guest.jmx_port))
+        jmx = {"host": "127.0.0.1", "port": jmx_port, "user": guest.JMX_USER, "password": secrets.token_urlsafe(24)}
+        seed = guest.seed_text(jmx_host_port=jmx_port, user=jmx["user"], password=jmx["password"],
+                               jmx_guest_port=manifest.guest.jmx_port).encode()
+    return jmx, BootRequest(args=tuple(options.args) if options.args is not None else None, seed=seed,
+                            verbose=options.verbose)
 
 
 def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: str, qemu: str, run: rundir.RunDir,
@@ -452,11 +458,20 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
 KEPT_LOGS = 32  # the console logs of failed runs kept in the cache's logs/ (each at most 2 x consolelog.CAP)
 
 
-def _keep_log(run: rundir.RunDir, log: consolelog.BoundedLog) -> Path:
+def _keep_log(run: rundir.RunDir, log: consolelog.BoundedLog | None = None) -> Path:
+    """Keep a failed VM's console log in the cache's logs/ (the bounded log jvmkit read the console
+    into, or, for an engine that writes the console file itself (libvirt), that file's last part)."""
     logs = cache.cache_dir("logs")
     dest = logs / f"{run.name}.console.log"
     try:
-        fileio.atomic_write_bytes(dest, log.data(), mode=0o600)
+        if log is not None:
+            data = log.data()
+        else:
+            with open(run.console_log, "rb") as handle:
+                size = handle.seek(0, 2)
+                handle.seek(max(0, size - consolelog.CAP))
+                data = handle.read()
+        fileio.atomic_write_bytes(dest, data, mode=0o600)
         kept = sorted(logs.glob("*.console.log"), key=lambda p: p.stat().st_mtime)
         for old in kept[:-KEPT_LOGS]:
             old.unlink(missing_ok=True)
