@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from support.servers import free_port, http_body_when_up
+from support.vms import osv_kernel_path
 
 pytestmark = pytest.mark.vm
 
@@ -33,19 +34,7 @@ JVMKIT = [sys.executable, "-m", "jvmkit"]
 BOOT_S = 300.0
 
 
-def _osv_kernel() -> str | None:
-    from jvmkit.packager.kernels import osv as osv_kernels
-
-    if os.environ.get(osv_kernels.KERNEL_ENV):
-        return os.environ[osv_kernels.KERNEL_ENV]
-    try:
-        cached = osv_kernels.cached_osv_kernel()
-    except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
-        cached = None
-    return str(cached.path) if cached else None
-
-
-OSV_KERNEL = _osv_kernel()
+OSV_KERNEL = osv_kernel_path()
 TARGETS = ["linux", pytest.param("osv", marks=[pytest.mark.osv, pytest.mark.skipif(
     OSV_KERNEL is None, reason="no OSv kernel (JVMKIT_OSV_KERNEL or `jvmkit kernel import osv PATH`)")])]
 

@@ -20,21 +20,20 @@ import dataclasses
 import datetime
 import os
 import secrets
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jvmkit import __version__, fileio, proc, ui
+from jvmkit import __version__, fileio, ui
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.packager import bundle as bundles
 from jvmkit.packager import targets
 from jvmkit.packager.manifest import FileRecord, SnapshotInfo
 from jvmkit.units import human, mib_text
-from jvmkit.vm import kvm, rundir, snapctl, snapstate
-from jvmkit.vm.qemu import PortForward, find_qemu, qemu_argv, qemu_version
+from jvmkit.vm import kvm, launch, network, rundir, snapctl, snapstate
+from jvmkit.vm.qemu import PortForward, find_qemu, qemu_version
 from jvmkit.vm.qmp import QmpError
 from jvmkit.vm.snapshot import (PREPARE_TIMEOUT_S, SAVE_TIMEOUT_S, SNAPSHOT_DIR, FdQmp, RestoreFailed, boot_files,
                                 effective_args, identity_of, readiness, snapshot_seed, vm_for, wait_migration)
@@ -120,14 +119,21 @@ def take(image_path: Path, options) -> SnapshotResult:
         console.info(f"jvmkit: booting {image.name} for a snapshot ({target.name}, {mib_text(memory)}, {cpus} vCPU, "
                      f"{accel}); ready by {ready.describe()}")
         started = time.monotonic()
-        qemu_proc = proc.start(qemu_argv(config), what="QEMU", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               preexec_fn=runner._pdeathsig)
+        # Through launch like a run: the same network wall (the host filter or passt), sandbox and
+        # console cap, so the app that is saved ran as confined as the restores that resume it.
+        policy = network.Policy()
+        launched = launch.start(config, run, policy, launch.plan_network(policy), verbose=options.verbose,
+                                stderr=sys.stderr.buffer)
+        qemu_proc, config = launched.process, launched.config
         run.write_state({"name": run.name, "qemu_pid": qemu_proc.pid, "jvmkit_pid": os.getpid(), "image": str(image.path),
                          "target": target.name, "memory_mib": memory, "cpus": cpus, "accel": accel,
-                         "qmp": str(config.qmp_socket), "ports": [], "snapshot": True, "started": time.time()})
+                         "qmp": str(config.qmp_socket), "ports": [], "snapshot": True, "started": time.time(),
+                         "network": launched.network.choice.backend,
+                         "qemu_uid": config.confinement.runas[0] if config.confinement.runas else None})
         stderr: list[bytes] = []
+        app_pipe = os.fdopen(launched.app_fd, "rb", buffering=0)
         threads = [threading.Thread(target=target.console_pump(capture, sys.stderr.buffer if options.verbose else None),
-                                    args=(qemu_proc.stdout,), daemon=True),
+                                    args=(app_pipe,), daemon=True),
                    threading.Thread(target=lambda: stderr.append(qemu_proc.stderr.read()), daemon=True)]
         for t in threads:
             t.start()
@@ -156,8 +162,9 @@ def take(image_path: Path, options) -> SnapshotResult:
         finally:
             if qemu_proc.poll() is None:
                 runner.stop_vm(runner.RunningVm(run.name, run, config, qemu_proc, memory), graceful=False)
-        for t in threads:
-            t.join(timeout=5)
+            for t in threads:
+                t.join(timeout=5)
+            launched.finish()  # no passt or host-filter cgroup left behind, whatever happened
         identity = identity_of(config, qemu_version(qemu) or "unknown", args, boot_files(manifest))
         info = _publish(image, tmp, saved, bytes(capture.data), token, identity, ready, traits, prepared)
     finally:
