@@ -199,12 +199,12 @@ def ps():
         console.result("no VMs are running", {})
         return
     width = max([5] + [len(r["fleet"] or "-") for r in rows])
-    lines = [f"{'FLEET':<{width}} {'NAME':<28} {'TARGET':<6} {'MEMORY':>7} {'CPUS':>4} {'ACCEL':<5} {'UP':>7}  PORTS"]
+    lines = [f"{'FLEET':<{width}} {'NAME':<28} {'TARGET':<6} {'MEMORY':>7} {'CPUS':>4} {'ACCEL':<5} {'BOOT':<8} {'UP':>7}  PORTS"]
     for row in rows:
         up = time.time() - row.get("started", time.time())
         lines.append(f"{row['fleet'] or '-':<{width}} {row['name']:<28} {row.get('target', '?'):<6} "
                      f"{str(row.get('memory_mib', '?')) + 'M':>7} {row.get('cpus', '?'):>4} {row.get('accel', '?'):<5} "
-                     f"{up:>6.0f}s  {', '.join(row.get('ports', []))}")
+                     f"{row.get('boot', '-'):<8} {up:>6.0f}s  {', '.join(row.get('ports', []))}")
     console.result("\n".join(lines), {"vms": rows})
 
 

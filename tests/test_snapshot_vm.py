@@ -273,3 +273,39 @@ def test_a_damaged_or_mismatched_snapshot_means_a_cold_boot(jars, target, tmp_pa
     notices = cold.notices()
     assert len(notices) == 1 and "could not be restored" in notices[0] and "booting cold" in notices[0], cold.err
     assert cold.out.count("httpd listening on port 8080") == 1  # nothing of the failed restore reached stdout
+
+
+def test_a_fleet_restores_its_replicas_from_one_snapshot(jars, tmp_path):
+    """`jvmkit up` runs each replica as `jvmkit run IMAGE`: with a snapshot in the image, every
+    replica is restored from it (ps says so) and answers on its own port; `down` ends them."""
+    image = pack(jars["httpd"], "linux", tmp_path / "httpd.jvmkit")
+    taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
+    assert taken.returncode == 0, taken.stderr
+    base = free_port()
+    (tmp_path / "web.toml").write_text(f'''\
+name = "web"
+[[vm]]
+name = "web"
+image = "httpd.jvmkit"
+replicas = 2
+balloon = false
+publish = ["{base}+:8080"]
+''')
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
+    (tmp_path / "xdg").mkdir()
+
+    def jvmkit(*args, timeout=BOOT_S):
+        return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=env, cwd=tmp_path)
+
+    up = jvmkit("up", "-d", tmp_path / "web.toml", timeout=600)
+    try:
+        assert up.returncode == 0, up.stderr
+        bodies = [http_body_when_up(f"http://127.0.0.1:{base + k}/", BOOT_S) for k in range(2)]
+        assert bodies == ["hello from jvmkit httpd\n"] * 2, (bodies, up.stderr)
+        rows = json.loads(jvmkit("ps", "--json").stdout)["vms"]
+        assert sorted((r["name"], r["boot"]) for r in rows) == [("web-1", "restored"), ("web-2", "restored")], rows
+        assert "restored" in jvmkit("ps").stdout
+    finally:
+        down = jvmkit("down", "web", timeout=120)
+    assert down.returncode == 0, down.stderr

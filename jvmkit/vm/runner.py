@@ -378,7 +378,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
                          "network": launched.network.choice.backend,
                          "qemu_uid": config.confinement.runas[0] if config.confinement.runas else None,
-                         "started": time.time()})
+                         "boot": "restored" if resume is not None else "cold", "started": time.time()})
         if resume is not None:
             from jvmkit.vm.snapshot import RestoreFailed
 
