@@ -224,6 +224,10 @@ def test_the_chroot_is_empty_but_for_the_nameservers(tmp_path):
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["etc", "etc/resolv.conf"]
     assert (root / "etc" / "resolv.conf").read_text() == "nameserver 10.0.0.1\n"
     assert stat.S_IMODE(root.stat().st_mode) == 0o555
+    # a second QEMU of the same run (the cold boot after a restore that failed) gets a fresh one
+    again = sandbox.make_root(tmp_path / "root", "nameserver 10.0.0.2\n")
+    assert (again / "etc" / "resolv.conf").read_text() == "nameserver 10.0.0.2\n"
+    assert stat.S_IMODE(again.stat().st_mode) == 0o555
 
 
 def test_the_lifeline_kills_when_jvmkit_dies_and_not_when_it_lets_go():

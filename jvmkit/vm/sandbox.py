@@ -31,6 +31,7 @@ import json
 import os
 import pwd
 import secrets
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -74,7 +75,13 @@ def allocate_ids(taken: set[int], pick=secrets.randbelow) -> int:
 
 
 def make_root(directory: Path, resolv_conf: str) -> Path:
-    """The empty root QEMU chroots into: `directory` with only etc/resolv.conf's nameservers."""
+    """The empty root QEMU chroots into: `directory` with only etc/resolv.conf's nameservers. One
+    left by an earlier QEMU of the same run (a restore that failed, then the cold boot) is replaced."""
+    if directory.exists():
+        for sub in (directory, directory / "etc"):
+            if sub.is_dir() and not sub.is_symlink():
+                os.chmod(sub, 0o755)
+        shutil.rmtree(directory)
     directory.mkdir(mode=0o755)
     (directory / "etc").mkdir(mode=0o755)
     lines = [line for line in resolv_conf.splitlines() if line.split()[:1] == ["nameserver"]]
