@@ -21,11 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import zstandard
-
 from jvmkit import fileio, ui
 from jvmkit.engines import libvirt_xml
 from jvmkit.errors import UsageError
+from jvmkit.packager import zstd
 from jvmkit.packager.targets.base import BootRequest
 from jvmkit.units import mib_text
 
@@ -47,7 +46,7 @@ def unpack_file(image, role: str, dest: Path) -> Path:
     record = image.manifest.files[role]
     with open(image.file(role), "rb") as src, fileio.atomic_open(dest) as out:
         if record.compression == "zstd":
-            zstandard.ZstdDecompressor().copy_stream(src, out)
+            shutil.copyfileobj(zstd.CheckedReader(src, f"image {image.path}: its {role} ({record.path})"), out)
         else:
             shutil.copyfileobj(src, out)
     return dest

@@ -13,6 +13,7 @@ from typing import BinaryIO, Iterator
 import zstandard
 
 from jvmkit import fileio
+from jvmkit.errors import UsageError
 from jvmkit.packager.manifest import FileRecord
 
 ZSTD_LEVEL = 10
@@ -45,3 +46,19 @@ def compress_file(source: Path, staging: Path, name: str, **extra) -> FileRecord
 def _copy(src: BinaryIO, sink) -> None:
     while chunk := src.read(fileio.CHUNK):
         sink.write(chunk)
+
+
+class CheckedReader:
+    """A zstd file's raw bytes, read(): a damaged or hostile stream is one UsageError naming `what`
+    (zstandard raises its own ZstdError mid-read, which reached users as a traceback)."""
+
+    def __init__(self, src: BinaryIO, what: str):
+        self._reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+        self.what = what
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._reader.read(size)
+        except zstandard.ZstdError as exc:
+            raise UsageError(f"{self.what} is not a valid zstd stream ({exc})",
+                             hint="this image is damaged or hostile: pack it again") from None
