@@ -44,11 +44,12 @@ def raw_name(path: str) -> str:
 def unpack_file(image, role: str, dest: Path) -> Path:
     """The bundle's file `role`, uncompressed, at `dest` (atomically)."""
     record = image.manifest.files[role]
-    with open(image.file(role), "rb") as src, fileio.atomic_open(dest) as out:
+    with fileio.atomic_open(dest) as out:
         if record.compression == "zstd":
-            shutil.copyfileobj(zstd.CheckedReader(src, f"image {image.path}: its {role} ({record.path})"), out)
+            zstd.unpack_checked(image.file(role), record, out, f"image {image.path}: its {role} ({record.path})")
         else:
-            shutil.copyfileobj(src, out)
+            with open(image.file(role), "rb") as src:
+                shutil.copyfileobj(src, out)
     return dest
 
 

@@ -6,6 +6,7 @@ bytes it was given and unpacks the raw form into the boot cache once, keyed by t
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -62,3 +63,23 @@ class CheckedReader:
         except zstandard.ZstdError as exc:
             raise UsageError(f"{self.what} is not a valid zstd stream ({exc})",
                              hint="this image is damaged or hostile: pack it again") from None
+
+
+def unpack_checked(src_path: Path, record: FileRecord, out: BinaryIO, what: str) -> None:
+    """Write the raw form of the zstd file `src_path` to `out`, never more than the record's
+    `raw_size`, and check it against the record's raw size and SHA-256: a bomb, a lying size or a
+    changed byte is one UsageError naming `what` (the caller removes what it wrote)."""
+    damaged = "this image is damaged or hostile; do not use it"
+    digest, size = hashlib.sha256(), 0
+    with open(src_path, "rb") as src:
+        reader = CheckedReader(src, what)
+        while chunk := reader.read(1 << 20):
+            size += len(chunk)
+            if size > record.raw_size:
+                raise UsageError(f"{what} decompresses to more than the {record.raw_size} bytes its manifest says",
+                                 hint=damaged)
+            digest.update(chunk)
+            out.write(chunk)
+    if size != record.raw_size or digest.hexdigest() != record.raw_sha256:
+        raise UsageError(f"{what} does not decompress to the {record.raw_size} bytes and SHA-256 its manifest says",
+                         hint=damaged)
