@@ -375,3 +375,20 @@ def test_the_network_settings_in_jvmkit_toml(tmp_path):
     bad.write_text('[run]\nnetwork = "open"\n')
     with pytest.raises(UsageError, match=r"bad.toml:2: 'run.network' must be one of outbound, isolated"):
         run_options({}, bad)
+
+
+def test_the_kvm_probe_boots_the_image_kernel_confined(monkeypatch):
+    """The KVM probe boots the image's own kernel (a hostile image's, perhaps): it gets a VM's
+    seccomp filter and, as root, a dynamic user (vm/kvm.py run_kernel_probe)."""
+    from jvmkit.vm.qemu import kvm_kernel_argv
+
+    argv = kvm_kernel_argv("qemu", Path("k"), Path("l"), Confinement(seccomp=True, deny_elevate=False,
+                                                                       runas=(2000000000, 2000000000)))
+    assert argv[argv.index("-sandbox") + 1] == "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+    assert argv[argv.index("-runas") + 1] == "2000000000:2000000000" and "-chroot" not in argv
+    monkeypatch.setattr(sandbox, "verdict", lambda qemu: {"seccomp": True, "deny_elevate": True})
+    monkeypatch.setattr(sandbox, "is_root", lambda: False)
+    assert sandbox.probe_confinement("qemu", set()) == Confinement(seccomp=True, deny_elevate=True)
+    monkeypatch.setattr(sandbox, "is_root", lambda: True)
+    rooted = sandbox.probe_confinement("qemu", set())
+    assert rooted.runas and rooted.runas[0] >= sandbox.DYNAMIC_BASE and rooted.chroot is None

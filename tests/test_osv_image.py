@@ -485,3 +485,23 @@ def test_export_refuses_linux_images_and_bad_formats(image, tmp_path):
     with pytest.raises(UsageError, match="linux image"):
         targets.get(linux.target).export(linux, "raw", tmp_path / "x.img")
     assert not (tmp_path / "x.img").exists()
+
+
+def test_export_of_a_damaged_disk_stream_is_one_error_and_leaves_nothing(image, tmp_path):
+    """A disk whose zstd stream is broken mid-way but whose manifest digest was made to match it (a
+    hostile image) is one UsageError naming the image's disk, not zstandard's own exception."""
+    disk = image.file("disk")
+    data = bytearray(disk.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    disk.chmod(0o644)
+    disk.write_bytes(bytes(data))
+    loader = fake_loader_image(tmp_path / "loader.img")
+    with pytest.raises(UsageError, match=r"its disk \(.*\) is not a valid zstd stream"):
+        export_classic(image, loader, tmp_path / "out" / "hello.img", "raw")
+    with pytest.raises(UsageError, match="is not a valid zstd stream"):
+        from jvmkit.engines.export import unpack_file
+
+        unpack_file(image, "disk", tmp_path / "disk.raw")
+    assert not (tmp_path / "out" / "hello.img").exists() and not (tmp_path / "disk.raw").exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no partial file

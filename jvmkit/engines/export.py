@@ -21,11 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import zstandard
-
 from jvmkit import fileio, ui
 from jvmkit.engines import libvirt_xml
 from jvmkit.errors import UsageError
+from jvmkit.packager import zstd
 from jvmkit.packager.targets.base import BootRequest
 from jvmkit.units import mib_text
 
@@ -45,11 +44,12 @@ def raw_name(path: str) -> str:
 def unpack_file(image, role: str, dest: Path) -> Path:
     """The bundle's file `role`, uncompressed, at `dest` (atomically)."""
     record = image.manifest.files[role]
-    with open(image.file(role), "rb") as src, fileio.atomic_open(dest) as out:
+    with fileio.atomic_open(dest) as out:
         if record.compression == "zstd":
-            zstandard.ZstdDecompressor().copy_stream(src, out)
+            zstd.unpack_checked(image.file(role), record, out, f"image {image.path}: its {role} ({record.path})")
         else:
-            shutil.copyfileobj(src, out)
+            with open(image.file(role), "rb") as src:
+                shutil.copyfileobj(src, out)
     return dest
 
 

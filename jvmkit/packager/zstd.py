@@ -6,6 +6,7 @@ bytes it was given and unpacks the raw form into the boot cache once, keyed by t
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -13,6 +14,7 @@ from typing import BinaryIO, Iterator
 import zstandard
 
 from jvmkit import fileio
+from jvmkit.errors import UsageError
 from jvmkit.packager.manifest import FileRecord
 
 ZSTD_LEVEL = 10
@@ -45,3 +47,39 @@ def compress_file(source: Path, staging: Path, name: str, **extra) -> FileRecord
 def _copy(src: BinaryIO, sink) -> None:
     while chunk := src.read(fileio.CHUNK):
         sink.write(chunk)
+
+
+class CheckedReader:
+    """A zstd file's raw bytes, read(): a damaged or hostile stream is one UsageError naming `what`
+    (zstandard raises its own ZstdError mid-read, which reached users as a traceback)."""
+
+    def __init__(self, src: BinaryIO, what: str):
+        self._reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+        self.what = what
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._reader.read(size)
+        except zstandard.ZstdError as exc:
+            raise UsageError(f"{self.what} is not a valid zstd stream ({exc})",
+                             hint="this image is damaged or hostile: pack it again") from None
+
+
+def unpack_checked(src_path: Path, record: FileRecord, out: BinaryIO, what: str) -> None:
+    """Write the raw form of the zstd file `src_path` to `out`, never more than the record's
+    `raw_size`, and check it against the record's raw size and SHA-256: a bomb, a lying size or a
+    changed byte is one UsageError naming `what` (the caller removes what it wrote)."""
+    damaged = "this image is damaged or hostile; do not use it"
+    digest, size = hashlib.sha256(), 0
+    with open(src_path, "rb") as src:
+        reader = CheckedReader(src, what)
+        while chunk := reader.read(1 << 20):
+            size += len(chunk)
+            if size > record.raw_size:
+                raise UsageError(f"{what} decompresses to more than the {record.raw_size} bytes its manifest says",
+                                 hint=damaged)
+            digest.update(chunk)
+            out.write(chunk)
+    if size != record.raw_size or digest.hexdigest() != record.raw_sha256:
+        raise UsageError(f"{what} does not decompress to the {record.raw_size} bytes and SHA-256 its manifest says",
+                         hint=damaged)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jvmkit import cache, fileio, proc
 from jvmkit.errors import JvmkitError
-from jvmkit.vm import qemu
+from jvmkit.vm import qemu, rundir, sandbox
 from jvmkit.vm.qemu import QEMU, host_key
 
 PROBE_VALUE = 0x31
@@ -100,7 +100,8 @@ def run_kernel_probe(qemu_bin: str, kernel: Path) -> KvmVerdict:
     with tempfile.TemporaryDirectory(prefix="jvmkit-kvm-probe.") as tmp:
         log = Path(tmp) / "console.log"
         try:
-            probe = proc.start(qemu.kvm_kernel_argv(qemu_bin, kernel, log), what="the KVM probe's QEMU",
+            confinement = sandbox.probe_confinement(qemu_bin, rundir.uids_in_use())
+            probe = proc.start(qemu.kvm_kernel_argv(qemu_bin, kernel, log, confinement), what="the KVM probe's QEMU",
                                stdout=proc.PIPE, stderr=proc.STDOUT, text=True)
         except JvmkitError as exc:
             return KvmVerdict(False, exc.message, host, time.time())

@@ -303,12 +303,15 @@ def kvm_boot_sector_argv(qemu: str, image: Path) -> list[str]:
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
 
 
-def kvm_kernel_argv(qemu: str, kernel: Path, console_log: Path) -> list[str]:
-    """The guest kernel jvmkit is about to run, booted under KVM with no root filesystem."""
+def kvm_kernel_argv(qemu: str, kernel: Path, console_log: Path,
+                    confinement: Confinement = Confinement()) -> list[str]:
+    """The guest kernel jvmkit is about to run (the image's own, so confined like a VM: seccomp,
+    and as root an unprivileged user), booted under KVM with no root filesystem and no devices
+    but its serial console."""
     return [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "128M",
             "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
-            "-serial", f"file:{console_log}"]
+            "-serial", f"file:{console_log}", *sandbox_options(confinement)]
 
 
 def sandbox_probe_argv(qemu: str, confinement: Confinement) -> list[str]:

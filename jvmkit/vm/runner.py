@@ -10,7 +10,6 @@ QEMU is started with PR_SET_PDEATHSIG, so it never outlives jvmkit, even after a
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import secrets
@@ -25,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import zstandard
 
 from jvmkit import cache, fileio, guest, ui
 from jvmkit.config import RunOptions
 from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.units import mib_text
 from jvmkit.packager import bundle as bundles
-from jvmkit.packager import manifest_limits
+from jvmkit.packager import manifest_limits, zstd
 from jvmkit.packager import targets
 from jvmkit.packager.targets.base import BootPlan, BootRequest, parse_marker
 from jvmkit.vm import consolelog, iouring, kvm, launch, network, rundir
@@ -214,22 +212,8 @@ def _unpack(image: bundles.Bundle, role: str, record, dest: Path) -> None:
     if record.raw_size + UNPACK_HEADROOM > free:
         raise JvmkitError(f"{what} unpacks to {mib_text(-(-record.raw_size >> 20))}, and the cache has "
                           f"{mib_text(free >> 20)} free", hint="free some space (`jvmkit cache prune`)")
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(image.file(role), "rb") as src, open(dest, "wb") as out:
-            reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-            while chunk := reader.read(1 << 20):
-                size += len(chunk)
-                if size > record.raw_size:
-                    raise UsageError(f"{what} decompresses to more than the {record.raw_size} bytes its manifest "
-                                     "says", hint="this image is damaged or hostile; do not run it")
-                digest.update(chunk)
-                out.write(chunk)
-    except zstandard.ZstdError as exc:
-        raise UsageError(f"{what} is not a valid zstd stream ({exc})", hint="pack it again") from None
-    if size != record.raw_size or digest.hexdigest() != record.raw_sha256:
-        raise UsageError(f"{what} does not decompress to the {record.raw_size} bytes and SHA-256 its manifest says",
-                         hint="this image is damaged or hostile; do not run it")
+    with open(dest, "wb") as out:
+        zstd.unpack_checked(image.file(role), record, out, what)
     os.chmod(dest, 0o444)
 
 

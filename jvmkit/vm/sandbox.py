@@ -168,6 +168,17 @@ def decide(qemu: str, run_path: Path, taken: set[int]) -> Decision:
                     note)
 
 
+def probe_confinement(qemu: str, taken: set[int]) -> Confinement:
+    """The KVM probe's QEMU, which boots the image's kernel: a VM's seccomp filter and (as root)
+    user, without the chroot (its only file, the console log, is opened before QEMU drops)."""
+    v = verdict(qemu)
+    if v.get("failed") and not v.get("seccomp") and is_root():
+        return Confinement(seccomp=False)
+    uid = allocate_ids(taken) if is_root() else None
+    return Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"],
+                       runas=(uid, uid) if uid is not None else None)
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text(errors="replace")

@@ -6,10 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import zstandard
-
 from jvmkit import fileio, ui
 from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.packager import zstd
 from jvmkit.packager.manifest import KernelInfo
 from jvmkit.packager.targets.osv import disk as osv_disk
 
@@ -61,7 +60,7 @@ def export_classic(image, loader_image: str | os.PathLike | None, dest: str | os
     dest = Path(dest)
     cmdline = image.manifest.boot.kernel_cmdline
     with open(image.file("disk"), "rb") as compressed:
-        reader = zstandard.ZstdDecompressor().stream_reader(compressed)
+        reader = zstd.CheckedReader(compressed, f"image {image.path}: its disk ({record.path})")
         rofs = fileio.Window(reader, int(record.rofs_offset), int(record.rofs_size), what="the image's disk",
                              hint="pack it again")
         if fmt == "raw":
