@@ -129,6 +129,15 @@ def test_a_snapshot_of_another_run_is_not_restored_and_the_reason_names_it(chang
         assert word in reason, reason
 
 
+def test_a_snapshot_saved_on_another_network_backend_is_not_restored():
+    """Saved on slirp (jvmkit as root) and restored on passt, the guest did not answer passt's
+    connections (the restore session was reset): that is a cold boot with the reason."""
+    reason = snapshot.mismatch(record(network="slirp"), wanted(network="passt"))
+    assert reason is not None and "slirp" in reason and "passt" in reason and "as root" in reason
+    assert snapshot.mismatch(record(network="passt"), wanted(network="passt")) is None
+    assert snapshot.mismatch(record(), wanted(network="passt")) is None  # not recorded: try it
+
+
 def test_readiness_is_one_condition():
     assert snapshot.readiness(None, None, None).describe() == "signal"
     assert snapshot.readiness(8080, None, None).describe() == "port 8080"

@@ -48,13 +48,14 @@ def cli(*args, timeout=BOOT_S):
 class Run:
     """`jvmkit run IMAGE` with the app's port 8080 published on a free host port."""
 
-    def __init__(self, image: Path, *args: str, app_args: tuple[str, ...] = (), guest_port: int = 8080):
+    def __init__(self, image: Path, *args: str, app_args: tuple[str, ...] = (), guest_port: int = 8080,
+                 env: dict | None = None):
         self.port = free_port()
         argv = [*JVMKIT, "run", "--verbose", "-p", f"{self.port}:{guest_port}", *args, str(image)]
         if app_args:
             argv += ["--", *app_args]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=env)
         self.out, self.err = "", ""
 
     def get(self, path: str = "/", seconds: float = BOOT_S) -> str | None:
@@ -309,3 +310,33 @@ publish = ["{base}+:8080"]
     finally:
         down = jvmkit("down", "web", timeout=120)
     assert down.returncode == 0, down.stderr
+
+
+def test_without_root_the_snapshot_and_its_restores_run_on_passt(jars, tmp_path):
+    """A run without root uses passt (vm/network.py), which takes its port forwards at start, not
+    over QMP: the restore publishes the run's port that way and answers. A snapshot saved on one
+    backend is not restored on the other (saved on slirp, the guest did not answer passt): one
+    notice, a cold boot. JVMKIT_NETWORK_BACKEND forces passt here, where the tests run as root."""
+    image = pack(jars["httpd"], "linux", tmp_path / "httpd.jvmkit")
+    passt = {**os.environ, "JVMKIT_NETWORK_BACKEND": "passt"}
+    taken = subprocess.run([*JVMKIT, "snapshot", str(image), "--ready-url", "http://127.0.0.1:8080/"], env=passt,
+                           capture_output=True, text=True, timeout=BOOT_S, stdin=subprocess.DEVNULL)
+    assert taken.returncode == 0, taken.stderr
+    assert json.loads((image / "manifest.json").read_text())["snapshot"]["network"] == "passt"
+    warm = Run(image, env=passt)
+    try:
+        assert warm.get() == "hello from jvmkit httpd\n"
+        assert warm.exit(6) == 6
+    finally:
+        warm.kill()
+    assert warm.restored and not warm.notices(), warm.err
+    from jvmkit.vm import launch, network
+
+    if launch.plan_network(network.Policy()).backend == "slirp":  # root with the host filter: slirp by default
+        other = Run(image)
+        try:
+            assert other.get() == "hello from jvmkit httpd\n" and other.exit(0) == 0
+        finally:
+            other.kill()
+        assert not other.restored
+        assert [n for n in other.notices() if "taken on the passt network" in n], other.err

@@ -266,6 +266,7 @@ class SnapshotInfo:
     ready: str                       # how readiness was decided: "signal", "port 8080", "line REGEX", "after 5s"
     control_port: int                # the guest agent's snapshot control port in the guest
     clock: str = "none"              # how a restore sets the guest's wall clock (Target.restore_traits)
+    network: str = ""                # the network backend it was saved on (slirp, passt; "" not recorded)
     guest_used_mib: int | None = field(default=None, metadata=omit_none())   # MemTotal - MemFree after the trim
     heap_committed_mib: int | None = field(default=None, metadata=omit_none())
     taken: str = ""                  # when (UTC, ISO 8601): snapshots are not reproducible

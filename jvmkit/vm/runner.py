@@ -358,7 +358,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
                          "image": str(image.path), "target": target.name, "memory_mib": config.memory_mib,
                          "cpus": config.cpus, "accel": config.accel, "qmp": str(config.qmp_socket),
                          "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}"
-                                   for p in (resume.ports if resume else config.ports)],
+                                   for p in (resume.published if resume else config.ports)],
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
                          "network": launched.network.choice.backend,
                          "qemu_uid": config.confinement.runas[0] if config.confinement.runas else None,

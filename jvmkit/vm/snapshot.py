@@ -67,14 +67,16 @@ class VmIdentity:
     devices: tuple[str, ...]
     args: tuple[str, ...]
     boot_files: dict[str, str]
+    network: str = ""        # the network backend (vm/network.py): "slirp" (root) or "passt"
 
 
-def identity_of(config: VmConfig, qemu_version_text: str, args: tuple[str, ...], boot_files: dict[str, str]) -> VmIdentity:
+def identity_of(config: VmConfig, qemu_version_text: str, args: tuple[str, ...], boot_files: dict[str, str],
+                network: str = "") -> VmIdentity:
     signature = device_signature(config)
     value = lambda flag: next((s.split(" ", 1)[1] for s in signature if s.startswith(flag + " ")), "")  # noqa: E731
     return VmIdentity(qemu_version=qemu_version_text, accel=config.accel, cpu_model=value("-cpu"),
                       machine=value("-machine"), memory_mib=config.memory_mib, cpus=config.cpus, devices=signature,
-                      args=tuple(args), boot_files=dict(boot_files))
+                      args=tuple(args), boot_files=dict(boot_files), network=network)
 
 
 def mismatch(info: SnapshotInfo, wanted: VmIdentity) -> str | None:
@@ -98,6 +100,11 @@ def mismatch(info: SnapshotInfo, wanted: VmIdentity) -> str | None:
         theirs, ours = set(info.devices), set(wanted.devices)
         diff = sorted(theirs ^ ours) or ["their order"]
         return f"its devices differ from this run's ({diff[0]})"
+    if info.network and wanted.network and info.network != wanted.network:
+        # The guest keeps the gateway's MAC address it saw: saved on slirp it did not answer
+        # passt's connections after a restore (measured: the restore session was reset).
+        return (f"it was taken on the {info.network} network (jvmkit {'as root' if info.network == 'slirp' else 'without root'}), "
+                f"this run uses {wanted.network}")
     return None
 
 
@@ -117,16 +124,17 @@ def boot_files(manifest: Manifest) -> dict[str, str]:
 
 def vm_for(image: bundles.Bundle, target, files: dict[str, Path], run: rundir.RunDir, *, memory: int, cpus: int,
            accel: str, qemu: str, args: tuple[str, ...], seed: bytes, control: PortForward,
-           free_page_reporting: bool = True):
+           free_page_reporting: bool = True, ports: tuple[PortForward, ...] = ()):
     """(boot plan, VmConfig) of a snapshot VM: a cold boot's, with the agent's seed, the control
-    forward as its only port and the target's snapshot devices. The same for saving and restoring."""
+    forward (and `ports`) as its ports and the target's snapshot devices. The same for saving and
+    restoring (the ports are not part of what a restore must match)."""
     from jvmkit.vm import runner
 
     manifest = image.manifest
     request_args = None if args == tuple(manifest.command.args) else args
     plan = target.boot_plan(manifest, files, BootRequest(args=request_args, seed=seed), run.write_secret)
     config = runner.vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
-                              ports=(control,), free_page_reporting=free_page_reporting)
+                              ports=(control, *ports), free_page_reporting=free_page_reporting)
     return plan, dataclasses.replace(config, vmgenid=target.restore_traits(manifest).vmgenid)
 
 
@@ -178,13 +186,14 @@ class Resume:
     feeder: snapstate.Feeder
     read_fd: int
     control: PortForward
-    ports: tuple[PortForward, ...]       # the run's forwards, published once the identity is renewed
+    ports: tuple[PortForward, ...]       # forwards to add once the identity is renewed (slirp)
     replay: bytes                        # the app's output up to the snapshot
     jmx_seed: str | None = None
     verbose: bool = False
     loaded_s: float | None = None
     started: bool = False                # attach() ran: the pipe's ends belong to QEMU and the feeder
     renewed_s: float | None = None
+    published: tuple[PortForward, ...] = ()  # all the run's forwards (for its state: `ps`)
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
@@ -271,9 +280,15 @@ def run_restored(image: bundles.Bundle, target, files: dict[str, Path], run: run
     info = manifest.snapshot
     args = effective_args(manifest, options.args)
     control = PortForward("127.0.0.1", runner.free_port(), info.control_port)
+    # QEMU's user network (slirp) takes forwards over QMP, so the run's ports open only once the
+    # guest's identity is renewed; passt (runs without root) has its forwards from its start: a
+    # connection in the fraction of a second before the renewal reaches the app as it was saved.
+    late = net is None or net[1].backend == "slirp"
     plan, config = vm_for(image, target, files, run, memory=memory, cpus=cpus, accel=accel, qemu=qemu, args=args,
-                          seed=PLACEHOLDER_SEED, control=control, free_page_reporting=options.free_page_reporting)
-    wanted = identity_of(config, qemu_version(qemu) or "unknown", args, boot_files(manifest))
+                          seed=PLACEHOLDER_SEED, control=control, free_page_reporting=options.free_page_reporting,
+                          ports=() if late else forwards)
+    wanted = identity_of(config, qemu_version(qemu) or "unknown", args, boot_files(manifest),
+                         network=net[1].backend if net else "")
     reason = mismatch(info, wanted) or snapshot_problem(image, info)
     if reason:
         console.notice(f"jvmkit: not restoring the image's snapshot: {reason}; booting cold "
@@ -287,7 +302,8 @@ def run_restored(image: bundles.Bundle, target, files: dict[str, Path], run: run
     if jmx is not None:
         jmx_seed = guest.seed_text(jmx_host_port=jmx["port"], user=jmx["user"], password=jmx["password"],
                                    jmx_guest_port=manifest.guest.jmx_port)
-    resume = Resume(info, token, feeder, read_fd, control, forwards, replay, jmx_seed, verbose=options.verbose)
+    resume = Resume(info, token, feeder, read_fd, control, forwards if late else (), replay, jmx_seed,
+                    verbose=options.verbose, published=forwards)
     config = dataclasses.replace(config, incoming=f"fd:{read_fd}")
     try:
         status = runner._boot(image, target, plan, run, config, options, jmx, on_started, on_stopping, net,

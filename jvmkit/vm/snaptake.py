@@ -165,7 +165,8 @@ def take(image_path: Path, options) -> SnapshotResult:
             for t in threads:
                 t.join(timeout=5)
             launched.finish()  # no passt or host-filter cgroup left behind, whatever happened
-        identity = identity_of(config, qemu_version(qemu) or "unknown", args, boot_files(manifest))
+        identity = identity_of(config, qemu_version(qemu) or "unknown", args, boot_files(manifest),
+                               network=launched.network.choice.backend)
         info = _publish(image, tmp, saved, bytes(capture.data), token, identity, ready, traits, prepared)
     finally:
         run.remove()
@@ -281,7 +282,7 @@ def _publish(image: bundles.Bundle, tmp: Path, saved: snapstate.Saved, output: b
         output=FileRecord(output_rel, fileio.sha256_bytes(output), len(output)),
         token=token_rel, boot_files=identity.boot_files, qemu_version=identity.qemu_version, accel=identity.accel,
         cpu_model=identity.cpu_model, machine=identity.machine, memory_mib=identity.memory_mib, cpus=identity.cpus,
-        devices=identity.devices, args=identity.args, ready=ready.describe(), control_port=snapctl.CONTROL_GUEST_PORT,
+        devices=identity.devices, args=identity.args, network=identity.network, ready=ready.describe(), control_port=snapctl.CONTROL_GUEST_PORT,
         clock=traits.clock, guest_used_mib=mib(prepared.guest_used), heap_committed_mib=mib(prepared.heap_committed),
         taken=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         created_by=f"jvmkit {__version__}")
