@@ -232,6 +232,8 @@ def up(file, detach, supervise):
       publish = ["18080+:8080"]     # one host port per replica, counting up
       args = ["--port", "8080"]
       restart = "on-failure"        # no | on-failure | always, with backoff [no]
+      network = "outbound"          # outbound | isolated; allow_host_loopback = true [as run]
+      engine = "qemu"               # qemu | libvirt (+ connect = "URI") [qemu]
 
     Each VM runs as `jvmkit run --balloon` (unless `balloon = false`) and joins the host's memory
     budget, which one balloon brain per host divides among all VMs. A VM whose floor does not fit

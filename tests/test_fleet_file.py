@@ -109,6 +109,13 @@ ERRORS = [
      "min_memory 1024M is above memory 512M"),
     ("bad name", '[[vm]]\nname = "-x"\nimage = "front.jvmkit"\n', 2, "VM name '-x' is not valid"),
     ("vm not an array", 'vm = 3\n', 1, "'vm' must be an array of tables"),
+    ("isolated with the host's loopback", '[[vm]]\nname = "a"\nimage = "front.jvmkit"\nnetwork = "isolated"\n'
+     'allow_host_loopback = true\n', 5, "allow_host_loopback does not go with network = \"isolated\""),
+    ("a network mode", '[[vm]]\nname = "a"\nimage = "front.jvmkit"\nnetwork = "open"\n', 4,
+     "'network' must be one of outbound, isolated, not 'open'"),
+    ("connect without libvirt", '[[vm]]\nname = "a"\nimage = "front.jvmkit"\nconnect = "qemu:///session"\n', 4,
+     "'connect' is libvirt's URI"),
+    ("an engine", '[[vm]]\nname = "a"\nimage = "front.jvmkit"\nengine = "xen"\n', 4, "'engine' must be one of"),
 ]
 
 
@@ -147,3 +154,19 @@ def test_up_with_a_bad_file_is_one_line_and_status_2(images):
 def test_parse_without_image_checks():
     fleet = parse('[[vm]]\nname = "a"\nimage = "x.jvmkit"\nreplicas = 2\n', Path("/tmp/f.toml"), check_images=False)
     assert [v.name for v in fleet.vms] == ["a-1", "a-2"] and fleet.vms[0].image == Path("/tmp/x.jvmkit")
+
+
+def test_network_and_engine_reach_the_run(images):
+    """The fleet file takes `run`'s network policy (issue 16) and engine (issue 18) keys."""
+    fleet = load(write(images, '[[vm]]\nname = "a"\nimage = "front.jvmkit"\nnetwork = "isolated"\n'
+                               'engine = "libvirt"\nconnect = "qemu:///session"\n[[vm]]\nname = "b"\n'
+                               'image = "front.jvmkit"\nallow_host_loopback = true\n'))
+    a, b = fleet.get("a").run_args(), fleet.get("b").run_args()
+    assert a[a.index("--engine") + 1] == "libvirt" and a[a.index("--connect") + 1] == "qemu:///session"
+    assert a[a.index("--network") + 1] == "isolated" and "--allow-host-loopback" not in a
+    assert "--allow-host-loopback" in b and "--engine" not in b and "--network" not in b
+    # and `jvmkit run` takes them as the fleet writes them
+    from jvmkit.cli import cli
+
+    for argv in (a, b):
+        assert cli.get_command(None, "run").make_context("run", argv[1:])

@@ -189,21 +189,50 @@ def test_the_targets_cluster_boot(target):
         assert "--ip=" not in boot.cmdline and "--defaultgw" not in boot.cmdline and "--rootfs=rofs" in boot.cmdline
         assert "-javaagent" not in boot.cmdline and "io.jvmkit.agent.Launcher app.Main" in boot.cmdline
     else:
-        assert boot.kind == "kernel" and boot.cmdline is None
+        from test_libvirt_xml import runner_append
+
+        assert boot.kind == "kernel" and boot.cmdline == runner_append("linux") + " jvmkit.net=dhcp"
 
 
 def test_from_the_manifest_to_the_virtual_machine():
-    """linux: kernelBoot with the runner's own kernel command line, the plan's kernel and initrd."""
-    from test_libvirt_xml import plan_for, runner_append
+    """linux: kernelBoot with the runner's own kernel command line plus `jvmkit.net=dhcp` (/init asks
+    KubeVirt's pod network for its address by DHCP), the plan's kernel and initrd."""
+    from test_libvirt_xml import manifest, plan_for, runner_append
+
+    from jvmkit.packager import targets
 
     plan, _ = plan_for("linux")
-    boot, files = kubevirt.kernel_boot(plan)
-    assert boot == {"kernel": "/boot/kernel", "initrd": "/boot/initramfs", "cmdline": runner_append("linux")}
+    cluster = targets.get("linux").cluster_boot(manifest("linux"))
+    boot, files = kubevirt.kernel_boot(plan, cluster.cmdline)
+    expected = runner_append("linux") + " jvmkit.net=dhcp"
+    assert boot == {"kernel": "/boot/kernel", "initrd": "/boot/initramfs", "cmdline": expected}
     assert [(f.path, f.source, f.mode) for f in files] == [("boot/kernel", plan.kernel, 0o444),
                                                            ("boot/initramfs", plan.initrd, 0o444)]
     doc = vm(boot)
     assert check(doc, SCHEMA) == []
-    assert doc["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]["kernelArgs"] == runner_append("linux")
+    assert doc["spec"]["template"]["spec"]["domain"]["firmware"]["kernelBoot"]["kernelArgs"] == expected
+    assert kubevirt.kernel_boot(plan)[0]["cmdline"] == runner_append("linux")  # no cluster line: the plan's
+
+
+def test_only_the_cluster_boot_asks_for_dhcp():
+    """The exported kernelArgs ask /init for DHCP; jvmkit's own boot plan (slirp/passt, the fixed
+    10.0.2.15) never does, verbose or not, and the flag is the one /init looks for."""
+    from test_libvirt_xml import manifest, plan_for
+
+    from jvmkit.packager import targets
+    from jvmkit.packager.targets.base import BootRequest
+    from jvmkit.packager.targets.linux import initramfs
+
+    cluster = targets.get("linux").cluster_boot(manifest("linux"))
+    assert "jvmkit.net=dhcp" in cluster.cmdline.split()
+    for request in (BootRequest(), BootRequest(verbose=True), BootRequest(args=("a",), seed=b"s")):
+        plan, _ = plan_for("linux", request=request)
+        assert "jvmkit.net=dhcp" not in plan.append and "jvmkit.net" not in plan.append
+    init = initramfs.init_script(["/jvm/bin/java", "app.Main"], [], [])
+    assert f'*" {initramfs.NET_DHCP} "*)' in init and "udhcpc -i eth0" in init
+    assert initramfs.NET_DHCP == "jvmkit.net=dhcp"
+    fixed = "ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2"
+    assert fixed in init and "echo 'nameserver 10.0.2.3' > /etc/resolv.conf" in init  # the default: unchanged
     boot, files = kubevirt.disk_boot(Path("/x/disk.img"))
     assert boot == DISK_BOOT and (files[0].uid, files[0].gid, files[0].mode) == (107, 107, 0o440)
 

@@ -208,6 +208,40 @@ def test_unreachable_libvirt_is_one_line(images):
     assert len(lines) == 1 and "cannot connect to libvirt" in lines[0], proc.stderr
 
 
+def test_a_fleet_of_libvirt_domains(conn, images, tmp_path):
+    """A fleet file's `engine = "libvirt"`: `jvmkit up -d` starts its replicas as transient libvirt
+    domains with the balloon (the host's brain steers them through libvirt), they answer on their
+    ports, `ps` lists them, and `down` leaves no domain."""
+    base = free_port()
+    name = unique("lvfleet")
+    shutil.copytree(images["linux"], tmp_path / "web.jvmkit")
+    (tmp_path / "web.toml").write_text(f'''\
+name = "{name}"
+[[vm]]
+name = "{name}"
+image = "web.jvmkit"
+replicas = 2
+engine = "libvirt"
+connect = "{URI}"
+min_memory = "192M"
+publish = ["{base}+:8080"]
+''')
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
+    (tmp_path / "xdg").mkdir()
+    up = jvmkit("up", "-d", tmp_path / "web.toml", timeout=600, env=env, cwd=tmp_path)
+    try:
+        assert up.returncode == 0, up.stderr
+        bodies = [http_body_when_up(f"http://127.0.0.1:{base + k}/", BOOT_S) for k in range(2)]
+        assert bodies == ["hello from jvmkit httpd\n"] * 2, (bodies, up.stderr)
+        assert {f"jvmkit-{name}-1", f"jvmkit-{name}-2"} <= domain_names(conn)
+        rows = json.loads(jvmkit("ps", "--json", env=env).stdout)["vms"]
+        assert sorted((r["name"], r.get("engine")) for r in rows) == [(f"{name}-1", "libvirt"), (f"{name}-2", "libvirt")]
+    finally:
+        down = jvmkit("down", name, timeout=180, env=env)
+    assert down.returncode == 0, down.stderr
+    wait_for(lambda: not {f"jvmkit-{name}-1", f"jvmkit-{name}-2"} & domain_names(conn), 60, "the domains to go")
+
+
 # ---- the balloon on a libvirt domain -------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@
     balloon = true                # the JVM-aware balloon, in the host's budget [true]
     accel = "auto"                # auto | kvm | tcg [auto]
     balloon_log = "logs/{name}.jsonl"  # each VM's balloon decisions as JSON lines (relative to this file)
+    network = "outbound"          # outbound | isolated, and allow_host_loopback = true (as `run`)
+    engine = "qemu"               # qemu | libvirt (a transient libvirt domain), connect = "URI"
 
 Values are checked with the kinds of jvmkit.settings (the same as jvmkit.toml's), and every
 mistake is one line naming the file, the line and what to write instead (`UsageError`).
@@ -30,8 +32,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jvmkit.engines import ENGINES
 from jvmkit.errors import UsageError
 from jvmkit.settings import ACCELS, FLAG, SIZE, TEXT, Choice, Integer, Invalid, ListOf, PathKind
+from jvmkit.vm.network import MODES
 
 RESTART = ("no", "on-failure", "always")
 MAX_REPLICAS = 64
@@ -39,7 +43,8 @@ MAX_REPLICAS = 64
 TOP = {"name": TEXT, "host_memory": SIZE, "parallel": Integer(1, 64)}
 VM = {"name": TEXT, "image": PathKind(), "replicas": Integer(1, MAX_REPLICAS), "memory": SIZE, "min_memory": SIZE,
       "weight": Integer(1, 1000), "publish": ListOf(TEXT), "args": ListOf(TEXT), "restart": Choice(RESTART),
-      "cpus": Integer(1, 64), "balloon": FLAG, "accel": Choice(ACCELS), "balloon_log": TEXT}
+      "cpus": Integer(1, 64), "balloon": FLAG, "accel": Choice(ACCELS), "balloon_log": TEXT,
+      "network": Choice(MODES), "allow_host_loopback": FLAG, "engine": Choice(ENGINES), "connect": TEXT}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$")  # room for "-NN" within a VM name's 63
 
 
@@ -62,10 +67,20 @@ class VmSpec:
     balloon: bool = True
     accel: str = "auto"
     balloon_log: Path | None = None
+    network: str | None = None      # outbound | isolated [run's default]
+    allow_host_loopback: bool = False
+    engine: str = "qemu"            # qemu | libvirt (a transient domain, `run --engine libvirt`)
+    connect: str | None = None      # libvirt's URI [run's default]
 
     def run_args(self) -> list[str]:
         """`jvmkit run` arguments that start this VM."""
         argv = ["run", "--name", self.name, "--accel", self.accel]
+        if self.engine != "qemu":
+            argv += ["--engine", self.engine] + (["--connect", self.connect] if self.connect else [])
+        if self.network:
+            argv += ["--network", self.network]
+        if self.allow_host_loopback:
+            argv.append("--allow-host-loopback")
         if self.memory_mib:
             argv += ["--memory", f"{self.memory_mib}M"]
         if self.cpus:
@@ -242,6 +257,11 @@ def _entry(entry: dict, n: int, text: str, path: Path, check_images: bool) -> li
     for required in ("name", "image"):
         if required not in values:
             _fail(path, text, f"{label} has no {required!r}", None, n)
+    if values.get("network") == "isolated" and values.get("allow_host_loopback"):
+        _fail(path, text, f"{label}: allow_host_loopback does not go with network = \"isolated\" (an isolated "
+                          "guest reaches nothing)", "allow_host_loopback", n)
+    if "connect" in values and values.get("engine", "qemu") == "qemu":
+        _fail(path, text, f"{label}: 'connect' is libvirt's URI: set engine = \"libvirt\" with it", "connect", n)
     group = values["name"]
     if not _NAME.match(group):
         _fail(path, text, f"{label}: VM name {group!r} is not valid: use letters, digits, '.', '_' and '-', "
@@ -268,7 +288,9 @@ def _entry(entry: dict, n: int, text: str, path: Path, check_images: bool) -> li
             line=line_of(text, None, n) or 0, entry=n, memory_mib=memory, min_memory_mib=floor,
             weight=values.get("weight", 1), publish=tuple(publish[k]), args=values.get("args"),
             restart=values.get("restart", "no"), cpus=values.get("cpus"), balloon=values.get("balloon", True),
-            accel=values.get("accel", "auto"),
+            accel=values.get("accel", "auto"), network=values.get("network"),
+            allow_host_loopback=values.get("allow_host_loopback", False), engine=values.get("engine", "qemu"),
+            connect=values.get("connect"),
             balloon_log=path.parent / values["balloon_log"].replace("{name}", name) if "balloon_log" in values else None))
     return result
 

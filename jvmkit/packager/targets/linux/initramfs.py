@@ -3,9 +3,10 @@
 The initramfs (cpio newc, zstd) holds a static busybox, the decompressed virtio modules, the trimmed
 runtime at /jvm, the app under /app, the guest agent under /jvmkit, /dev/console, and `/init`.
 `/init` mounts proc/sys/dev, loads the modules, sets a host name and brings up `lo` and the network
-that QEMU user networking offers, copies the per-run seed from fw_cfg, runs java with its output on
-the second serial port (ttyS1, the runner's stdout), reports java's exit status on the console
-(ttyS0) as `jvmkit-exit=N`, and powers off.
+(QEMU user networking's fixed addresses, or DHCP with `jvmkit.net=dhcp` on the kernel command
+line), copies the per-run seed from fw_cfg, runs java with its output on the second serial port
+(ttyS1, the runner's stdout), reports java's exit status on the console (ttyS0) as `jvmkit-exit=N`,
+and powers off.
 
 The bundle stores it zstd-compressed (see target.py for the rest of the bundle).
 """
@@ -37,6 +38,39 @@ KERNEL_CMDLINE = ("console=ttyS0 panic=-1 rdinit=/init tsc=reliable no_timer_che
 # device, ~0.15 s apiece under TCG (0.6 s for three); q35's GSI links take a few ms. (pci=noacpi or
 # acpi=noirq avoid the links on pc too, but lose MSI-X and trip kernel warnings.)
 MACHINE = "q35"
+# The network /init sets up: by default QEMU user networking's fixed addresses (guest 10.0.2.15/24,
+# gateway 10.0.2.2, DNS 10.0.2.3: what slirp and passt serve to jvmkit's own runs); with NET_DHCP on
+# the kernel command line, whatever DHCP hands out (KubeVirt's masquerade pod network: 10.0.2.2 via
+# 10.0.2.1), through busybox's udhcpc and DHCP_SCRIPT. udhcpc sends DHCP_TRIES discovers
+# DHCP_PAUSE_S apart, then gives up (-n) and /init logs DHCP_FAILED and starts the app regardless;
+# with a lease it stays in the background and renews it.
+NET_DHCP = "jvmkit.net=dhcp"
+DHCP_SCRIPT = "/run/jvmkit/udhcpc.sh"
+DHCP_TRIES, DHCP_PAUSE_S = 5, 2
+DHCP_FAILED = "eth0: no DHCP lease"
+# udhcpc runs it with the event as $1 and the lease in the environment: ip, subnet (dotted), router
+# and dns (lists), interface. Only bound/renew change anything; a lost lease keeps the address.
+DHCP_LEASE_SCRIPT = r"""#!/bin/busybox sh
+case "$1" in
+bound|renew)
+  prefix=0
+  for octet in $(echo "${subnet:-255.255.255.255}" | tr . ' '); do
+    case $octet in
+    255) prefix=$((prefix + 8)) ;; 254) prefix=$((prefix + 7)) ;; 252) prefix=$((prefix + 6)) ;;
+    248) prefix=$((prefix + 5)) ;; 240) prefix=$((prefix + 4)) ;; 224) prefix=$((prefix + 3)) ;;
+    192) prefix=$((prefix + 2)) ;; 128) prefix=$((prefix + 1)) ;;
+    esac
+  done
+  [ "$1" = bound ] && ip addr flush dev "$interface"
+  ip addr replace "$ip/$prefix" dev "$interface"
+  for gw in $router; do ip route replace default via "$gw" dev "$interface"; break; done
+  if [ -n "$dns" ]; then
+    for ns in $dns; do echo "nameserver $ns"; done > /etc/resolv.conf
+  fi
+  echo "jvmkit-init: $interface: $ip/$prefix via ${router%% *} (DHCP $1)" > /dev/console
+  ;;
+esac
+"""
 
 
 def min_memory_mib(initramfs_raw_size: int) -> int:
@@ -85,8 +119,21 @@ hostname jvmkit
 printf '127.0.0.1 localhost jvmkit\\n::1 localhost\\n' > /etc/hosts
 ip link set lo up
 if [ -e /sys/class/net/eth0 ]; then
-  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2
-  echo 'nameserver 10.0.2.3' > /etc/resolv.conf
+  case " $(cat /proc/cmdline) " in
+  *" {NET_DHCP} "*)
+    (umask 077; cat > {DHCP_SCRIPT}) <<'EOF'
+{DHCP_LEASE_SCRIPT}EOF
+    chmod 700 {DHCP_SCRIPT}
+    ip link set eth0 up
+    if ! udhcpc -i eth0 -s {DHCP_SCRIPT} -t {DHCP_TRIES} -T {DHCP_PAUSE_S} -n; then
+      log "{DHCP_FAILED} after {DHCP_TRIES} tries ({NET_DHCP}); carrying on without a network address"
+    fi
+    ;;
+  *)
+    ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2
+    echo 'nameserver 10.0.2.3' > /etc/resolv.conf
+    ;;
+  esac
 fi
 fwcfg=/sys/firmware/qemu_fw_cfg/by_name
 agent=

@@ -17,8 +17,8 @@ from typing import Callable
 from jvmkit import ui
 from jvmkit.packager import native_libs
 from jvmkit.packager.manifest import FileRecord, Manifest
-from jvmkit.packager.targets.base import (JVM_MIN_MEMORY_MIB, BootPlan, BootRequest, BundleFiles, MemoryFloor,
-                                          PackInputs, RestoreTraits, Target)
+from jvmkit.packager.targets.base import (JVM_MIN_MEMORY_MIB, BootPlan, BootRequest, BundleFiles, ClusterBoot,
+                                          MemoryFloor, PackInputs, RestoreTraits, Target)
 from jvmkit.packager.targets.linux import initramfs
 from jvmkit.packager.zstd import compress_file
 from jvmkit.vm.qemu import q35_low_memory_mib
@@ -109,6 +109,14 @@ class LinuxTarget(Target):
             if "Kernel panic" in line:
                 return "the guest kernel panicked: " + line.split("Kernel panic - ", 1)[-1].strip()
         return None
+
+    def cluster_boot(self, manifest: Manifest) -> ClusterBoot:
+        """KubeVirt boots the kernel and initrd directly (kernelBoot) with the runner's command line
+        plus `jvmkit.net=dhcp`: its pod network (masquerade: the guest is 10.0.2.2 via 10.0.2.1)
+        hands the address out by DHCP, not QEMU's user network's fixed 10.0.2.15 that /init sets
+        by default. (An image packed before /init read the flag ignores it: fixed addresses.)"""
+        boot: LinuxBoot = manifest.boot
+        return ClusterBoot("kernel", cmdline=f"{kernel_cmdline(boot.kernel_cmdline, False)} {initramfs.NET_DHCP}")
 
     # ---- kernels ----
     def pull_kernel(self, *, suite=None, mirror=None, refresh=False, **_):
