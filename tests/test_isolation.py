@@ -181,6 +181,44 @@ def test_the_real_filter_refuses_a_process_in_its_cgroup_and_nobody_else(tmp_pat
     assert not f.cgroup.exists()
 
 
+def test_new_host_addresses_are_the_ones_not_yet_denied():
+    trie = ("Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.1.2.3\n        /32 host LOCAL\n"
+            "     |-- 127.0.0.1\n        /32 host LOCAL\n     |-- 10.9.9.9\n        /32 host LOCAL\n")
+    assert hostfilter.new_addresses((), trie) == ("10.1.2.3", "10.9.9.9")
+    assert hostfilter.new_addresses(("10.1.2.3",), trie) == ("10.9.9.9",)
+    assert hostfilter.dns_allowed("nameserver 127.0.0.53\nnameserver 10.9.9.9\nnameserver 8.8.8.8\n",
+                                  ("10.9.9.9",)) == (("127.0.0.53", 53), ("10.9.9.9", 53))
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("ip"), reason="needs root and iproute2 (an address to add)")
+def test_an_address_the_host_gains_after_the_filter_is_set_up_is_denied_too():
+    """A VM's filter is made once, at its start; the run's wait loop refreshes it (launch.Launched.
+    keep_filter_current): an address added later is denied after the refresh, the old ones still."""
+    reason = hostfilter_reason()
+    if reason:
+        pytest.skip(reason)
+    dev, addr = f"jkd{os.getpid() % 100000}", f"10.197.{os.getpid() % 250 + 1}.1"
+    f = hostfilter.open_filter(f"test-gain-{os.getpid()}")
+    listener = _listener("0.0.0.0")
+    port = listener.getsockname()[1]
+    probe = (f"import socket\ns = socket.socket()\ntry:\n    s.connect(('{addr}', {port})); print('open')\n"
+             f"except OSError as e:\n    print(e.errno)\n")
+    try:
+        for argv in (["link", "add", dev, "type", "veth", "peer", "name", dev + "p"],  # no dummy module here
+                     ["addr", "add", f"{addr}/32", "dev", dev], ["link", "set", dev, "up"],
+                     ["link", "set", dev + "p", "up"]):
+            subprocess.run(["ip", *argv], check=True, capture_output=True)
+        before = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, preexec_fn=f.join)
+        assert f.refresh() == (addr,) and f.refresh() == ()
+        after = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, preexec_fn=f.join)
+    finally:
+        subprocess.run(["ip", "link", "del", dev], capture_output=True)
+        f.close()
+        listener.close()
+    assert before.stdout.strip() == "open", before  # the address came after the filter
+    assert after.stdout.strip() == "1", after  # EPERM once refreshed
+
+
 def hostfilter_reason():
     from jvmkit.vm.launch import filter_unavailable
 

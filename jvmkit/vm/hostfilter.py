@@ -14,7 +14,8 @@ IPv4 `connect()` and UDP `sendmsg()` of a socket of that cgroup): a connection t
 entries) fails with EPERM, which the network backend turns into a refused connection for the
 guest. The host's DNS resolvers stay reachable on port 53 (slirp and passt forward the guest's
 DNS queries to them, and on many hosts that is 127.0.0.53). Addresses the host gains after the VM
-started are not in the program. The programs are assembled here (a few dozen instructions, no
+started are denied by one more program within seconds (`HostFilter.refresh`, which the run's wait
+loop calls every REFRESH_S). The programs are assembled here (a few dozen instructions, no
 compiler, no BPF library) and loaded with the bpf(2) system call; `program()` is pure and
 unit-tested, the kernel's verifier checks the rest.
 
@@ -44,6 +45,7 @@ HOOKS = {"connect4": BPF_CGROUP_INET4_CONNECT, "sendmsg4": BPF_CGROUP_UDP4_SENDM
 CTX_USER_IP4, CTX_USER_PORT = 4, 24
 CGROUP_PREFIX = "jvmkit."
 DNS_PORT = 53
+REFRESH_S = 2.0  # how often a run looks for host addresses gained since its filter was set up
 
 
 class FilterUnavailable(Exception):
@@ -230,6 +232,18 @@ class HostFilter:
     denied: tuple[str, ...]
     allowed: tuple[tuple[str, int], ...]
 
+    def refresh(self, fib_trie: str | None = None, resolv_conf: str | None = None) -> tuple[str, ...]:
+        """Deny the addresses this host gained since the filter was set up (an interface came up,
+        a VPN, DHCP): one more program on the cgroup for them alone (the kernel runs every program
+        attached with BPF_F_ALLOW_MULTI, and any of them denies). Returns the new addresses."""
+        new = new_addresses(self.denied, fib_trie if fib_trie is not None else _read("/proc/net/fib_trie"))
+        if not new:
+            return ()
+        conf = resolv_conf if resolv_conf is not None else _read("/etc/resolv.conf")
+        _attach(self.cgroup, program(new, dns_allowed(conf, new)))
+        self.denied += new
+        return new
+
     def join(self) -> None:  # runs in the child before exec
         with open(self.cgroup / "cgroup.procs", "w") as procs:
             procs.write("0")
@@ -249,8 +263,8 @@ def open_filter(name: str, alive=lambda name: False) -> HostFilter:
     mount = cgroup2_mount(_read("/proc/self/mountinfo"))
     if mount is None:
         raise FilterUnavailable("no cgroup v2 hierarchy is mounted")
-    denied = tuple(a for a in local_addresses(_read("/proc/net/fib_trie")) if not a.startswith("127."))
-    allowed = tuple((r, DNS_PORT) for r in resolvers(_read("/etc/resolv.conf")) if r.startswith("127.") or r in denied)
+    denied = new_addresses((), _read("/proc/net/fib_trie"))
+    allowed = dns_allowed(_read("/etc/resolv.conf"), denied)
     code = program(denied, allowed)
     parents = [Path(mount + own_cgroup(_read("/proc/self/cgroup")).rstrip("/")), Path(mount)]
     prune_stale(parents, alive)
@@ -267,22 +281,36 @@ def open_filter(name: str, alive=lambda name: False) -> HostFilter:
         raise FilterUnavailable(f"cannot create a cgroup under {parents[0]}")
     host_filter = HostFilter(cgroup, denied, allowed)
     try:
-        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for attach_type in HOOKS.values():
-                prog = _load(code, attach_type)
-                try:
-                    _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", fd, prog, attach_type, BPF_F_ALLOW_MULTI))
-                except OSError as exc:
-                    raise FilterUnavailable(f"cannot attach the host filter to a cgroup ({exc.strerror})") from None
-                finally:
-                    os.close(prog)
-        finally:
-            os.close(fd)
+        _attach(cgroup, code)
     except BaseException:
         host_filter.close()
         raise
     return host_filter
+
+
+def new_addresses(known: tuple[str, ...], fib_trie: str) -> tuple[str, ...]:
+    """This host's addresses (from /proc/net/fib_trie) that are not loopback and not in `known` (pure)."""
+    return tuple(a for a in local_addresses(fib_trie) if not a.startswith("127.") and a not in known)
+
+
+def dns_allowed(resolv_conf: str, denied: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """The resolvers a program denying `denied` (and loopback) must still let DNS reach (pure)."""
+    return tuple((r, DNS_PORT) for r in resolvers(resolv_conf) if r.startswith("127.") or r in denied)
+
+
+def _attach(cgroup: Path, code: bytes) -> None:
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for attach_type in HOOKS.values():
+            prog = _load(code, attach_type)
+            try:
+                _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", fd, prog, attach_type, BPF_F_ALLOW_MULTI))
+            except OSError as exc:
+                raise FilterUnavailable(f"cannot attach the host filter to a cgroup ({exc.strerror})") from None
+            finally:
+                os.close(prog)
+    finally:
+        os.close(fd)
 
 
 def prune_stale(parents: list[Path], alive) -> None:

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -99,6 +100,23 @@ class Launched:
     lifeline: sandbox.Lifeline | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     finished: bool = False
+    filter_checked: float = 0.0
+
+    def keep_filter_current(self, verbose: bool = False) -> None:
+        """Deny host addresses gained since the VM started (every hostfilter.REFRESH_S; cheap: one
+        read of /proc/net/fib_trie). A filter that cannot take more programs is said once."""
+        now = time.monotonic()
+        if self.host_filter is None or now - self.filter_checked < hostfilter.REFRESH_S:
+            return
+        self.filter_checked = now
+        try:
+            added = self.host_filter.refresh()
+        except (hostfilter.FilterUnavailable, OSError) as exc:
+            say_once("filter-refresh", f"warning: the host gained an address that the guest may reach ({exc})", True)
+            self.filter_checked = float("inf")  # the kernel takes no more programs: stop trying
+            return
+        if added and verbose:
+            ui.current().info(f"jvmkit: the host gained {', '.join(added)}: blocked for the guest too")
 
     def backend_failed(self) -> str | None:
         """Why the network backend process died while QEMU runs (None: it did not)."""

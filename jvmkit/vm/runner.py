@@ -389,6 +389,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
             if stop.is_set():
                 outcome = "interrupted"
                 break
+            launched.keep_filter_current(options.verbose)
             if launched.backend_failed():
                 try:  # passt also ends when a finishing QEMU closes its socket: only a live QEMU lost its network
                     qemu_proc.wait(timeout=2)
