@@ -236,6 +236,10 @@ publish = ["{base}+:8080"]
         assert {f"jvmkit-{name}-1", f"jvmkit-{name}-2"} <= domain_names(conn)
         rows = json.loads(jvmkit("ps", "--json", env=env).stdout)["vms"]
         assert sorted((r["name"], r.get("engine")) for r in rows) == [(f"{name}-1", "libvirt"), (f"{name}-2", "libvirt")]
+        # `balloon status` reads each domain's balloon through libvirt (GUEST MEM), as the brain does
+        status = json.loads(jvmkit("balloon", "status", "--json", env=env).stdout)
+        guest = {v["name"]: v.get("guest_mib") for v in status["vms"]}
+        assert all(guest.get(f"{name}-{k}") for k in (1, 2)), status
     finally:
         down = jvmkit("down", name, timeout=180, env=env)
     assert down.returncode == 0, down.stderr
