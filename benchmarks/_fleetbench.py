@@ -156,8 +156,10 @@ class VmFleet:
     """Replicas as one-VM fleets under one host_memory (see the module)."""
 
     def __init__(self, tag: str, image: Path, work: Path, env: dict, *, balloon: bool, memory: str, budget: str,
-                 min_memory: str = "256M", base_port: int = 19000, interval: float | None = None):
+                 min_memory: str = "256M", base_port: int = 19000, interval: float | None = None,
+                 tcg_cache: str | None = None):
         self.tag, self.image, self.work, self.env = tag, image, work, env
+        self.tcg_cache = tcg_cache
         self.balloon, self.memory, self.budget, self.min_memory = balloon, memory, budget, min_memory
         self.base_port, self.names, self.ports = base_port, [], []
         self.root = Path(env["XDG_RUNTIME_DIR"]) / "jvmkit"
@@ -168,7 +170,8 @@ class VmFleet:
         path.write_text(f'name = "{self.tag}-{k}"\nhost_memory = "{self.budget}"\n[[vm]]\nname = "{name}"\n'
                         f'image = "{self.image}"\nmemory = "{self.memory}"\nmin_memory = "{self.min_memory}"\n'
                         f'balloon = {str(self.balloon).lower()}\npublish = ["{self.base_port + k}:8080"]\n'
-                        f'args = ["--port", "8080"]\nballoon_log = "balloon-logs/{{name}}.jsonl"\n')
+                        f'args = ["--port", "8080"]\nballoon_log = "balloon-logs/{{name}}.jsonl"\n'
+                        + (f'tcg_cache = "{self.tcg_cache}"\n' if self.tcg_cache else ""))
         return path
 
     def start(self, k: int) -> tuple[bool, str]:

@@ -77,7 +77,7 @@ def density_vm(way: str, ctx: dict, rep: int) -> dict:
     balloon = way == "vm_fleet"
     fleet = F.VmFleet(f"d{rep}{'b' if balloon else 'n'}", ctx["linux_image"], ctx["work"], ctx["env"],
                       balloon=balloon, memory=ctx["vm_memory"], budget=ctx["budget"],
-                      base_port=fresh_ports(ctx["max_vms"]))
+                      base_port=fresh_ports(ctx["max_vms"]), tcg_cache=ctx.get("tcg_cache"))
     result: dict = {"instances": 0, "stopped_by": None, "per_instance": []}
     try:
         for k in range(ctx["max_vms"]):
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--move-mb", type=int, default=150)
     p.add_argument("--skip", action="append", default=[], help="density or crowd (repeatable)")
     p.add_argument("--ways", default=",".join(WAYS), help=f"density ways to run [{','.join(WAYS)}]")
+    p.add_argument("--tcg-cache", default=None, help="the VMs' --tcg-cache (both VM ways) [jvmkit's default]")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("density.py needs root for its memory cgroups and namespaces", file=sys.stderr)
@@ -444,9 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = {"work": ws.dir, "env": env, "linux_image": linux, "osv_image": osv, "manifest": manifest,
                "rootfs": F.unpack_initramfs(linux, ws.dir / "rootfs"), "budget": args.budget, "vm_memory": "1G",
                "crowd_memory": "512M", "fill_mb": args.fill_mb, "move_mb": args.move_mb,
-               "max_vms": 12, "max_cgroup": 40, "quick": args.quick, "out": args.out}
+               "max_vms": 12, "max_cgroup": 40, "quick": args.quick, "out": args.out, "tcg_cache": args.tcg_cache}
         result: dict = {"benchmark": "density", "quick": args.quick, "machine": C.machine(env), "setup": {
             "budget": args.budget, "fill_mb": args.fill_mb, "move_mb": args.move_mb, "reps": reps,
+            "tcg_cache": args.tcg_cache or "jvmkit's default (128M)",
             "vm_memory": "1G", "min_memory": "256M", "crowd_memory": "512M", "osv": osv_note or "packed",
             "containers": "unshare --mount --pid --fork --uts --ipc + chroot into the linux image's initramfs, "
                           "cgroup v1 memory limit 1G each under a parent limited to the budget; host network, one "

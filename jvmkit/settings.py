@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from jvmkit.engines import DEFAULT_CONNECT, ENGINES
+from jvmkit.vm.qemu import TCG_TB_MIB
 from jvmkit.errors import UsageError
 from jvmkit.packager import targets
 from jvmkit.units import parse_mib
@@ -131,13 +132,22 @@ class Seconds(Kind):
 class SizeType(click.ParamType):
     name = "size"
 
+    def __init__(self, kind: "Size | None" = None):
+        self.kind = kind
+
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
         try:
-            return parse_mib(value, "")
+            mib = parse_mib(value, "")
         except UsageError as exc:
             self.fail(str(exc).strip(), param, ctx)
+        if self.kind is not None:
+            try:
+                self.kind.bounded(mib, value)
+            except Invalid as exc:
+                self.fail(str(exc), param, ctx)
+        return mib
 
 
 class Size(Kind):
@@ -145,15 +155,24 @@ class Size(Kind):
 
     annotation, toml_types, noun = int, (str, int), "a size such as 512M or 2G"
 
+    def __init__(self, low_mib: int | None = None, high_mib: int | None = None):
+        self.low_mib, self.high_mib = low_mib, high_mib
+
     def click_type(self):
-        return SizeType()
+        return SizeType(self)
 
     def check(self, value):
         try:
-            return parse_mib(str(value), "")
+            mib = parse_mib(str(value), "")
         except UsageError as exc:
             wrong = "must be larger than zero" if "larger than zero" in exc.message else f"must be {self.noun}"
             raise Invalid(f"{wrong}, not {value!r}") from None
+        return self.bounded(mib, value)
+
+    def bounded(self, mib: int, value) -> int:
+        if self.low_mib is not None and not self.low_mib <= mib <= self.high_mib:
+            raise Invalid(f"must be between {self.low_mib}M and {self.high_mib}M, not {value}")
+        return mib
 
     def show(self, value) -> str:
         return f"{value}M"
@@ -199,6 +218,7 @@ class ListOf(Kind):
 
 
 TEXT, FLAG, SIZE, PATH = Text(), Flag(), Size(), PathKind()
+TCG_CACHE = Size(16, 2048)  # QEMU takes any tb-size; below 16M a JVM's boot retranslates without end
 
 
 # ---- the table --------------------------------------------------------------------------------------
@@ -284,6 +304,9 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="[ADDR:]HOST:GUEST"),
     Setting("accel", Choice(ACCELS), RUN_SNAPSHOT, ("--accel",), "run.accel", "auto",
             "Accelerator: KVM only if a real probe succeeds (auto), or force one."),
+    Setting("tcg_cache_mib", TCG_CACHE, RUN_SNAPSHOT, ("--tcg-cache",), "run.tcg_cache", TCG_TB_MIB,
+            "Under TCG: QEMU's translation cache, host memory each VM may fill (KVM has none). Smaller fits "
+            "more VMs on a host, larger boots big apps faster.", metavar="SIZE"),
     Setting("engine", Choice(ENGINES), RUN, ("--engine",), "run.engine", "qemu",
             "What starts the VM: jvmkit's own QEMU, or a transient libvirt domain (needs jvmkit[libvirt])."),
     Setting("connect", TEXT, RUN, ("--connect",), "run.connect", DEFAULT_CONNECT,

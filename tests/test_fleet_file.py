@@ -170,3 +170,19 @@ def test_network_and_engine_reach_the_run(images):
 
     for argv in (a, b):
         assert cli.get_command(None, "run").make_context("run", argv[1:])
+
+
+def test_tcg_cache_reaches_the_run_and_is_bounded(images):
+    fleet = load(write(images, '[[vm]]\nname = "a"\nimage = "front.jvmkit"\ntcg_cache = "48M"\n'))
+    argv = fleet.get("a").run_args()
+    assert argv[argv.index("--tcg-cache") + 1] == "48M"
+    with pytest.raises(UsageError, match="'tcg_cache' must be between 16M and 2048M"):
+        load(write(images, '[[vm]]\nname = "a"\nimage = "front.jvmkit"\ntcg_cache = "4M"\n'))
+
+
+def test_the_budget_counts_each_vms_own_translation_cache():
+    from jvmkit.fleet.brain import QEMU_OVERHEAD_MIB, overhead_mib
+
+    assert overhead_mib({"accel": "kvm", "tcg_tb_mib": 128}) == QEMU_OVERHEAD_MIB
+    assert overhead_mib({"accel": "tcg", "tcg_tb_mib": 32}) == QEMU_OVERHEAD_MIB + 32
+    assert overhead_mib({"accel": "tcg"}) == QEMU_OVERHEAD_MIB + 128  # a state written before the option

@@ -83,6 +83,9 @@ def test_the_device_signature_has_what_the_guest_sees_and_no_host_paths(tmp_path
     for change in ({"free_page_reporting": False}, {"rng": False}, {"cpus": 2}, {"memory_mib": 1024},
                    {"accel": "kvm"}, {"data_disks": ()}):
         assert device_signature(osv_vm(tmp_path, **change)) != signature, change
+    # the translation cache tunes QEMU, not the guest: a snapshot restores with another --tcg-cache
+    smaller = osv_vm(tmp_path, tcg_tb_mib=32)
+    assert device_signature(smaller) == signature and "tb-size=32" in qemu_argv(smaller)[qemu_argv(smaller).index("-accel") + 1]
 
 
 def test_hostfwd_add_command():

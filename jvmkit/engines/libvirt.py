@@ -194,11 +194,12 @@ class FileFeed:
 
 def domain_spec(name: str, plan, *, memory_mib: int, cpus: int, accel: str, run: rundir.RunDir,
                 ports: tuple[PortForward, ...], disk_aio: str | None, free_page_reporting: bool,
-                image: str, target: str) -> libvirt_xml.DomainSpec:
+                image: str, target: str, tcg_tb_mib: int | None = None) -> libvirt_xml.DomainSpec:
     return libvirt_xml.DomainSpec(
         name=name, plan=plan, memory_mib=memory_mib, cpus=cpus, accel=accel, console_log=run.console_log,
         app_log=run.path / "app.log" if libvirt_xml.app_log_needed(plan) else None, ports=ports,
-        disk_aio=disk_aio, free_page_reporting=free_page_reporting, image=image, target=target)
+        disk_aio=disk_aio, free_page_reporting=free_page_reporting, image=image, target=target,
+        **({"tb_cache_mib": tcg_tb_mib} if tcg_tb_mib else {}))
 
 
 def _accel(requested: str, uri: str, kernel: Path) -> tuple[str, str]:
@@ -250,7 +251,7 @@ def run(image_path: Path, options, on_started: Callable[[LibvirtVm], None] | Non
                            run=run_dir, ports=tuple(forwards),
                            disk_aio=iouring.disk_aio(qemu) if plan.disk and qemu else None,
                            free_page_reporting=options.free_page_reporting, image=str(image.path),
-                           target=target.name)
+                           target=target.name, tcg_tb_mib=options.tcg_cache_mib)
         xml = libvirt_xml.domain_xml(spec)
         (run_dir.path / "domain.xml").write_text(xml)
         try:
@@ -268,6 +269,7 @@ def run(image_path: Path, options, on_started: Callable[[LibvirtVm], None] | Non
                              "qemu_pid": pid or os.getpid(), "jvmkit_pid": os.getpid(),
                              "image": str(image.path), "target": target.name, "memory_mib": memory, "cpus": cpus,
                              "accel": accel, "qmp": None,
+                             "tcg_tb_mib": spec.tb_cache_mib if accel == "tcg" else None,
                              "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}" for p in forwards],
                              "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,
                              "started": time.time()})

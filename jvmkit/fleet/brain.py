@@ -50,7 +50,9 @@ DECISIONS_MAX_BYTES = 20 * 2**20
 
 
 def overhead_mib(state: dict) -> int:
-    return QEMU_OVERHEAD_MIB + (TCG_TB_MIB if state.get("accel") == "tcg" else 0)
+    if state.get("accel") != "tcg":
+        return QEMU_OVERHEAD_MIB
+    return QEMU_OVERHEAD_MIB + int(state.get("tcg_tb_mib") or TCG_TB_MIB)
 
 
 def default_budget_mib(host_total: int | None) -> int:

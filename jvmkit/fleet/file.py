@@ -34,7 +34,7 @@ from pathlib import Path
 
 from jvmkit.engines import ENGINES
 from jvmkit.errors import UsageError
-from jvmkit.settings import ACCELS, FLAG, SIZE, TEXT, Choice, Integer, Invalid, ListOf, PathKind
+from jvmkit.settings import ACCELS, FLAG, SIZE, TCG_CACHE, TEXT, Choice, Integer, Invalid, ListOf, PathKind
 from jvmkit.vm.network import MODES
 
 RESTART = ("no", "on-failure", "always")
@@ -44,7 +44,8 @@ TOP = {"name": TEXT, "host_memory": SIZE, "parallel": Integer(1, 64)}
 VM = {"name": TEXT, "image": PathKind(), "replicas": Integer(1, MAX_REPLICAS), "memory": SIZE, "min_memory": SIZE,
       "weight": Integer(1, 1000), "publish": ListOf(TEXT), "args": ListOf(TEXT), "restart": Choice(RESTART),
       "cpus": Integer(1, 64), "balloon": FLAG, "accel": Choice(ACCELS), "balloon_log": TEXT,
-      "network": Choice(MODES), "allow_host_loopback": FLAG, "engine": Choice(ENGINES), "connect": TEXT}
+      "network": Choice(MODES), "allow_host_loopback": FLAG, "engine": Choice(ENGINES), "connect": TEXT,
+      "tcg_cache": TCG_CACHE}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$")  # room for "-NN" within a VM name's 63
 
 
@@ -71,6 +72,7 @@ class VmSpec:
     allow_host_loopback: bool = False
     engine: str = "qemu"            # qemu | libvirt (a transient domain, `run --engine libvirt`)
     connect: str | None = None      # libvirt's URI [run's default]
+    tcg_cache_mib: int | None = None  # under TCG: the translation cache [run's default]
 
     def run_args(self) -> list[str]:
         """`jvmkit run` arguments that start this VM."""
@@ -81,6 +83,8 @@ class VmSpec:
             argv += ["--network", self.network]
         if self.allow_host_loopback:
             argv.append("--allow-host-loopback")
+        if self.tcg_cache_mib:
+            argv += ["--tcg-cache", f"{self.tcg_cache_mib}M"]
         if self.memory_mib:
             argv += ["--memory", f"{self.memory_mib}M"]
         if self.cpus:
@@ -290,7 +294,7 @@ def _entry(entry: dict, n: int, text: str, path: Path, check_images: bool) -> li
             restart=values.get("restart", "no"), cpus=values.get("cpus"), balloon=values.get("balloon", True),
             accel=values.get("accel", "auto"), network=values.get("network"),
             allow_host_loopback=values.get("allow_host_loopback", False), engine=values.get("engine", "qemu"),
-            connect=values.get("connect"),
+            connect=values.get("connect"), tcg_cache_mib=values.get("tcg_cache"),
             balloon_log=path.parent / values["balloon_log"].replace("{name}", name) if "balloon_log" in values else None))
     return result
 

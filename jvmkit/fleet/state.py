@@ -108,7 +108,7 @@ def reserved_now(root: Path, brain_status: dict | None, pending: dict[str, int])
 
 
 def admit(name: str, floor_mib: int, accel: str, own_budget_mib: int | None, fleet_name: str,
-          pending: dict[str, int], root: Path | None = None) -> Admission:
+          pending: dict[str, int], root: Path | None = None, tcg_tb_mib: int | None = None) -> Admission:
     root = root or rundir.run_root()
     from jvmkit.balloon.host import read_host_memory
 
@@ -117,7 +117,7 @@ def admit(name: str, floor_mib: int, accel: str, own_budget_mib: int | None, fle
     budget, source = budget_for(fleets, read_host_memory()["total"])
     alive, _why = lease.brain_alive(root)
     status = lease.read_json(lease.brain_dir(root) / "status.json") if alive else None
-    return Admission(name, floor_mib, overhead_mib({"accel": accel}), budget, source,
+    return Admission(name, floor_mib, overhead_mib({"accel": accel, "tcg_tb_mib": tcg_tb_mib}), budget, source,
                      reserved_now(root, status, pending))
 
 

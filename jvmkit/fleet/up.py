@@ -124,7 +124,8 @@ class Supervisor:
         for m in self.members:
             if m.phase in ("booting", "running") and m.spec.name in self.memory:
                 floor = state.vm_floor_mib(m.spec.balloon, self.memory[m.spec.name], m.spec.min_memory_mib)
-                result[m.spec.name] = floor + state.overhead_mib({"accel": accel_guess(m.spec)})
+                result[m.spec.name] = floor + state.overhead_mib({"accel": accel_guess(m.spec),
+                                                                  "tcg_tb_mib": m.spec.tcg_cache_mib})
         return result
 
     def admit(self, m: Member) -> bool:
@@ -134,7 +135,7 @@ class Supervisor:
         memory = self.memory[spec.name]
         floor = state.vm_floor_mib(spec.balloon, memory, spec.min_memory_mib)
         verdict = state.admit(spec.name, floor, accel_guess(spec), self.fleet.host_memory_mib, self.fleet.name,
-                              self.pending_reservations())
+                              self.pending_reservations(), tcg_tb_mib=spec.tcg_cache_mib)
         if verdict.admitted:
             return True
         m.phase, m.note = "refused", verdict.refusal()

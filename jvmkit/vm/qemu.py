@@ -281,6 +281,8 @@ def device_signature(c: VmConfig) -> tuple[str, ...]:
     for flag, value in zip(argv, argv[1:]):
         if flag not in keep:
             continue
+        if flag == "-accel":  # tcg or kvm; thread= and tb-size= tune the host side only
+            value = value.split(",", 1)[0]
         if flag == "-drive":
             value = ",".join(part for part in value.split(",") if part.split("=", 1)[0] not in _BACKEND_OPTIONS)
         out.append(f"{flag} {value}")

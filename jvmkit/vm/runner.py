@@ -34,7 +34,7 @@ from jvmkit.packager import manifest_limits, zstd
 from jvmkit.packager import targets
 from jvmkit.packager.targets.base import BootPlan, BootRequest, parse_marker
 from jvmkit.vm import consolelog, iouring, kvm, launch, network, rundir
-from jvmkit.vm.qemu import PortForward, VmConfig, find_qemu
+from jvmkit.vm.qemu import TCG_TB_MIB, PortForward, VmConfig, find_qemu
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILED = 125
@@ -296,7 +296,8 @@ def run(image_path: Path, options: RunOptions,
                 return status
         plan = target.boot_plan(manifest, files, request, run.write_secret)
         config = vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
-                           ports=tuple(forwards), free_page_reporting=options.free_page_reporting)
+                           ports=tuple(forwards), free_page_reporting=options.free_page_reporting,
+                           tcg_tb_mib=options.tcg_cache_mib)
         return _boot(image, target, plan, run, config, options, jmx, on_started, on_stopping, (policy, choice))
     finally:
         run.remove()
@@ -318,7 +319,8 @@ def boot_request(manifest, options: RunOptions, forwards: list[PortForward]) -> 
 
 
 def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: str, qemu: str, run: rundir.RunDir,
-              ports: tuple[PortForward, ...], free_page_reporting: bool = True) -> VmConfig:
+              ports: tuple[PortForward, ...], free_page_reporting: bool = True,
+              tcg_tb_mib: int = TCG_TB_MIB) -> VmConfig:
     """The VM to start for a target's boot plan (pure apart from the io_uring probe's cached verdict)."""
     return VmConfig(
         name=name, kernel=plan.kernel, initrd=plan.initrd, disk=plan.disk, append=plan.append,
@@ -326,7 +328,7 @@ def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: s
         ports=ports, fw_cfg=plan.fw_cfg, app_serial=plan.app_serial, console_stdio=plan.console_stdio,
         data_disks=plan.data_disks, qemu=qemu, machine=plan.machine,
         disk_aio=iouring.disk_aio(qemu) if plan.disk else "threads",
-        low_memory_mib=plan.low_memory_mib, free_page_reporting=free_page_reporting,
+        low_memory_mib=plan.low_memory_mib, free_page_reporting=free_page_reporting, tcg_tb_mib=tcg_tb_mib,
     )
 
 
@@ -357,6 +359,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
         run.write_state({"name": run.name, "qemu_pid": qemu_proc.pid, "jvmkit_pid": os.getpid(),
                          "image": str(image.path), "target": target.name, "memory_mib": config.memory_mib,
                          "cpus": config.cpus, "accel": config.accel, "qmp": str(config.qmp_socket),
+                         "tcg_tb_mib": config.tcg_tb_mib if config.accel == "tcg" else None,
                          "ports": [f"{p.host_addr}:{p.host_port}->{p.guest_port}"
                                    for p in (resume.published if resume else config.ports)],
                          "jmx": {k: v for k, v in (jmx or {}).items() if k != "password"} or None,

@@ -124,7 +124,7 @@ def boot_files(manifest: Manifest) -> dict[str, str]:
 
 def vm_for(image: bundles.Bundle, target, files: dict[str, Path], run: rundir.RunDir, *, memory: int, cpus: int,
            accel: str, qemu: str, args: tuple[str, ...], seed: bytes, control: PortForward,
-           free_page_reporting: bool = True, ports: tuple[PortForward, ...] = ()):
+           free_page_reporting: bool = True, ports: tuple[PortForward, ...] = (), tcg_tb_mib: int | None = None):
     """(boot plan, VmConfig) of a snapshot VM: a cold boot's, with the agent's seed, the control
     forward (and `ports`) as its ports and the target's snapshot devices. The same for saving and
     restoring (the ports are not part of what a restore must match)."""
@@ -134,7 +134,8 @@ def vm_for(image: bundles.Bundle, target, files: dict[str, Path], run: rundir.Ru
     request_args = None if args == tuple(manifest.command.args) else args
     plan = target.boot_plan(manifest, files, BootRequest(args=request_args, seed=seed), run.write_secret)
     config = runner.vm_config(plan, name=run.name, memory_mib=memory, cpus=cpus, accel=accel, qemu=qemu, run=run,
-                              ports=(control, *ports), free_page_reporting=free_page_reporting)
+                              ports=(control, *ports), free_page_reporting=free_page_reporting,
+                              **({"tcg_tb_mib": tcg_tb_mib} if tcg_tb_mib else {}))
     return plan, dataclasses.replace(config, vmgenid=target.restore_traits(manifest).vmgenid)
 
 
@@ -286,7 +287,7 @@ def run_restored(image: bundles.Bundle, target, files: dict[str, Path], run: run
     late = net is None or net[1].backend == "slirp"
     plan, config = vm_for(image, target, files, run, memory=memory, cpus=cpus, accel=accel, qemu=qemu, args=args,
                           seed=PLACEHOLDER_SEED, control=control, free_page_reporting=options.free_page_reporting,
-                          ports=() if late else forwards)
+                          ports=() if late else forwards, tcg_tb_mib=options.tcg_cache_mib)
     wanted = identity_of(config, qemu_version(qemu) or "unknown", args, boot_files(manifest),
                          network=net[1].backend if net else "")
     reason = mismatch(info, wanted) or snapshot_problem(image, info)

@@ -114,7 +114,7 @@ def take(image_path: Path, options) -> SnapshotResult:
         control = PortForward("127.0.0.1", runner.free_port(), snapctl.CONTROL_GUEST_PORT)
         plan, config = vm_for(image, target, files, run, memory=memory, cpus=cpus, accel=accel, qemu=qemu, args=args,
                               seed=snapshot_seed(token), control=control,
-                              free_page_reporting=options.free_page_reporting)
+                              free_page_reporting=options.free_page_reporting, tcg_tb_mib=options.tcg_cache_mib)
         capture = Capture(ready.line, sys.stderr.buffer if options.verbose else None)
         console.info(f"jvmkit: booting {image.name} for a snapshot ({target.name}, {mib_text(memory)}, {cpus} vCPU, "
                      f"{accel}); ready by {ready.describe()}")
