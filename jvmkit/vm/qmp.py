@@ -78,6 +78,10 @@ class QmpClient:
             self._sock.sendall(json.dumps(message).encode() + b"\n")
         except OSError as exc:
             raise QmpError(f"QMP connection {self.path} failed: {exc}") from None
+        return self.await_reply(command)
+
+    def await_reply(self, command: str):
+        """The answer to the command just sent (events that come first are kept in `events`)."""
         while True:
             reply = self._read()
             if "event" in reply:

@@ -150,14 +150,7 @@ class FdQmp(QmpClient):
         if self._sock is None:
             raise QmpError("QMP connection is closed")
         snapstate.send_fd(self._sock, name, fd)
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                raise QmpError(f"QMP getfd: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
+        return self.await_reply("getfd")
 
 
 def wait_migration(qmp: QmpClient, deadline: float, alive, what: str) -> dict:
