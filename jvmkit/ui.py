@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 
@@ -19,19 +19,27 @@ class Console:
     quiet: bool = False
     json: bool = False
     debug: bool = False
-    stream: object = field(default_factory=lambda: sys.stderr)
+    stream: object = None  # None: whatever sys.stderr is when a line is written
+
+    @property
+    def out(self):
+        """Where lines go. Not sys.stderr as it was when the Console was made: jvmkit used as a
+        library (tests, a build tool in-process) swaps and closes sys.stderr around calls, and a
+        line to a closed stream killed a later `runner.run` thread (measured: CI's in-process
+        restore test, after a CliRunner test had configured the console)."""
+        return self.stream if self.stream is not None else sys.stderr
 
     def info(self, message: str) -> None:
         """A progress line for humans (suppressed by --quiet and --json)."""
         if not (self.quiet or self.json):
-            print(message, file=self.stream, flush=True)
+            print(message, file=self.out, flush=True)
 
     def notice(self, message: str) -> None:
         """Something the user should see even with --quiet (always on stderr)."""
-        print(message, file=self.stream, flush=True)
+        print(message, file=self.out, flush=True)
 
     def warn(self, message: str) -> None:
-        print(f"jvmkit: warning: {message}", file=self.stream, flush=True)
+        print(f"jvmkit: warning: {message}", file=self.out, flush=True)
 
     def result(self, human: str, data: dict) -> None:
         """The final result of a command on stdout: a JSON document, or one summary for humans.
@@ -63,7 +71,7 @@ class Progress:
         self.total = total
         self.done = 0
         self._last = 0.0
-        self._tty = hasattr(console.stream, "isatty") and console.stream.isatty()
+        self._tty = hasattr(console.out, "isatty") and console.out.isatty()
         self._silent = console.quiet or console.json
 
     def update(self, n: int) -> None:
@@ -83,9 +91,9 @@ class Progress:
         else:
             text = f"  {self.label} {mib:.1f} MiB"
         if self._tty:
-            print("\r" + text, end=end, file=self.console.stream, flush=True)
+            print("\r" + text, end=end, file=self.console.out, flush=True)
         else:
-            print(text, file=self.console.stream, flush=True)
+            print(text, file=self.console.out, flush=True)
 
     def close(self) -> None:
         if not self._silent:

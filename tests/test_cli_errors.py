@@ -102,3 +102,20 @@ def test_debug_shows_the_traceback_of_a_bug(how):
     assert proc.returncode == 70
     assert "Traceback (most recent call last)" in proc.stderr and "in report" in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("jvmkit: internal error: KeyError")
+
+
+def test_the_console_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """ui.configure() during one caller's captured stderr must not bind later lines to it: a
+    closed capture stream killed a later in-process `runner.run` thread (CI's restore test)."""
+    import io
+
+    from jvmkit import ui
+
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    console = ui.Console()
+    console.info("one")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", later)
+    console.notice("two")
+    assert later.getvalue() == "two\n"

@@ -223,7 +223,7 @@ def test_jlink_progress_counts_roots_and_the_runtime(tmp_path, monkeypatch, caps
     jdk = jdks.find_jdk(None)
     spec = RuntimeSpec(jdk_home=str(jdk.home), jdk_version=jdk.version, jdk_release=jdk.release,
                        modules=("java.logging",), compress="zip", strip_debug=True, cds=False)
-    ui.configure()
+    monkeypatch.setattr(ui, "_current", ui.Console())  # not ui.configure(): that would outlive the test
     runtime = ensure_runtime(spec, jdk.jlink, jdk.jmods)
     assert runtime.modules == ("java.base", "java.logging")
     err = capsys.readouterr().err
