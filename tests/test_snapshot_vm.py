@@ -172,19 +172,24 @@ def test_a_restore_with_jmx_gets_its_own_credentials(jars, target, tmp_path):
     started: list = []
     results: list = []
 
+    errors: list = []
+
     def boot(port):
         options = RunOptions(publish=(f"{port}:8080",), jmx=True, timeout=240.0, verbose=True)
-        results.append(runner.run(image, options, on_started=started.append))
+        try:
+            results.append(runner.run(image, options, on_started=started.append))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test, not lost in a thread
+            errors.append(repr(exc))
 
     ports = [free_port(), free_port()]
     threads = [threading.Thread(target=boot, args=(p,), daemon=True) for p in ports]
     for t in threads:
         t.start()
         deadline = time.monotonic() + BOOT_S
-        while len(started) < threads.index(t) + 1 and time.monotonic() < deadline:
+        while len(started) < threads.index(t) + 1 and t.is_alive() and time.monotonic() < deadline:
             time.sleep(0.2)
     try:
-        assert len(started) == 2
+        assert len(started) == 2, errors
         a, b = started
         assert a.jmx["password"] != b.jmx["password"]
 
