@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from support.servers import free_port, http_body_when_up
+from support.vms import osv_kernel_path
 
 pytestmark = pytest.mark.vm
 
@@ -39,20 +40,7 @@ JVMKIT = [sys.executable, "-m", "jvmkit"]
 ROOT = os.geteuid() == 0
 
 
-def _osv_kernel() -> str | None:
-    env = os.environ.get("JVMKIT_OSV_KERNEL")
-    if env and Path(env).is_file():
-        return env
-    try:
-        from jvmkit.packager.kernels import osv as osv_kernels
-
-        cached = osv_kernels.cached_osv_kernel()
-        return str(cached.path) if cached else None
-    except Exception:  # noqa: BLE001 - an unreadable cache means no kernel
-        return None
-
-
-OSV_KERNEL = _osv_kernel()
+OSV_KERNEL = osv_kernel_path()
 TARGETS = ["linux", pytest.param("osv", marks=[pytest.mark.osv, pytest.mark.skipif(
     OSV_KERNEL is None, reason="no OSv kernel (JVMKIT_OSV_KERNEL or the kernel cache)")])]
 

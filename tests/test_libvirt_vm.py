@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from support.vms import read_log, wait_for
+from support.vms import osv_kernel_path, read_log, wait_for
 from support.servers import free_port, http_body_when_up
 
 pytestmark = pytest.mark.vm
@@ -68,9 +68,11 @@ def domain_names(conn) -> set[str]:
     return {d.name() for d in conn.listAllDomains()}
 
 
+OSV_KERNEL = osv_kernel_path()  # read before the fixtures switch to an empty cache
+
+
 def osv_kernel() -> str | None:
-    env = os.environ.get("JVMKIT_OSV_KERNEL")
-    return env if env and Path(env).exists() else None
+    return OSV_KERNEL if OSV_KERNEL and Path(OSV_KERNEL).exists() else None
 
 
 @pytest.fixture(scope="module")
