@@ -301,3 +301,96 @@ def test_a_shrink_that_stopped_at_its_floor_is_not_retried_while_the_heap_is_unc
     again = policy.decide(replace(i, shrink_floor_mib=482), s)
     assert again.action == "hold" and again.balloon_target_mib == 482, again.reason
     assert policy.decide(replace(i, shrink_floor_mib=482), s, request=True).action == "shrink"
+
+
+def test_a_shrink_held_at_its_floor_is_tried_again_later(tmp_path, monkeypatch):
+    """An idle app's dropped objects count as used until a GC, and only a shrink runs one: a
+    shrink that stopped at its floor is not retried while the heap is unchanged, but only for
+    SHRINK_RETRY_S (then again, backing off). Scripted agent and device, as above."""
+    from types import SimpleNamespace
+
+    from jvmkit.balloon import host
+    from jvmkit.balloon.host import BalloonDevice, Controller
+
+    class Device(BalloonDevice):
+        actual = 1024 * MIB
+
+        def read(self):
+            total = 1000 * MIB
+            return {"actual": self.actual, "updated": 2e9, "total": total,
+                    "available": total - (1024 * MIB - self.actual) - 150 * MIB - 520 * MIB, "free": None}
+
+        def set(self, target_bytes):
+            self.actual = target_bytes
+
+    class Agent:  # the heap does not give: 520 MiB stay committed whatever the shrink asks
+        shrinks = 0
+
+        def balloon_stats(self):
+            return SimpleNamespace(heap_used=400 * MIB, heap_committed=520 * MIB, heap_max=700 * MIB, gc_time_millis=0)
+
+        def shrink_to(self, target):
+            self.shrinks += 1
+            return 520 * MIB
+
+        def close(self):
+            pass
+
+    agent = Agent()
+    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=Device())
+    controller.client = agent
+    monkeypatch.setattr(host, "SHRINK_RETRY_S", 1000.0)
+    controller.step()
+    assert agent.shrinks == 1 and controller.shrink_stop is not None  # stopped at the committed heap
+    controller.step()
+    controller.step()
+    assert agent.shrinks == 1, [d["action"] for d in controller.decisions]  # held, no GC each step
+    floor, used, committed, _ = controller.shrink_stop
+    controller.shrink_stop = (floor, used, committed, 0.0)  # the retry time has come
+    controller.step()
+    assert agent.shrinks == 2 and controller.shrink_backoff == 1, [(d["action"], d.get("reason")) for d in controller.decisions]
+
+
+def test_a_recheck_that_finds_garbage_lets_the_next_step_shrink(tmp_path, monkeypatch):
+    """The re-check's collection frees what the app dropped: no new hold, the next step shrinks
+    the guest to the live heap."""
+    from types import SimpleNamespace
+
+    from jvmkit.balloon import host
+    from jvmkit.balloon.host import BalloonDevice, Controller
+
+    class Device(BalloonDevice):
+        actual = 742 * MIB
+
+        def read(self):
+            total = 1000 * MIB
+            return {"actual": self.actual, "updated": 2e9, "total": total,
+                    "available": total - (1024 * MIB - self.actual) - 150 * MIB - agent.committed, "free": None}
+
+        def set(self, target_bytes):
+            self.actual = target_bytes
+
+    class Agent:
+        used, committed = 400 * MIB, 520 * MIB
+
+        def balloon_stats(self):
+            return SimpleNamespace(heap_used=self.used, heap_committed=self.committed, heap_max=700 * MIB,
+                                   gc_time_millis=0)
+
+        def shrink_to(self, target):
+            self.used, self.committed = 5 * MIB, 40 * MIB  # the dropped objects were garbage
+            return self.committed
+
+        def close(self):
+            pass
+
+    agent = Agent()
+    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=Device())
+    controller.client = agent
+    monkeypatch.setattr(host, "SHRINK_RETRY_S", 1000.0)
+    controller.shrink_stop = (742, agent.used, agent.committed, 0.0)  # held at 742M; the retry time has come
+    controller.step()
+    assert controller.decisions[-1]["action"] == "shrink" and controller.shrink_stop is None
+    controller.step()
+    assert controller.decisions[-1]["action"] == "shrink", controller.decisions[-1]["reason"]
+    assert controller.balloon.actual < 400 * MIB
