@@ -68,8 +68,15 @@ class Run:
             pass  # OSv may power off before the answer is out: the exit status below is what counts
         return self.wait()
 
-    def wait(self, timeout: float = 60) -> int:
-        self.out, self.err = self.proc.communicate(timeout=timeout)
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            self.out, self.err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:  # say what was still running, then fail
+            procs = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args"], capture_output=True, text=True).stdout
+            left = [line[:200] for line in procs.splitlines() if "qemu-system" in line or "passt" in line
+                    or str(self.proc.pid) in line.split()[:2]]
+            pytest.fail(f"`jvmkit run` did not end {timeout:g}s after the app was told to exit; still running: "
+                        f"{left}; its stderr so far: {(exc.stderr or b'')[-1500:]!r}")
         return self.proc.returncode
 
     def kill(self) -> None:
