@@ -76,7 +76,8 @@ class Run:
             left = [line[:200] for line in procs.splitlines() if "qemu-system" in line or "passt" in line
                     or str(self.proc.pid) in line.split()[:2]]
             pytest.fail(f"`jvmkit run` did not end {timeout:g}s after the app was told to exit; still running: "
-                        f"{left}; its stderr so far: {(exc.stderr or b'')[-1500:]!r}")
+                        f"{left}; its own lines: {[l for l in (exc.stderr or b'').decode(errors='replace').splitlines() if l.startswith('jvmkit')]}; "
+                        f"its stdout: {(exc.output or b'')[-500:]!r}")
         return self.proc.returncode
 
     def kill(self) -> None:
