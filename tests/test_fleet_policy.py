@@ -220,6 +220,38 @@ def test_with_room_a_busy_vm_deflates_to_its_ceiling_and_when_short_grows_in_ste
 
 # ---- what the controllers remember for policy.decide (jvmkit.balloon.host) -----------------------
 
+class ScriptedAgent:
+    """Stands in for the guest agent's JMX client in Controller tests (no guest here: the VM tests
+    run the real one). `freed` is what a shrink's collection leaves: (used, committed) MiB, or
+    None when the heap does not give."""
+
+    def __init__(self, used_mib: int, committed_mib: int, freed: tuple[int, int] | None = None):
+        self.used, self.committed, self.freed, self.shrinks = used_mib * MIB, committed_mib * MIB, freed, 0
+
+    def balloon_stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(heap_used=self.used, heap_committed=self.committed, heap_max=700 * MIB,
+                               gc_time_millis=0)
+
+    def shrink_to(self, target):
+        self.shrinks += 1
+        if self.freed:
+            self.used, self.committed = self.freed[0] * MIB, self.freed[1] * MIB
+        return self.committed
+
+    def close(self):
+        pass
+
+
+def scripted_controller(tmp_path, agent, device):
+    from jvmkit.balloon.host import Controller
+
+    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=device)
+    controller.client = agent
+    return controller
+
+
 def test_non_heap_never_reads_below_what_was_seen():
     """Committed but untouched heap reads as free in the guest: the non-heap estimate falls
     (51M instead of ~200M measured after a cache fill) unless the most seen is kept."""
@@ -248,9 +280,8 @@ def test_the_controller_keeps_non_heap_only_from_stats_taken_after_the_heap_move
     """jvmkit.balloon.host.Controller's bookkeeping with a scripted agent and balloon device (no
     guest here: the VM tests run the real ones)."""
     import time as _time
-    from types import SimpleNamespace
 
-    from jvmkit.balloon.host import BalloonDevice, Controller
+    from jvmkit.balloon.host import BalloonDevice
 
     class Device(BalloonDevice):
         def __init__(self):
@@ -262,22 +293,8 @@ def test_the_controller_keeps_non_heap_only_from_stats_taken_after_the_heap_move
         def set(self, target_bytes):
             self.changed_at = 0.0  # keep the scripted stats fresh
 
-    class Agent:
-        committed = 520 * MIB
-
-        def balloon_stats(self):
-            return SimpleNamespace(heap_used=100 * MIB, heap_committed=self.committed, heap_max=700 * MIB,
-                                   gc_time_millis=0)
-
-        def shrink_to(self, target):
-            return self.committed
-
-        def close(self):
-            pass
-
-    device, agent = Device(), Agent()
-    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=device)
-    controller.client = agent
+    device, agent = Device(), ScriptedAgent(100, 520)
+    controller = scripted_controller(tmp_path, agent, device)
 
     def step(non_heap, updated):
         total = 1000 * MIB
@@ -307,10 +324,8 @@ def test_a_shrink_held_at_its_floor_is_tried_again_later(tmp_path, monkeypatch):
     """An idle app's dropped objects count as used until a GC, and only a shrink runs one: a
     shrink that stopped at its floor is not retried while the heap is unchanged, but only for
     SHRINK_RETRY_S (then again, backing off). Scripted agent and device, as above."""
-    from types import SimpleNamespace
-
     from jvmkit.balloon import host
-    from jvmkit.balloon.host import BalloonDevice, Controller
+    from jvmkit.balloon.host import BalloonDevice
 
     class Device(BalloonDevice):
         actual = 1024 * MIB
@@ -323,22 +338,8 @@ def test_a_shrink_held_at_its_floor_is_tried_again_later(tmp_path, monkeypatch):
         def set(self, target_bytes):
             self.actual = target_bytes
 
-    class Agent:  # the heap does not give: 520 MiB stay committed whatever the shrink asks
-        shrinks = 0
-
-        def balloon_stats(self):
-            return SimpleNamespace(heap_used=400 * MIB, heap_committed=520 * MIB, heap_max=700 * MIB, gc_time_millis=0)
-
-        def shrink_to(self, target):
-            self.shrinks += 1
-            return 520 * MIB
-
-        def close(self):
-            pass
-
-    agent = Agent()
-    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=Device())
-    controller.client = agent
+    agent = ScriptedAgent(400, 520)  # the heap does not give: 520 MiB stay committed whatever the shrink asks
+    controller = scripted_controller(tmp_path, agent, Device())
     monkeypatch.setattr(host, "SHRINK_RETRY_S", 1000.0)
     controller.step()
     assert agent.shrinks == 1 and controller.shrink_stop is not None  # stopped at the committed heap
@@ -354,10 +355,8 @@ def test_a_shrink_held_at_its_floor_is_tried_again_later(tmp_path, monkeypatch):
 def test_a_recheck_that_finds_garbage_lets_the_next_step_shrink(tmp_path, monkeypatch):
     """The re-check's collection frees what the app dropped: no new hold, the next step shrinks
     the guest to the live heap."""
-    from types import SimpleNamespace
-
     from jvmkit.balloon import host
-    from jvmkit.balloon.host import BalloonDevice, Controller
+    from jvmkit.balloon.host import BalloonDevice
 
     class Device(BalloonDevice):
         actual = 742 * MIB
@@ -370,23 +369,8 @@ def test_a_recheck_that_finds_garbage_lets_the_next_step_shrink(tmp_path, monkey
         def set(self, target_bytes):
             self.actual = target_bytes
 
-    class Agent:
-        used, committed = 400 * MIB, 520 * MIB
-
-        def balloon_stats(self):
-            return SimpleNamespace(heap_used=self.used, heap_committed=self.committed, heap_max=700 * MIB,
-                                   gc_time_millis=0)
-
-        def shrink_to(self, target):
-            self.used, self.committed = 5 * MIB, 40 * MIB  # the dropped objects were garbage
-            return self.committed
-
-        def close(self):
-            pass
-
-    agent = Agent()
-    controller = Controller("t", tmp_path, tmp_path / "none.sock", {}, Settings(1024, 256), device=Device())
-    controller.client = agent
+    agent = ScriptedAgent(400, 520, freed=(5, 40))  # the dropped objects were garbage
+    controller = scripted_controller(tmp_path, agent, Device())
     monkeypatch.setattr(host, "SHRINK_RETRY_S", 1000.0)
     controller.shrink_stop = (742, agent.used, agent.committed, 0.0)  # held at 742M; the retry time has come
     controller.step()
