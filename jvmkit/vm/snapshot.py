@@ -208,6 +208,11 @@ class Resume:
                     raise RestoreFailed(self.feeder.error or "the state file was not read to its end in time")
                 self.loaded_s = time.monotonic() - started
                 qmp.execute("cont")
+                try:  # the NIC announces itself (the guest's gratuitous ARP, else QEMU's RARP) so that a
+                    # network backend new to this guest (passt) learns where it is before the session
+                    qmp.execute("announce-self", initial=1, max=50, rounds=2, step=50)
+                except QmpError:
+                    pass
                 self.renew(alive)
                 self.renewed_s = time.monotonic() - started
                 for fwd in self.ports:
