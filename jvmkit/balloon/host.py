@@ -34,7 +34,7 @@ STATUS_FILE = "balloon.json"
 REQUEST_FILE = "balloon-request.json"
 RESULT_FILE = "balloon-result.json"
 BALLOON_QOM = "/machine/peripheral/balloon0"
-COMMITTED_MOVED = 8 * 2**20  # a heap committed size that moved more than this is a new reading
+HEAP_MOVED = 8 * 2**20  # a heap used or committed size that moved more than this is a new reading
 SHRINK_RETRY_S = 15.0  # a shrink that stopped at its floor is tried again after this long (see _shrink_floor)
 
 
@@ -278,7 +278,7 @@ class Controller:
         delta = 0.0 if self.last_gc_ms is None else max(0.0, gc_ms - self.last_gc_ms)
         interval, self.last_gc_ms, self.last_time = now - self.last_time, gc_ms, now
         host = read_host_memory()
-        if self.committed_at is None or abs(stats.heap_committed - self.committed_at[0]) > COMMITTED_MOVED:
+        if self.committed_at is None or abs(stats.heap_committed - self.committed_at[0]) > HEAP_MOVED:
             self.committed_at = (stats.heap_committed, time.time())
         inputs = policy.Inputs(
             heap_used=stats.heap_used, heap_committed=stats.heap_committed,
@@ -330,7 +330,7 @@ class Controller:
             target = policy.final_balloon_target(d, after, settings)
             self.last_floor = policy.floor_for(after, settings)
             # stopped at the floor, or a re-check that found no garbage: hold (retried later)
-            found_nothing = before.recheck_live and abs(after_stats.heap_used - before.heap_used) <= COMMITTED_MOVED
+            found_nothing = before.recheck_live and abs(after_stats.heap_used - before.heap_used) <= HEAP_MOVED
             stopped = (target > d.balloon_target_mib or found_nothing) and not request
             if stopped:  # retried after SHRINK_RETRY_S, doubling while it keeps stopping there (at most 8x)
                 self.shrink_backoff = min(self.shrink_backoff + 1, 4) if self.shrink_stop_expired else 0
@@ -368,7 +368,7 @@ class Controller:
         if self.shrink_stop is None:
             return None
         floor, used, committed, retry_at = self.shrink_stop
-        if abs(stats.heap_used - used) > 8 * MIB or abs(stats.heap_committed - committed) > 8 * MIB:
+        if abs(stats.heap_used - used) > HEAP_MOVED or abs(stats.heap_committed - committed) > HEAP_MOVED:
             self.shrink_stop, self.shrink_backoff = None, 0
             return None
         if time.monotonic() >= retry_at:
