@@ -151,8 +151,9 @@ class Decision:
     note: str | None              # what is missing, for the user (None: fully confined)
 
 
-def decide(qemu: str, run_path: Path, taken: set[int]) -> Decision:
-    """QEMU's confinement for one VM whose run directory is `run_path`."""
+def decide(qemu: str, run_path: Path | None, taken: set[int]) -> Decision:
+    """QEMU's confinement for one VM whose run directory is `run_path` (None: no chroot, for the
+    KVM probe, whose only file is opened before QEMU drops to its user)."""
     v = verdict(qemu)
     if v.get("failed") and not v.get("seccomp") and is_root():
         # QEMU accepted none of it, not even the user and root: confine nothing rather than fail
@@ -163,20 +164,15 @@ def decide(qemu: str, run_path: Path, taken: set[int]) -> Decision:
     if not is_root():
         return Decision(Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"]), note)
     uid = allocate_ids(taken)
-    chroot = make_root(run_path / "root", _read("/etc/resolv.conf"))
+    chroot = None if run_path is None else make_root(run_path / "root", _read("/etc/resolv.conf"))
     return Decision(Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"], runas=(uid, uid), chroot=chroot),
                     note)
 
 
 def probe_confinement(qemu: str, taken: set[int]) -> Confinement:
     """The KVM probe's QEMU, which boots the image's kernel: a VM's seccomp filter and (as root)
-    user, without the chroot (its only file, the console log, is opened before QEMU drops)."""
-    v = verdict(qemu)
-    if v.get("failed") and not v.get("seccomp") and is_root():
-        return Confinement(seccomp=False)
-    uid = allocate_ids(taken) if is_root() else None
-    return Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"],
-                       runas=(uid, uid) if uid is not None else None)
+    user, without the chroot."""
+    return decide(qemu, None, taken).confinement
 
 
 def _read(path: str) -> str:
