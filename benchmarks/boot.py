@@ -81,23 +81,28 @@ def boot_once(image: Path, memory: str, env: dict, timeout: float = 600, app_arg
     return record
 
 
+def qemu_child(pid: int) -> int | None:
+    """The VM's QEMU among jvmkit's children: the one whose command line has -kernel (jvmkit also
+    runs `qemu --version` and the like first); None while there is none."""
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    if b"-kernel" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                        return int(child)
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return None
+
+
 def _watch_child(proc: subprocess.Popen, t0: float, found: list[float]) -> None:
-    """Note when jvmkit has started the VM's QEMU (a child whose command line has -kernel; jvmkit also
-    runs `qemu --version` and the like first): polls /proc/PID/task/*/children every 5 ms."""
-    task_dir = Path(f"/proc/{proc.pid}/task")
+    """Note when jvmkit has started the VM's QEMU: polls its children every 5 ms."""
     while proc.poll() is None:
-        try:
-            for task in task_dir.iterdir():
-                for child in (task / "children").read_text().split():
-                    try:
-                        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                    except OSError:
-                        continue
-                    if b"-kernel" in argv:
-                        found.append(time.monotonic() - t0)
-                        return
-        except OSError:
-            pass
+        if qemu_child(proc.pid) is not None:
+            found.append(time.monotonic() - t0)
+            return
         time.sleep(0.005)
 
 

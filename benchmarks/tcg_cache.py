@@ -23,32 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _common as C  # noqa: E402
-from boot import osv_available  # noqa: E402
+import _fleetbench as F  # noqa: E402
+from boot import osv_available, qemu_child  # noqa: E402
 
 APPS = {"hello": (("bench",), "Hello"), "multijar": ((), "{")}
 
 
-def qemu_child(pid: int) -> int | None:
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                if b"-kernel" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
-                    return int(child)
-            except OSError:
-                continue
-    return None
-
-
 def tb_rss_kib(pid: int) -> int:
     """RSS of QEMU's executable anonymous mappings: TCG's translation buffer."""
-    total, in_tb = 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split()
-        if len(head) >= 5 and "-" in head[0] and len(head[1]) == 4:  # a mapping's header line
-            in_tb = "x" in head[1] and len(head) == 5
-        elif in_tb and line.startswith("Rss:"):
-            total += int(head[1])
-    return total
+    return sum(m.get("Rss", 0) for m in F.smaps(pid) if not m["path"] and "x" in m["perms"])
 
 
 def boot(image: Path, size: str, app: str, env: dict) -> dict:
