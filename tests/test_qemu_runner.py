@@ -140,6 +140,16 @@ def test_diagnose():
     assert "without reporting" in diagnose("", "", 0)
 
 
+def test_diagnose_names_what_crashed():
+    jvm = "#\n# A fatal error has been detected by the Java Runtime Environment:\n#\n#  SIGSEGV (0xb) at pc=0x1, pid=1, tid=3\n#\n"
+    assert diagnose("booting\n" + jvm + "Aborted\n", "", 0) == "the JVM crashed: SIGSEGV (0xb) at pc=0x1, pid=1, tid=3"
+    oom = "# There is insufficient memory for the Java Runtime Environment to continue.\n# Native memory allocation (mmap) failed to map 8 bytes\n"
+    assert diagnose(oom, "", 0) == "the JVM crashed: Native memory allocation (mmap) failed to map 8 bytes"
+    osv = "Assertion failed: x (core/mmu.cc: f: 12)\n\n[backtrace]\n0x0000000040221a3c <abort+0x1>\nAborted\n"
+    assert diagnose(osv, "", 0) == "the guest crashed: Aborted (after: Assertion failed: x (core/mmu.cc: f: 12))"
+    assert diagnose("Aborted\n", "", 0) == "the guest crashed: Aborted"
+
+
 def verdict(usable):
     return lambda: kvm.KvmVerdict(usable, "ok" if usable else "emulation failure", "h", 0.0)
 

@@ -15,6 +15,7 @@ import glob
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,15 @@ def cli(*args, timeout=BOOT_S):
     env = {**os.environ, **({"JVMKIT_OSV_KERNEL": OSV_KERNEL} if OSV_KERNEL else {})}
     return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env=env)
+
+
+def explained(proc) -> str:
+    """A failed command's stderr, and the end of the console log it kept (the guest's last words)."""
+    text = proc.stderr
+    kept = re.search(r"console log: (\S+)\)", text)
+    if kept and os.path.exists(kept.group(1)):
+        text += "\n--- end of the console log ---\n" + Path(kept.group(1)).read_text(errors="replace")[-4000:]
+    return text
 
 
 class Run:
@@ -118,7 +128,7 @@ def test_snapshot_then_three_restores_answer_like_a_cold_boot(jars, target, tmp_
     assert body == "hello from jvmkit httpd\n" and status == 3 and not cold.restored, cold.err
 
     taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
-    assert taken.returncode == 0, taken.stderr
+    assert taken.returncode == 0, explained(taken)
     assert "ready by url http://127.0.0.1:8080/" in taken.stdout
     inspect = cli("inspect", image)
     assert "snapshot   present:" in inspect.stdout
@@ -174,7 +184,7 @@ def test_a_restore_with_jmx_gets_its_own_credentials(jars, target, tmp_path):
 
     image = pack(jars["httpd"], target, tmp_path / "httpd.jvmkit")
     taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
-    assert taken.returncode == 0, taken.stderr
+    assert taken.returncode == 0, explained(taken)
     token = next((image / "snapshot").glob("token-*")).read_text().strip()
 
     started: list = []
@@ -258,7 +268,7 @@ def test_a_restore_with_jmx_gets_its_own_credentials(jars, target, tmp_path):
 def test_a_damaged_or_mismatched_snapshot_means_a_cold_boot(jars, target, tmp_path):
     image = pack(jars["httpd"], target, tmp_path / "httpd.jvmkit")
     taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
-    assert taken.returncode == 0, taken.stderr
+    assert taken.returncode == 0, explained(taken)
 
     other_memory = Run(image, "--memory", "640M", "--timeout", "3")
     assert other_memory.wait(120) == 124
@@ -294,7 +304,7 @@ def test_a_fleet_restores_its_replicas_from_one_snapshot(jars, tmp_path):
     replica is restored from it (ps says so) and answers on its own port; `down` ends them."""
     image = pack(jars["httpd"], "linux", tmp_path / "httpd.jvmkit")
     taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
-    assert taken.returncode == 0, taken.stderr
+    assert taken.returncode == 0, explained(taken)
     base = free_port()
     (tmp_path / "web.toml").write_text(f'''\
 name = "web"
@@ -334,7 +344,7 @@ def test_without_root_the_snapshot_and_its_restores_run_on_passt(jars, tmp_path)
     passt = {**os.environ, "JVMKIT_NETWORK_BACKEND": "passt"}
     taken = subprocess.run([*JVMKIT, "snapshot", str(image), "--ready-url", "http://127.0.0.1:8080/"], env=passt,
                            capture_output=True, text=True, timeout=BOOT_S, stdin=subprocess.DEVNULL)
-    assert taken.returncode == 0, taken.stderr
+    assert taken.returncode == 0, explained(taken)
     assert json.loads((image / "manifest.json").read_text())["snapshot"]["network"] == "passt"
     warm = Run(image, env=passt)
     try:

@@ -378,7 +378,7 @@ def _watch(lv, target, manifest, plan, spec: libvirt_xml.DomainSpec, vm: Libvirt
             reason = runner.diagnose(console_text, "", None, target).replace(
                 "the VM stopped without reporting the app's exit status (QEMU exit None)",
                 "the domain ended without reporting the app's exit status")
-        log = runner._keep_log(vm.run)
+        log = runner.keep_log(vm.run)
         console.notice(f"jvmkit: error: {reason} (console log: {log})")
         return runner.EXIT_VM_FAILED
     finally:

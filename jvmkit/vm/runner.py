@@ -106,13 +106,33 @@ def diagnose(console_text: str, qemu_stderr: str, qemu_rc: int | None, target=No
         reason = t.diagnose(console_text)
         if reason:
             return reason
-    for line in console_text.splitlines():
-        if "Aborted" in line or "page fault" in line.lower():
-            return "the guest crashed: " + line.strip()
+    crash = _crash(console_text)
+    if crash:
+        return crash
     errors = [l.split(": ", 1)[-1] for l in qemu_stderr.splitlines() if l.startswith("qemu-system") and "warning" not in l]
     if errors:
         return "QEMU failed: " + errors[0]
     return f"the VM stopped without reporting the app's exit status (QEMU exit {qemu_rc})"
+
+
+JVM_FATAL = ("A fatal error has been detected by the Java Runtime Environment",
+             "There is insufficient memory for the Java Runtime Environment")
+
+
+def _crash(console_text: str) -> str | None:
+    """The JVM's own fatal-error report (its first detail line: the signal and pc, or the failed
+    allocation), else a guest abort or page fault with the line the guest printed just before it
+    (OSv prints an assertion or an out-of-memory line, then `Aborted` and its backtrace)."""
+    lines = [l.strip() for l in console_text.splitlines()]
+    for i, line in enumerate(lines):
+        if any(m in line for m in JVM_FATAL):
+            detail = next((d.lstrip("# ").strip() for d in lines[i + 1:i + 6] if d.lstrip("# ").strip()), "")
+            return "the JVM crashed: " + (detail or line.lstrip("# "))
+    for i, line in enumerate(lines):
+        if "Aborted" in line or "page fault" in line.lower():
+            before = [b for b in lines[max(0, i - 4):i] if b and not b.startswith(("[backtrace]", "0x"))]
+            return "the guest crashed: " + line + (f" (after: {before[-1][:200]})" if before else "")
+    return None
 
 
 def choose_accel(requested: str, verdict: Callable[[], kvm.KvmVerdict]) -> tuple[str, str]:
@@ -430,7 +450,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
         if status is not None:
             return status
         reason = diagnose(console_text, b"".join(stderr_chunks).decode(errors="replace"), qemu_proc.returncode, target)
-        log = _keep_log(run, launched.log)
+        log = keep_log(run, launched.log)
         console.notice(f"jvmkit: error: {reason} (console log: {log})")
         return EXIT_VM_FAILED
     finally:
@@ -446,7 +466,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
 KEPT_LOGS = 32  # the console logs of failed runs kept in the cache's logs/ (each at most 2 x consolelog.CAP)
 
 
-def _keep_log(run: rundir.RunDir, log: consolelog.BoundedLog | None = None) -> Path:
+def keep_log(run: rundir.RunDir, log: consolelog.BoundedLog | None = None) -> Path:
     """Keep a failed VM's console log in the cache's logs/ (the bounded log jvmkit read the console
     into, or, for an engine that writes the console file itself (libvirt), that file's last part)."""
     logs = cache.cache_dir("logs")

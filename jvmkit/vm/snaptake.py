@@ -157,8 +157,9 @@ def take(image_path: Path, options) -> SnapshotResult:
             runner.stop_vm(runner.RunningVm(run.name, run, config, qemu_proc, memory), graceful=False)
             for t in threads:
                 t.join(timeout=5)
-            raise JvmkitError(_why_not(exc, target, manifest, run, b"".join(stderr), qemu_proc.returncode, ready),
-                              hint=_hint(exc, ready)) from None
+            why = _why_not(exc, target, manifest, run, b"".join(stderr), qemu_proc.returncode, ready)
+            kept = runner.keep_log(run, launched.log)  # the run directory goes: keep what the guest printed
+            raise JvmkitError(f"{why} (console log: {kept})", hint=_hint(exc, ready)) from None
         finally:
             if qemu_proc.poll() is None:
                 runner.stop_vm(runner.RunningVm(run.name, run, config, qemu_proc, memory), graceful=False)
