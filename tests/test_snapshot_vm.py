@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,19 @@ def explained(proc) -> str:
     if kept and os.path.exists(kept.group(1)):
         text += "\n--- end of the console log ---\n" + Path(kept.group(1)).read_text(errors="replace")[-4000:]
     return text
+
+
+def take_snapshot(image, *args):
+    """`jvmkit snapshot IMAGE ARGS`, tried a second time only when the guest itself crashed while
+    booting for it. CI saw one OSv guest abort ("the guest crashed: Aborted") in the httpd case; 13
+    tries here (6 by hand, 7 of this test, 4 of them beside a busy loop) did not crash, and the
+    console log was not kept then. A second crash fails the test; a first one is reported as a
+    warning with the guest's last words, so CI's output shows what crashed."""
+    taken = cli("snapshot", image, *args)
+    if taken.returncode != 0 and ("the guest crashed" in taken.stderr or "the JVM crashed" in taken.stderr):
+        warnings.warn(f"jvmkit snapshot: the guest crashed once; trying again. {explained(taken)}")
+        taken = cli("snapshot", image, *args)
+    return taken
 
 
 class Run:
@@ -127,7 +141,7 @@ def test_snapshot_then_three_restores_answer_like_a_cold_boot(jars, target, tmp_
         cold.kill()
     assert body == "hello from jvmkit httpd\n" and status == 3 and not cold.restored, cold.err
 
-    taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
+    taken = take_snapshot(image, "--ready-url", "http://127.0.0.1:8080/")
     assert taken.returncode == 0, explained(taken)
     assert "ready by url http://127.0.0.1:8080/" in taken.stdout
     inspect = cli("inspect", image)
@@ -156,7 +170,7 @@ def test_snapshot_then_three_restores_answer_like_a_cold_boot(jars, target, tmp_
 @pytest.mark.parametrize("target", TARGETS)
 def test_two_restores_from_one_snapshot_have_their_own_randomness(jars, target, tmp_path):
     image = pack(jars["warmstart"], target, tmp_path / "warmstart.jvmkit")
-    taken = cli("snapshot", image)  # the sample calls io.jvmkit.Ready.signal()
+    taken = take_snapshot(image)  # the sample calls io.jvmkit.Ready.signal()
     assert taken.returncode == 0 and "ready by signal" in taken.stdout, taken.stderr
     runs = [Run(image), Run(image)]
     try:
@@ -183,7 +197,7 @@ def test_a_restore_with_jmx_gets_its_own_credentials(jars, target, tmp_path):
     from jvmkit.vm import runner
 
     image = pack(jars["httpd"], target, tmp_path / "httpd.jvmkit")
-    taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
+    taken = take_snapshot(image, "--ready-url", "http://127.0.0.1:8080/")
     assert taken.returncode == 0, explained(taken)
     token = next((image / "snapshot").glob("token-*")).read_text().strip()
 
@@ -267,7 +281,7 @@ def test_a_restore_with_jmx_gets_its_own_credentials(jars, target, tmp_path):
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_damaged_or_mismatched_snapshot_means_a_cold_boot(jars, target, tmp_path):
     image = pack(jars["httpd"], target, tmp_path / "httpd.jvmkit")
-    taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
+    taken = take_snapshot(image, "--ready-url", "http://127.0.0.1:8080/")
     assert taken.returncode == 0, explained(taken)
 
     other_memory = Run(image, "--memory", "640M", "--timeout", "3")
@@ -303,7 +317,7 @@ def test_a_fleet_restores_its_replicas_from_one_snapshot(jars, tmp_path):
     """`jvmkit up` runs each replica as `jvmkit run IMAGE`: with a snapshot in the image, every
     replica is restored from it (ps says so) and answers on its own port; `down` ends them."""
     image = pack(jars["httpd"], "linux", tmp_path / "httpd.jvmkit")
-    taken = cli("snapshot", image, "--ready-url", "http://127.0.0.1:8080/")
+    taken = take_snapshot(image, "--ready-url", "http://127.0.0.1:8080/")
     assert taken.returncode == 0, explained(taken)
     base = free_port()
     (tmp_path / "web.toml").write_text(f'''\
