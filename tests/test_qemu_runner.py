@@ -148,6 +148,9 @@ def test_diagnose_names_what_crashed():
     osv = "Assertion failed: x (core/mmu.cc: f: 12)\n\n[backtrace]\n0x0000000040221a3c <abort+0x1>\nAborted\n"
     assert diagnose(osv, "", 0) == "the guest crashed: Aborted (after: Assertion failed: x (core/mmu.cc: f: 12))"
     assert diagnose("Aborted\n", "", 0) == "the guest crashed: Aborted"
+    # An OSv guest too small for its JVM (seen at --memory 64M with the httpd sample).
+    oom = "libjava.so: ignoring missing symbol waitid\nOut of memory: could not reclaim any further. Current memory: 16 Kb\n[backtrace]\n"
+    assert "OSv ran out of memory" in diagnose(oom, "", 0) and "--memory" in diagnose(oom, "", 0)
 
 
 def verdict(usable):

@@ -26,6 +26,8 @@ from jvmkit.packager.zstd import compress_file
 
 # What OSv prints when it cannot start the app (the runner's diagnosis when no status came).
 FAILURES = ("Could not mount rofs root filesystem", "Failed to parse command line", "Failed to load object")
+# OSv's memory::oom(): it halts (QEMU exits 0) after this line and a backtrace, with no `Aborted`.
+OUT_OF_MEMORY = "Out of memory: could not reclaim any further"
 # The boot options that pin QEMU's user network addresses (image.BOOT_OPTIONS); without them OSv asks DHCP.
 FIXED_NETWORK = ("--ip=", "--defaultgw=", "--nameserver=")
 
@@ -142,6 +144,8 @@ class OsvTarget(Target):
                                   "host within a second")
 
     def diagnose(self, console_text: str) -> str | None:
+        if OUT_OF_MEMORY in console_text:
+            return "OSv ran out of memory (it could not reclaim any further): give the VM more --memory"
         for failure in FAILURES:
             if failure in console_text:
                 line = next(l for l in console_text.splitlines() if failure in l)
