@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as C  # noqa: E402
 import _fleetbench as F  # noqa: E402
 
-WAYS = ("vm_no_balloon", "vm_fleet", "containers", "host_jvm")
+WAYS = ("vm_no_balloon", "vm_fleet", "vm_fleet_osv", "containers", "host_jvm")
 LABELS = {"vm_no_balloon": "(i) VMs, no balloon", "vm_fleet": "(ii) fleet + balloon",
+          "vm_fleet_osv": "(ii) the fleet, OSv guests",
           "containers": "(iii) containers", "host_jvm": "(iv) host JVMs"}
 
 
@@ -74,8 +75,12 @@ def probe_all(ports: list[int]) -> list[tuple[int, bool, float]]:
 # ---- density --------------------------------------------------------------------------------
 
 def density_vm(way: str, ctx: dict, rep: int) -> dict:
-    balloon = way == "vm_fleet"
-    fleet = F.VmFleet(f"d{rep}{'b' if balloon else 'n'}", ctx["linux_image"], ctx["work"], ctx["env"],
+    balloon = way in ("vm_fleet", "vm_fleet_osv")
+    image = ctx["osv_image"] if way == "vm_fleet_osv" else ctx["linux_image"]
+    if image is None:
+        return {"instances": None, "stopped_by": ctx.get("osv") or "no image"}
+    tag = f"d{rep}{'o' if way == 'vm_fleet_osv' else 'b' if balloon else 'n'}"
+    fleet = F.VmFleet(tag, image, ctx["work"], ctx["env"],
                       balloon=balloon, memory=ctx["vm_memory"], budget=ctx["budget"],
                       base_port=fresh_ports(ctx["max_vms"]), tcg_cache=ctx.get("tcg_cache"))
     result: dict = {"instances": 0, "stopped_by": None, "per_instance": []}
@@ -105,7 +110,7 @@ def density_vm(way: str, ctx: dict, rep: int) -> dict:
         result["brain"] = fleet.brain_status() if balloon else None
         result["oom_kills"] = F.oom_kills_in(fleet.console_texts())
         result["within_budget_real"] = result["memory"]["total_mib"] <= mib(ctx["budget"])
-        if balloon and rep == 0 and result["instances"]:
+        if way == "vm_fleet" and rep == 0 and result["instances"]:
             result["moving_load"] = moving_load(fleet, ctx)
     finally:
         if balloon:  # the brain's decisions and each VM's balloon log, for reading afterwards
@@ -338,7 +343,7 @@ def plots(result: dict, out: Path) -> dict:
         s = d["per_gib"][way]
         if s["median"] is None:
             continue
-        left.bar(i, s["median"], color=("tab:gray", "tab:blue", "tab:green", "tab:orange")[i], alpha=0.8)
+        left.bar(i, s["median"], color=("tab:gray", "tab:blue", "tab:purple", "tab:green", "tab:orange")[i], alpha=0.8)
         left.errorbar(i, s["median"], yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]], color="black",
                       capsize=4)
         left.text(i, s["median"], f"{s['median']:.2f}", ha="center", va="bottom")
@@ -467,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[way].append(fn(way, ctx, rep))
                     C.log(f"density {way}: {runs[way][-1]['instances']} instances ({runs[way][-1]['stopped_by']})")
             gib = mib(args.budget) / 1024
-            per_gib = {w: C.summary([r["instances"] / gib for r in runs[w]]) for w in WAYS}
+            per_gib = {w: C.summary([r["instances"] / gib for r in runs[w] if r["instances"] is not None]) for w in WAYS}
             result["density"] = {"instances": {w: C.summary([r["instances"] for r in runs[w]], 0) for w in WAYS},
                                  "per_gib": per_gib,
                                  "breakdown_mib": {w: breakdown(runs[w][0], w) for w in WAYS if runs[w]},
@@ -484,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
                                                 ratio is not None and ratio >= 2.5),
                 "fleet_vs_containers": C.target(vs_cont, ">= 0.5x the density of containers of the same app",
                                                 vs_cont is not None and vs_cont >= 0.5)}
+            osv_n = per_gib["vm_fleet_osv"]["median"]
+            if osv_n and cont_n:  # the same target for a fleet of OSv guests (no initramfs, a smaller kernel)
+                osv_vs = round(osv_n / cont_n, 2)
+                result["targets"]["osv_fleet_vs_containers"] = C.target(
+                    osv_vs, ">= 0.5x the density of containers of the same app (OSv guests)", osv_vs >= 0.5)
             if moving:
                 first = moving["first_request_s"]["max"]
                 result["targets"]["moving_load_clean"] = C.target(

@@ -16,8 +16,7 @@ from typing import BinaryIO, Callable
 
 from jvmkit import ui
 from jvmkit.errors import JvmkitError
-from jvmkit.packager.manifest import Manifest
-from jvmkit.packager.manifest import FileRecord
+from jvmkit.packager.manifest import FileRecord, Manifest
 from jvmkit.packager.targets.base import (ENGINE_FORMATS, BootPlan, BootRequest, BundleFiles, ClusterBoot, MemoryFloor,
                                           PackInputs, RestoreTraits, Target, pump_filtered)
 from jvmkit.packager.targets.osv import disk as osv_disk
