@@ -10,7 +10,8 @@ an instance fails a request or is OOM-killed, four ways: (i) jvmkit linux VMs wi
 "containers" of the same userland (see _fleetbench.py: unshare + chroot into the image's
 initramfs, a memory cgroup each with the VM's --memory as its limit, all under a parent cgroup
 limited to the budget; podman fails on this machine), (iv) plain host JVMs (the host's JDK, the
-same flags, in the same cgroups). Reports instances per GiB and where each instance's memory goes.
+same flags, in the same cgroups), and (ii) again with OSv guests (`vm_fleet_osv`, when an OSv image
+could be packed). Reports instances per GiB and where each instance's memory goes.
 The ways are interleaved round by round; --reps rounds (2; --quick 1).
 Moving load: with the fleet of (ii) full, load goes to one VM at a time (a first GET, then
 --move-mb MiB of cache fills and GETs) while every VM is probed each second: failed requests,
