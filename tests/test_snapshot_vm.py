@@ -171,7 +171,7 @@ def test_snapshot_then_three_restores_answer_like_a_cold_boot(jars, target, tmp_
 def test_two_restores_from_one_snapshot_have_their_own_randomness(jars, target, tmp_path):
     image = pack(jars["warmstart"], target, tmp_path / "warmstart.jvmkit")
     taken = take_snapshot(image)  # the sample calls io.jvmkit.Ready.signal()
-    assert taken.returncode == 0 and "ready by signal" in taken.stdout, taken.stderr
+    assert taken.returncode == 0 and "ready by signal" in taken.stdout, explained(taken)
     runs = [Run(image), Run(image)]
     try:
         answers = [run.get("/id") for run in runs]
