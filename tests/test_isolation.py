@@ -44,21 +44,89 @@ def test_defaults_are_outbound_without_the_host():
     assert options.network == "outbound" and options.allow_host_loopback is False
 
 
-@pytest.mark.parametrize("mode,loopback,reason,passt,forced,expected", [
-    # outbound: slirp only behind the host filter, else passt --no-map-gw
-    ("outbound", False, None, "/usr/bin/passt", None, ("slirp", False, True, False)),
-    ("outbound", False, None, None, None, ("slirp", False, True, False)),
-    ("outbound", False, "it needs root", "/usr/bin/passt", None, ("passt", False, False, True)),
-    ("outbound", False, None, "/usr/bin/passt", "passt", ("passt", False, True, False)),
+NS_OK, NO_NS = None, "/dev/net/tun cannot be opened by this user"
+
+
+@pytest.mark.parametrize("mode,loopback,reason,passt,forced,namespace,expected", [
+    # outbound: slirp behind the host filter (root), else QEMU in pasta's namespace, else passt --no-map-gw
+    ("outbound", False, None, "/usr/bin/passt", None, NS_OK, ("slirp", False, True, False)),
+    ("outbound", False, None, None, None, NO_NS, ("slirp", False, True, False)),
+    ("outbound", False, "it needs root", "/usr/bin/passt", None, NS_OK, ("pasta", False, False, False)),
+    ("outbound", False, "it needs root", "/usr/bin/passt", None, NO_NS, ("passt", False, False, True)),
+    ("outbound", False, None, "/usr/bin/passt", "passt", NS_OK, ("passt", False, True, False)),
+    ("outbound", False, "it needs root", "/usr/bin/passt", "passt", NS_OK, ("passt", False, False, True)),
+    # forced pasta: the namespace alone, even where the filter could be had (so a test tests it alone)
+    ("outbound", False, None, "/usr/bin/passt", "pasta", NS_OK, ("pasta", False, False, False)),
     # isolated: slirp restrict=on, filtered where possible
-    ("isolated", False, None, None, None, ("slirp", True, True, False)),
-    ("isolated", False, "it needs root", None, None, ("slirp", True, False, False)),
+    ("isolated", False, None, None, None, NS_OK, ("slirp", True, True, False)),
+    ("isolated", False, "it needs root", None, None, NS_OK, ("slirp", True, False, False)),
     # the opt-in: QEMU's own user network, unfiltered, and said so
-    ("outbound", True, None, None, None, ("slirp", False, False, True)),
+    ("outbound", True, None, None, None, NS_OK, ("slirp", False, False, True)),
+    ("outbound", True, "it needs root", None, "pasta", NS_OK, ("slirp", False, False, True)),
 ])
-def test_backend_choice(mode, loopback, reason, passt, forced, expected):
-    c = network.choose(network.Policy(mode, loopback), filter_reason=reason, passt=passt, forced=forced)
+def test_backend_choice(mode, loopback, reason, passt, forced, namespace, expected):
+    c = network.choose(network.Policy(mode, loopback), filter_reason=reason, passt=passt, forced=forced,
+                       namespace_reason=namespace)
     assert (c.backend, c.restrict, c.host_filter, c.exposure is not None) == expected
+
+
+def test_passt_says_why_neither_the_filter_nor_the_namespace_could_be_had():
+    c = network.choose(network.Policy(), filter_reason="it needs root", passt="/usr/bin/passt", namespace_reason=NO_NS)
+    assert "it needs root" in c.exposure and NO_NS in c.exposure
+    with pytest.raises(JvmkitError, match="JVMKIT_NETWORK_BACKEND=pasta: QEMU cannot run in a network namespace here "
+                                          r"\(/dev/net/tun"):
+        network.choose(network.Policy(), filter_reason=None, passt=None, forced="pasta", namespace_reason=NO_NS)
+    with pytest.raises(UsageError, match="not one of auto, slirp, passt, pasta"):
+        network.choose(network.Policy(), filter_reason=None, passt=None, forced="tap")
+
+
+TOOLS = {"pasta": "/usr/bin/pasta", "unshare": "/usr/bin/unshare", "ip": "/usr/bin/ip", "nsenter": "/usr/bin/nsenter"}
+
+
+@pytest.mark.parametrize("root,tools,tun,userns,resolvers,problem", [
+    (False, TOOLS, True, True, ("10.255.255.53",), None),
+    (True, TOOLS, False, None, ("10.255.255.53",), None),          # root opens /dev/net/tun whatever its mode
+    (False, {**TOOLS, "pasta": None}, True, True, (), "pasta is not installed (apt-get install passt)"),
+    (False, {**TOOLS, "ip": None}, True, True, (), "ip is not installed"),
+    (False, TOOLS, False, None, (), "/dev/net/tun cannot be opened by this user"),
+    (False, TOOLS, True, False, (), "this user cannot create a user namespace (unshare -Urn failed)"),
+    (False, TOOLS, True, True, ("127.0.0.53",), "the host's resolver 127.0.0.53 is on this host"),
+    (True, TOOLS, True, None, ("192.0.2.2",), "the host's resolver 192.0.2.2 is on this host"),
+])
+def test_when_qemu_can_run_in_pastas_namespace(root, tools, tun, userns, resolvers, problem):
+    got = network.namespace_problem(root=root, tools=tools, tun_usable=tun, userns_works=userns, resolvers=resolvers,
+                                    host_addresses=("192.0.2.2",))
+    assert got == problem or (problem is not None and got.startswith(problem)), got
+
+
+def test_the_namespace_wraps_qemu_and_keeps_its_argv():
+    qemu = ["/usr/bin/qemu-system-x86_64", "-name", "vm-1", "-append", "a b; c"]
+    argv = network.namespace_argv(qemu, root=False, prohibit=("192.0.2.2", "10.199.0.1"))
+    assert argv[:argv.index("--")] == ["unshare", "--user", "--map-root-user", "--net"]
+    assert argv[-len(qemu):] == qemu  # QEMU's own argv as given, after the script's $0: never parsed by the shell
+    script = argv[argv.index("-c") + 1]
+    assert "ip route add prohibit 192.0.2.2/32" in script and "ip route add prohibit 10.199.0.1/32" in script
+    assert script.index("route show default") < script.index("prohibit") < script.index('exec "$@"')
+    assert network.namespace_argv(qemu, root=True, prohibit=())[:3] == ["unshare", "--net", "--"]
+    with pytest.raises(OSError):
+        network.namespace_argv(qemu, root=True, prohibit=("1.2.3.4/0; reboot",))
+
+
+def test_pasta_argv_forwards_the_published_ports_and_nothing_of_the_hosts_loopback():
+    ports = (PortForward("127.0.0.1", 18080, 8080), PortForward("0.0.0.0", 9000, 90))
+    argv = network.pasta_argv("/usr/bin/pasta", 4242, ports)
+    joined = " ".join(argv)
+    assert "--no-map-gw" in argv and "--config-net" in argv and "--ipv4-only" in argv
+    assert "--tcp-ns none" in joined and "--udp-ns none" in joined and "--udp-ports none" in joined
+    assert "--tcp-ports 127.0.0.1/18080" in joined and "--tcp-ports 9000" in joined and argv[-1] == "4242"
+    assert "--tcp-ports none" in " ".join(network.pasta_argv("pasta", 1, ()))
+    as_root = network.pasta_argv("pasta", 4242, (), netns_fd=7)
+    assert as_root[-5:] == ["--runas", "0:0", "--netns-only", "--netns", "/proc/self/fd/7"] and "4242" not in as_root
+    # slirp's forwards inside the namespace: every address there, the host's port
+    assert network.inside_namespace(ports) == (PortForward("0.0.0.0", 18080, 8080), PortForward("0.0.0.0", 9000, 90))
+    assert network.prohibit_command(99, "10.1.2.3", root=False) == [
+        "nsenter", "--target", "99", "--user", "--preserve-credentials", "--net", "ip", "route", "add", "prohibit",
+        "10.1.2.3/32"]
 
 
 def test_no_safe_backend_is_one_line_naming_passt():
@@ -430,3 +498,96 @@ def test_the_kvm_probe_boots_the_image_kernel_confined(monkeypatch):
     monkeypatch.setattr(sandbox, "is_root", lambda: True)
     rooted = sandbox.probe_confinement("qemu", set())
     assert rooted.runas and rooted.runas[0] >= sandbox.DYNAMIC_BASE and rooted.chroot is None
+
+
+# ---- pasta's namespace, for real, without a VM ----------------------------------------------------------
+
+INSIDE = r"""
+import socket, sys
+def attempt(target):
+    host, port = target.rsplit(":", 1)
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, int(port)))
+        return "open " + s.recv(64).decode().strip()
+    except OSError as exc:
+        return type(exc).__name__ if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+    finally:
+        s.close()
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("0.0.0.0", int(sys.argv[1])))
+listener.listen(4)
+for target in sys.argv[2:]:
+    print(target, attempt(target), flush=True)
+print("ready", flush=True)
+conn, _ = listener.accept()
+conn.sendall(b"published-ok\n")
+conn.close()
+print("later", attempt(sys.stdin.readline().strip()), flush=True)
+"""
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("pasta") or not shutil.which("ip"),
+                    reason="needs root (a veth gives the host more addresses), pasta and iproute2")
+def test_pastas_namespace_keeps_the_host_out_and_lets_published_ports_in():
+    """The namespace QEMU runs in on the pasta backend, with a program in QEMU's place: the host's
+    loopback and every host address are out of its reach (an address gained later too, once
+    `refresh` has routed it), a published port reaches its listener, and the world (here a
+    non-host address) is reached. No guest: what slirp does inside the namespace is QEMU's
+    (tests/test_isolation_vm.py runs it with guests)."""
+    from support.servers import free_port
+
+    n = os.getpid() % 200 + 20
+    dummy, addr, later = f"jkv{os.getpid() % 100000}", f"10.198.{n}.1", f"10.198.{n}.2"
+    lo = socket.socket()
+    lo.bind(("127.0.0.1", 0))
+    lo.listen(8)
+    anyaddr = socket.socket()
+    anyaddr.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    anyaddr.bind(("0.0.0.0", 0))
+    anyaddr.listen(8)
+    subprocess.run(["ip", "link", "add", dummy, "type", "veth", "peer", "name", dummy + "p"], check=True,
+                   capture_output=True)
+    child = net = None
+    try:
+        subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", dummy], check=True, capture_output=True)
+        subprocess.run(["ip", "link", "set", dummy, "up"], check=True, capture_output=True)
+        hosts = tuple(a for a in hostfilter.local_addresses(Path("/proc/net/fib_trie").read_text())
+                      if not a.startswith("127."))
+        assert addr in hosts
+        published = free_port()
+        targets = [f"127.0.0.1:{lo.getsockname()[1]}"] + [f"{a}:{anyaddr.getsockname()[1]}" for a in hosts]
+        net = network.start(network.Choice("pasta"), (PortForward("127.0.0.1", published, 8080),), passt=None,
+                            host_addresses=hosts)
+        argv = net.qemu_argv([sys.executable, "-c", INSIDE, str(published), *targets])
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        net.attach(child.pid)
+        said = {}
+        for line in child.stdout:
+            if line.strip() == "ready":
+                break
+            target, outcome = line.rstrip("\n").split(" ", 1)
+            said[target] = outcome
+        assert set(said) == set(targets), (said, child.stderr.read() if child.poll() is not None else "")
+        assert not [t for t, o in said.items() if o.startswith("open")], said
+        assert said[f"{addr}:{anyaddr.getsockname()[1]}"] == "Permission denied"  # the prohibit route
+        with socket.create_connection(("127.0.0.1", published), timeout=10) as s:  # through pasta's -t
+            assert s.recv(64) == b"published-ok\n"
+        subprocess.run(["ip", "addr", "add", f"{later}/32", "dev", dummy], check=True, capture_output=True)
+        from jvmkit.vm import launch
+
+        assert net.refresh(launch._host_addresses()) == (later,)
+        child.stdin.write(f"{later}:{anyaddr.getsockname()[1]}\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "later Permission denied"
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+        if net is not None:
+            net.stop()
+        subprocess.run(["ip", "link", "del", dummy], capture_output=True)
+        lo.close()
+        anyaddr.close()

@@ -5,7 +5,7 @@ app that tries the host.
   tried at every IPv4 address the host holds, and at 10.0.2.2) are unreachable by default and
   reachable only with --allow-host-loopback; egress to a listener on a non-host address (a network
   namespace this test sets up with a veth pair) works under `outbound` and not under `isolated`.
-- The same through passt, the backend a non-root jvmkit uses.
+- The same through pasta's namespace and through passt, the backends a non-root jvmkit uses.
 - Published ports and the balloon's JMX channel work under `isolated`.
 - QEMU runs with its seccomp sandbox, as a dynamic non-root user, chrooted, in the host filter's
   cgroup; Ctrl-C and a SIGKILL of jvmkit still leave no QEMU behind.
@@ -206,6 +206,29 @@ def test_isolated_reaches_nothing(isolation_images, target, host_services, egres
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_through_pastas_namespace_the_backend_of_a_non_root_run(isolation_images, target, host_services, egress):
+    """QEMU in its own network namespace joined by pasta (what a non-root run gets where
+    /dev/net/tun and user namespaces are usable; forced here as root, without the host filter, so
+    the namespace is the only wall): every way to the host fails, the world and DNS work."""
+    lo, anyaddr = host_services
+    world = f"{egress[0]}:{egress[1]}"
+    name = "deb.debian.org"
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET)
+        named = [f"{name}:80"]
+    except OSError:
+        named = []  # this host resolves nothing: DNS is not tried
+    result = probe(isolation_images[("netprobe", target)], [*host_targets(lo, anyaddr), world, *named],
+                   env={"JVMKIT_NETWORK_BACKEND": "pasta"})
+    assert result[world] == "open said egress-ok", result
+    leaks = {t: o for t, o in result.items() if t not in (world, *named) and reached(o)}
+    assert not leaks, f"the guest reached the host: {leaks}"
+    assert any(egress[0].rsplit(".", 1)[0] + ".1:" in t for t in result)  # the veth's host end was tried too
+    for target_ in named:
+        assert "UnknownHost" not in result[target_], result
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_through_passt_the_backend_of_a_non_root_run(isolation_images, target, host_services, egress):
     lo, anyaddr = host_services
     world = f"{egress[0]}:{egress[1]}"
@@ -242,16 +265,17 @@ def test_the_guest_resolves_names_through_the_hosts_resolvers(isolation_images, 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("backend", ["isolated", "passt"])
+@pytest.mark.parametrize("backend", ["isolated", "passt", "pasta"])
 def test_published_ports_and_jmx_keep_working(isolation_images, target, backend, monkeypatch):
-    """Under `isolated` (slirp restrict=on) and through passt, a published port serves the app and
+    """Under `isolated` (slirp restrict=on), through passt and through pasta's namespace (its `-t`
+    to slirp's forwards inside), a published port serves the app and
     the guest agent's JMX port (what `--balloon` talks to) answers. In-process, with the JMX
     forward that `--balloon` asks for (balloon/host.py itself is not what is tested here)."""
     from jvmkit.config import run_options
     from jvmkit.vm import runner
 
-    if backend == "passt":
-        monkeypatch.setenv("JVMKIT_NETWORK_BACKEND", "passt")
+    if backend in ("passt", "pasta"):
+        monkeypatch.setenv("JVMKIT_NETWORK_BACKEND", backend)
     port = free_port()
     flags = {"publish": (f"{port}:8080",), "network": "isolated" if backend == "isolated" else None}
     options = run_options(flags, None, jmx=True)

@@ -28,10 +28,43 @@ from jvmkit.vm import consolelog, hostfilter, network, rundir, sandbox
 from jvmkit.vm.qemu import VmConfig, qemu_argv
 
 
-def plan_network(policy: network.Policy) -> network.Choice:
+def plan_network(policy: network.Policy, filter_reason: str | None = "") -> network.Choice:
     """The backend for `policy` on this host (raises a one-line error where none is safe)."""
-    return network.choose(policy, filter_reason=filter_unavailable(), passt=network.find_passt(),
-                          forced=os.environ.get(network.BACKEND_ENV))
+    filter_reason = filter_unavailable() if filter_reason == "" else filter_reason
+    forced = os.environ.get(network.BACKEND_ENV)
+    wants_namespace = policy.mode == "outbound" and not policy.allow_host_loopback and (
+        forced == network.PASTA or (filter_reason is not None and forced not in ("slirp", "passt")))
+    return network.choose(policy, filter_reason=filter_reason, passt=network.find_passt(), forced=forced,
+                          namespace_reason=namespace_unavailable() if wants_namespace else "it was not needed")
+
+
+def namespace_unavailable() -> str | None:
+    """Why QEMU cannot run in pasta's network namespace here (None: it can); probes only what it
+    must (a user namespace: one `unshare -Urn true`, a few ms)."""
+    import shutil
+
+    root = os.geteuid() == 0
+    tools = {name: shutil.which(name) for name in (network.PASTA, "unshare", "ip", "nsenter")}
+    tun = os.access("/dev/net/tun", os.R_OK | os.W_OK)
+    userns = None
+    if not root and tun and all(tools.values()):
+        done = proc.run([tools["unshare"], "--user", "--map-root-user", "--net", "true"], what="unshare",
+                        check=False, timeout=10)
+        userns = done.returncode == 0
+    return network.namespace_problem(root=root, tools=tools, tun_usable=tun, userns_works=userns,
+                                     resolvers=hostfilter.resolvers(_read("/etc/resolv.conf")),
+                                     host_addresses=_host_addresses())
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _host_addresses() -> tuple[str, ...]:
+    return tuple(a for a in hostfilter.local_addresses(_read("/proc/net/fib_trie")) if not a.startswith("127."))
 
 
 def filter_unavailable() -> str | None:
@@ -104,13 +137,15 @@ class Launched:
 
     def keep_filter_current(self, verbose: bool = False) -> None:
         """Deny host addresses gained since the VM started (every hostfilter.REFRESH_S; cheap: one
-        read of /proc/net/fib_trie). A filter that cannot take more programs is said once."""
+        read of /proc/net/fib_trie): one more filter program, or on pasta one more `prohibit`
+        route in QEMU's namespace. A filter that cannot take more programs is said once."""
         now = time.monotonic()
-        if self.host_filter is None or now - self.filter_checked < hostfilter.REFRESH_S:
+        pasta = self.network.choice.backend == network.PASTA
+        if (self.host_filter is None and not pasta) or now - self.filter_checked < hostfilter.REFRESH_S:
             return
         self.filter_checked = now
         try:
-            added = self.host_filter.refresh()
+            added = self.network.refresh(_host_addresses()) if pasta else self.host_filter.refresh()
         except (hostfilter.FilterUnavailable, OSError) as exc:
             say_once("filter-refresh", f"warning: the host gained an address that the guest may reach ({exc})", True)
             self.filter_checked = float("inf")  # the kernel takes no more programs: stop trying
@@ -120,7 +155,7 @@ class Launched:
 
     def backend_failed(self) -> str | None:
         """Why the network backend process died while QEMU runs (None: it did not)."""
-        return self.network.passt_error()
+        return self.network.helper_error()
 
     def finish(self) -> None:
         """After QEMU has ended: drain the console, stop passt, remove the filter, drop the lifeline
@@ -147,8 +182,7 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
             # a cgroup is another VM's while its run directory exists (made before the cgroup, removed after)
             host_filter = hostfilter.open_filter(run.name, alive=lambda name: (run.path.parent / name).is_dir())
         except hostfilter.FilterUnavailable as exc:
-            choice = network.choose(policy, filter_reason=str(exc), passt=network.find_passt(),
-                                    forced=os.environ.get(network.BACKEND_ENV))
+            choice = plan_network(policy, filter_reason=str(exc))
     if choice.exposure:
         say_once("network", f"note: the guest can reach {choice.exposure}", verbose)
     decision = sandbox.decide(config.qemu, run.path, rundir.uids_in_use())
@@ -161,16 +195,25 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
     console_r = console_w = None
     try:
         passt_ids = (confinement.runas[0] + 1,) * 2 if confinement.runas else None
-        net = network.start(choice, config.ports, passt=network.find_passt(), preexec=setup, runas=passt_ids)
+        net = network.start(choice, config.ports, passt=network.find_passt(), preexec=setup, runas=passt_ids,
+                            host_addresses=_host_addresses() if choice.backend == network.PASTA else ())
         pass_fds = list(net.pass_fds) + list(extra_pass_fds)  # + a restore's `-incoming fd:N` (vm/snapshot.py)
         if not config.console_stdio:
             console_r, console_w = os.pipe()
             pass_fds.append(console_w)
         config = dataclasses.replace(config, netdev=net.netdev, confinement=confinement, console_fd=console_w,
                                      qemu_console_log=False)
-        argv = qemu_argv(config)
+        # the config as started keeps the ports as published (`ps`, the run's state); QEMU's own
+        # command line has them as the backend needs them (inside pasta's namespace)
+        argv = net.qemu_argv(qemu_argv(dataclasses.replace(config, ports=net.qemu_ports(config.ports))))
         process = proc.start(argv, what="QEMU", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              pass_fds=tuple(pass_fds), preexec_fn=setup)
+        try:
+            net.attach(process.pid, preexec=setup)  # pasta joins QEMU's namespace, which waits for it
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
     except BaseException:
         for fd in (console_r, console_w):
             if fd is not None:
@@ -201,7 +244,7 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
     process.stdout.close()
     lifeline = None
     if confinement.runas is not None:
-        pids = [process.pid] + ([net.passt.pid] if net.passt is not None else [])
+        pids = [process.pid] + ([net.helper.pid] if net.helper is not None else [])
         try:
             lifeline = sandbox.Lifeline(pids)
         except BaseException:  # without it a killed jvmkit would leave the unprivileged QEMU running

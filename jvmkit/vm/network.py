@@ -12,11 +12,18 @@ Backends, chosen by `choose()` (pure):
   and to the host's own addresses; root only). `isolated` is slirp with `restrict=on` (no
   guest-initiated traffic leaves at all; host forwards still work), with the filter as well when
   it is available.
-- passt (Debian's `passt`, a user-space network stack in its own process, connected to QEMU 7.2's
-  `-netdev stream` through a socket pair), with `--no-map-gw`: its gateway is not the host. It
-  needs no privileges, so it is `outbound`'s backend where the host filter is not available (not
-  root); the filter, which only root has, is what keeps such a guest off the host's other
-  addresses.
+- pasta (Debian's `passt` package): QEMU, still on slirp, runs in a network namespace of its own
+  (`unshare -n`, and `-U` with a uid map when not root), which pasta joins to the host with
+  `--no-map-gw` and no loopback forwards (`-T none -U none`). Inside it 127.0.0.1 (slirp's
+  10.0.2.2) is the namespace's own loopback, the host's main address is copied onto the
+  namespace's interface (so it is the namespace's own too), and a `prohibit` route for each of the
+  host's other addresses makes a connect to them fail: the wall needs no privilege. Published
+  ports reach slirp's forwards through pasta's `-t`. It is `outbound`'s backend where the host
+  filter is not available (not root) and the namespace can be made (`namespace_problem`).
+- passt (a user-space network stack in its own process, connected to QEMU 7.2's `-netdev stream`
+  through a socket pair), with `--no-map-gw`: its gateway is not the host, but the host's own
+  non-loopback addresses answer through it. It is the last resort of a non-root run (no usable
+  `/dev/net/tun` or user namespaces), said so at the start of the run.
 
 Measured through `jvmkit run` (this machine: 2 busy cores, TCG, the httpd sample, a published
 port, medians of 3 interleaved rounds; the table is in docs/security.md): slirp behind the filter
@@ -36,6 +43,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 
 from jvmkit import proc
@@ -44,10 +52,13 @@ from jvmkit.vm.qemu import NetDev, PortForward
 
 MODES = ("outbound", "isolated")
 GUEST_ADDRESS, GUEST_PREFIX, GATEWAY, DNS = "10.0.2.15", 24, "10.0.2.2", "10.0.2.3"
-PASST = "passt"
-# For diagnosis and for the tests of the backend a non-root user gets: JVMKIT_NETWORK_BACKEND=passt
-# makes `outbound` use passt even where the host filter makes slirp safe (the filter still applies).
+PASST, PASTA = "passt", "pasta"
+# For diagnosis and for the tests of the backends a non-root user gets: JVMKIT_NETWORK_BACKEND=passt
+# makes `outbound` use passt even where the host filter makes slirp safe (the filter still applies);
+# =pasta puts QEMU in the namespace without the filter, so that a test of it tests the namespace alone.
 BACKEND_ENV = "JVMKIT_NETWORK_BACKEND"
+BACKENDS = ("auto", "slirp", "passt", "pasta")
+ROUTE_WAIT_S = 10  # how long the namespace waits for pasta's default route before QEMU gives up
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,7 @@ class Policy:
 
 @dataclass(frozen=True)
 class Choice:
-    """The backend for one run: `backend` "slirp" or "passt", whether the slirp network is
+    """The backend for one run: `backend` "slirp", "pasta" or "passt", whether the slirp network is
     restricted, whether the host filter must be set up, and what the guest can still reach on
     the host (None: nothing)."""
 
@@ -77,18 +88,26 @@ class Choice:
     exposure: str | None = None
 
 
-def choose(policy: Policy, *, filter_reason: str | None, passt: str | None, forced: str | None = None) -> Choice:
+def choose(policy: Policy, *, filter_reason: str | None, passt: str | None, forced: str | None = None,
+           namespace_reason: str | None = "it was not probed") -> Choice:
     """The backend for `policy` (pure). `filter_reason` is None when the host filter can be set
-    up here, else why not; `passt` is passt's path or None; `forced` is BACKEND_ENV's value."""
+    up here, else why not; `passt` is passt's path or None; `forced` is BACKEND_ENV's value;
+    `namespace_reason` is None when QEMU can run in pasta's namespace here, else why not."""
     policy.check()
     filtered = filter_reason is None
-    if forced not in (None, "", "auto", "slirp", "passt"):
-        raise UsageError(f"{BACKEND_ENV}={forced!r} is not one of auto, slirp, passt")
+    if forced not in (None, "", *BACKENDS):
+        raise UsageError(f"{BACKEND_ENV}={forced!r} is not one of {', '.join(BACKENDS)}")
     if policy.mode == "isolated":
         return Choice("slirp", restrict=True, host_filter=filtered)
     if policy.allow_host_loopback:
         return Choice("slirp", exposure="the host's loopback (as 10.0.2.2) and its own addresses, as asked "
                                         "(--allow-host-loopback)")
+    if forced == "pasta":
+        if namespace_reason is not None:
+            raise JvmkitError(f"{BACKEND_ENV}=pasta: QEMU cannot run in a network namespace here ({namespace_reason})")
+        return Choice("pasta")
+    if not filtered and forced not in ("slirp", "passt") and namespace_reason is None:
+        return Choice("pasta")
     if forced == "passt" or (not filtered and forced != "slirp"):
         if passt is None:
             why = f"the host filter is not available ({filter_reason}) and " if not filtered else ""
@@ -97,11 +116,35 @@ def choose(policy: Policy, *, filter_reason: str | None, passt: str | None, forc
                               hint="apt-get install passt; or run with --network isolated, or --allow-host-loopback "
                                    "to accept that")
         exposure = None if filtered else (f"services listening on this host's own non-loopback addresses "
-                                          f"(the host filter that blocks those is not available: {filter_reason})")
+                                          f"(the host filter that blocks those is not available: {filter_reason}; "
+                                          f"nor is a network namespace: {namespace_reason})")
         return Choice("passt", host_filter=filtered, exposure=exposure)
     if not filtered:
         raise JvmkitError(f"{BACKEND_ENV}=slirp needs the host filter, which is not available here ({filter_reason})")
     return Choice("slirp", host_filter=True)
+
+
+def namespace_problem(*, root: bool, tools: dict[str, str | None], tun_usable: bool, userns_works: bool | None,
+                      resolvers: tuple[str, ...], host_addresses: tuple[str, ...]) -> str | None:
+    """Why QEMU cannot run in pasta's namespace here (pure; None: it can). `tools`: the paths of
+    pasta, unshare, ip and nsenter (None: missing); `tun_usable`: whether this user can open
+    /dev/net/tun (pasta opens it inside the namespace, where it is not root over the host's
+    file); `userns_works`: whether `unshare -Urn true` succeeded (None: not tried, as root, who
+    needs no user namespace); `resolvers`: the host's nameservers, which slirp reads from
+    resolv.conf inside the namespace: one on this host (127.0.0.53, a dnsmasq on a bridge) is out
+    of its reach there."""
+    for name in (PASTA, "unshare", "ip", "nsenter"):
+        if not tools.get(name):
+            return f"{name} is not installed" + (" (apt-get install passt)" if name == PASTA else "")
+    if not root:
+        if not tun_usable:
+            return "/dev/net/tun cannot be opened by this user"
+        if not userns_works:
+            return "this user cannot create a user namespace (unshare -Urn failed)"
+    on_host = [r for r in resolvers if r.startswith("127.") or r in host_addresses]
+    if on_host:
+        return f"the host's resolver {on_host[0]} is on this host, which the namespace does not reach"
+    return None
 
 
 def find_passt() -> str | None:
@@ -129,15 +172,133 @@ def passt_argv(passt: str, fd: int, ports: tuple[PortForward, ...], *, map_gatew
     return argv
 
 
+# ---- pasta: QEMU in a network namespace of its own ----------------------------------------------
+
+def namespace_argv(qemu_argv: list[str], *, root: bool, prohibit: tuple[str, ...]) -> list[str]:
+    """QEMU's argv, run in a new network namespace (pure): `unshare -n` (and, when not root, a
+    user namespace mapping this user to root, which is what may configure the namespace), then a
+    shell that brings the namespace's loopback up, waits for pasta's default route (at most
+    ROUTE_WAIT_S), adds a `prohibit` route for each of the host's addresses in `prohibit`
+    (connects to them fail with EACCES inside), and `exec`s QEMU: the same process all along, so
+    its parent-death signal, its pid (`ps`, the lifeline) and its command line stay QEMU's."""
+    for addr in prohibit:
+        socket.inet_aton(addr)  # only addresses reach the shell
+    tries = ROUTE_WAIT_S * 20
+    script = ("ip link set lo up || exit 1; i=0; "
+              f'until [ -n "$(ip -4 route show default)" ]; do i=$((i + 1)); if [ $i -gt {tries} ]; then '
+              f'echo "jvmkit: pasta did not connect the network namespace within {ROUTE_WAIT_S} s" >&2; exit 1; fi; '
+              "sleep 0.05; done; "
+              + "".join(f"ip route add prohibit {addr}/32 || exit 1; " for addr in prohibit)
+              + 'exec "$@"')
+    flags = ["--net"] if root else ["--user", "--map-root-user", "--net"]
+    return ["unshare", *flags, "--", "/bin/sh", "-c", script, "jvmkit-netns", *qemu_argv]
+
+
+def pasta_argv(pasta: str, pid: int, ports: tuple[PortForward, ...], *, netns_fd: int | None = None) -> list[str]:
+    """pasta joining the network namespace of process `pid` to the host (pure): the namespace
+    gets the host's address and routes (`--config-net`), IPv4 only, the gateway not mapped to the
+    host, nothing of the host's loopback forwarded in (`-T none -U none`: their default, `auto`,
+    would forward the host's bound loopback ports, where slirp's 10.0.2.2 leads), nothing of
+    UDP out, and the published ports as TCP forwards into the namespace, where slirp's forwards
+    listen. Not root, it joins QEMU's user and network namespaces by `pid`. As root
+    (`netns_fd`: jvmkit opened the namespace) it joins the network namespace alone, through the
+    inherited descriptor, and keeps root (`--runas 0:0`). Measured: given the pid, pasta as root
+    also tries the user namespace, here the host's ("Couldn't open user namespace ... Permission
+    denied"); given /proc/PID/ns/net, it cannot open it (EACCES: the ptrace check of a process
+    whose capabilities, having dropped most, are not a superset of QEMU's); through its own
+    /proc/self/fd it can."""
+    argv = [pasta, "--foreground", "--quiet", "--config-net", "--ipv4-only", "--no-map-gw",
+            "--tcp-ns", "none", "--udp-ns", "none", "--udp-ports", "none"]
+    if not ports:
+        argv += ["--tcp-ports", "none"]
+    for fwd in ports:
+        bind = "" if fwd.host_addr in ("0.0.0.0", "") else f"{fwd.host_addr}/"
+        argv += ["--tcp-ports", f"{bind}{fwd.host_port}"]
+    if netns_fd is not None:  # root: the namespace, opened by jvmkit, is in the host's user namespace
+        return [*argv, "--runas", "0:0", "--netns-only", "--netns", f"/proc/self/fd/{netns_fd}"]
+    return [*argv, str(pid)]
+
+
+def inside_namespace(ports: tuple[PortForward, ...]) -> tuple[PortForward, ...]:
+    """slirp's forwards inside pasta's namespace (pure): on every address there (pasta brings a
+    connection from the host's loopback to the namespace's, one from elsewhere to its interface's
+    address; nothing else reaches the namespace), on the same port as on the host."""
+    return tuple(PortForward("0.0.0.0", fwd.host_port, fwd.guest_port) for fwd in ports)
+
+
+def prohibit_command(pid: int, addr: str, *, root: bool) -> list[str]:
+    """One more `prohibit` route in the namespace of `pid`, for an address the host gained (pure)."""
+    socket.inet_aton(addr)
+    # not root: into the user namespace as this user (its root there) without setgroups, which an
+    # unprivileged user namespace denies (measured: "nsenter: setgroups failed: Operation not permitted")
+    enter = ["nsenter", "--target", str(pid), "--net"] if root else [
+        "nsenter", "--target", str(pid), "--user", "--preserve-credentials", "--net"]
+    return [*enter, "ip", "route", "add", "prohibit", f"{addr}/32"]
+
+
 @dataclass
 class Network:
-    """A started network for one VM: QEMU's netdev, the fds QEMU inherits, the passt process."""
+    """A started network for one VM: QEMU's netdev, the fds QEMU inherits, the backend's process
+    (passt, or pasta once QEMU's namespace exists)."""
 
     choice: Choice
     netdev: NetDev
     pass_fds: tuple[int, ...] = ()
-    passt: proc.Popen | None = None
+    helper: proc.Popen | None = None
+    ports: tuple[PortForward, ...] = ()     # pasta: the forwards it makes on the host
+    prohibited: tuple[str, ...] = ()        # pasta: the host addresses the namespace has routes against
+    root: bool = False
+    pid: int | None = None                  # pasta: QEMU's, whose namespace it is
     _error: str | None = None
+
+    def qemu_argv(self, argv: list[str]) -> list[str]:
+        """QEMU's argv as this backend runs it: in the namespace for pasta."""
+        if self.choice.backend != PASTA:
+            return argv
+        return namespace_argv(argv, root=self.root, prohibit=self.prohibited)
+
+    def qemu_ports(self, ports: tuple[PortForward, ...]) -> tuple[PortForward, ...]:
+        """The forwards on QEMU's command line: inside the namespace for pasta."""
+        return inside_namespace(ports) if self.choice.backend == PASTA else ports
+
+    def attach(self, pid: int, preexec=None) -> None:
+        """QEMU (in its namespace) is process `pid`: join the namespace to the host (pasta)."""
+        if self.choice.backend != PASTA:
+            return
+        self.pid = pid
+        own = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + ROUTE_WAIT_S
+        while True:  # pasta must never join (and configure) jvmkit's own namespace, the host's
+            try:
+                if os.readlink(f"/proc/{pid}/ns/net") != own:
+                    break
+            except OSError:
+                raise JvmkitError("QEMU ended before its network namespace was made") from None
+            if time.monotonic() > deadline:
+                raise JvmkitError(f"QEMU's network namespace was not made within {ROUTE_WAIT_S} s (unshare)")
+            time.sleep(0.005)
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC) if self.root else None
+        try:
+            self.helper = proc.start(pasta_argv(find_pasta() or PASTA, pid, self.ports, netns_fd=fd), what="pasta",
+                                     stdout=proc.DEVNULL, stderr=proc.PIPE, preexec_fn=preexec,
+                                     pass_fds=() if fd is None else (fd,))
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def refresh(self, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        """pasta: route the host's addresses that are new since the start into `prohibit` too
+        (returns them; an address that cannot be routed is raised as OSError)."""
+        if self.choice.backend != PASTA or self.pid is None:
+            return ()
+        new = tuple(a for a in addresses if not a.startswith("127.") and a not in self.prohibited)
+        for addr in new:
+            done = proc.run(prohibit_command(self.pid, addr, root=self.root), what="nsenter", check=False, timeout=10)
+            if done.returncode != 0 and "File exists" not in (done.stderr or ""):
+                raise OSError(f"cannot add a route against {addr} in the VM's namespace: "
+                              f"{proc.last_line(done.stderr, done.stdout)}")
+            self.prohibited += (addr,)
+        return new
 
     def started(self) -> None:
         """QEMU has its copy of the socket: close jvmkit's."""
@@ -150,27 +311,36 @@ class Network:
 
     def stop(self) -> None:
         self.started()
-        if self.passt is not None and self.passt.poll() is None:
-            self.passt.terminate()
+        if self.helper is not None and self.helper.poll() is None:
+            self.helper.terminate()
             try:
-                self.passt.wait(timeout=5)
+                self.helper.wait(timeout=5)
             except proc.TimeoutExpired:
-                self.passt.kill()
-                self.passt.wait()
+                self.helper.kill()
+                self.helper.wait()
 
-    def passt_error(self) -> str | None:
-        """Why passt ended while QEMU runs (its last line of error output), or None."""
-        if self._error is None and self.passt is not None and self.passt.poll() not in (None, 0):
-            err = self.passt.stderr.read().decode(errors="replace") if self.passt.stderr else ""
-            self._error = f"exit status {self.passt.returncode}: {proc.last_line(err)}"
+    def helper_error(self) -> str | None:
+        """Why the backend's process (passt, pasta) ended while QEMU runs (its last line of error
+        output), or None."""
+        if self._error is None and self.helper is not None and self.helper.poll() not in (None, 0):
+            err = self.helper.stderr.read().decode(errors="replace") if self.helper.stderr else ""
+            self._error = f"{self.choice.backend} exit status {self.helper.returncode}: {proc.last_line(err)}"
         return self._error
 
 
+def find_pasta() -> str | None:
+    return shutil.which(PASTA)
+
+
 def start(choice: Choice, ports: tuple[PortForward, ...], *, passt: str | None, preexec=None,
-          runas: tuple[int, int] | None = None) -> Network:
-    """Start what `choice` needs before QEMU: nothing for slirp, passt for passt."""
+          runas: tuple[int, int] | None = None, host_addresses: tuple[str, ...] = ()) -> Network:
+    """Start what `choice` needs before QEMU: nothing for slirp, passt for passt; for pasta, the
+    plan of the namespace (pasta itself starts once QEMU has made it: `Network.attach`)."""
     if choice.backend == "slirp":
         return Network(choice, NetDev("user", restrict=choice.restrict))
+    if choice.backend == PASTA:
+        return Network(choice, NetDev("user"), ports=ports, root=os.geteuid() == 0,
+                       prohibited=tuple(a for a in host_addresses if not a.startswith("127.")))
     ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         child = proc.start(passt_argv(passt, ours.fileno(), ports, runas=runas), what="passt",
@@ -178,4 +348,4 @@ def start(choice: Choice, ports: tuple[PortForward, ...], *, passt: str | None, 
     finally:
         ours.close()
     fd = qemus.detach()
-    return Network(choice, NetDev("stream", fd=fd), pass_fds=(fd,), passt=child)
+    return Network(choice, NetDev("stream", fd=fd), pass_fds=(fd,), helper=child)

@@ -185,7 +185,11 @@ def check_memory(memory_mib: int, asked: str, host_mib: int | None) -> None:
 # ---- I/O ---------------------------------------------------------------------------------------
 
 def check_port_free(fwd: PortForward) -> None:
+    """Refuse a host port another listener holds. With SO_REUSEADDR, as QEMU's and pasta's own
+    listeners bind it: a connection of the previous run still in TIME_WAIT on that port (pasta
+    closes the host side first) does not make it taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((fwd.host_addr, fwd.host_port))
     except OSError as exc:
@@ -414,7 +418,8 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
                 break
             launched.keep_filter_current(options.verbose)
             if launched.backend_failed():
-                try:  # passt also ends when a finishing QEMU closes its socket: only a live QEMU lost its network
+                try:  # passt also ends when a finishing QEMU closes its socket (pasta when its namespace
+                    # goes): only a live QEMU lost its network
                     qemu_proc.wait(timeout=2)
                     continue
                 except subprocess.TimeoutExpired:
@@ -444,7 +449,7 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
             console.notice("jvmkit: interrupted; the VM was stopped")
             return EXIT_INTERRUPTED
         if outcome == "network":
-            console.notice(f"jvmkit: error: the guest's network (passt) failed: {launched.backend_failed()}; "
+            console.notice(f"jvmkit: error: the guest's network failed ({launched.backend_failed()}); "
                            "the VM was stopped")
             return EXIT_VM_FAILED
         if status is not None:

@@ -67,7 +67,7 @@ class VmIdentity:
     devices: tuple[str, ...]
     args: tuple[str, ...]
     boot_files: dict[str, str]
-    network: str = ""        # the network backend (vm/network.py): "slirp" (root) or "passt"
+    network: str = ""        # the network backend (vm/network.py): "slirp" (root), "pasta" or "passt"
 
 
 def identity_of(config: VmConfig, qemu_version_text: str, args: tuple[str, ...], boot_files: dict[str, str],
@@ -280,7 +280,8 @@ def run_restored(image: bundles.Bundle, target, files: dict[str, Path], run: run
     args = effective_args(manifest, options.args)
     control = PortForward("127.0.0.1", runner.free_port(), info.control_port)
     # QEMU's user network (slirp) takes forwards over QMP, so the run's ports open only once the
-    # guest's identity is renewed; passt (runs without root) has its forwards from its start: a
+    # guest's identity is renewed; passt and pasta (runs without root) have their forwards from their
+    # start (pasta's on the host need them before QEMU's in its namespace are asked for): a
     # connection in the fraction of a second before the renewal reaches the app as it was saved.
     late = net is None or net[1].backend == "slirp"
     plan, config = vm_for(image, target, files, run, memory=memory, cpus=cpus, accel=accel, qemu=qemu, args=args,
