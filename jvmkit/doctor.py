@@ -38,6 +38,27 @@ def kvm_fix(reason: str) -> str | None:
     return None
 
 
+BACKEND_TEXT = {"slirp": "QEMU's user network behind jvmkit's host filter",
+                "pasta": "QEMU's user network in a network namespace of its own, joined to the host by pasta",
+                "passt": "passt with its gateway not mapped to the host"}
+
+
+def network_check() -> dict:
+    """Which backend `--network outbound` gets here, and what its guest can still reach of this host."""
+    from jvmkit.vm import launch, network
+
+    try:
+        choice = launch.plan_network(network.Policy())
+    except JvmkitError as exc:
+        return _check("network", False, exc.message, exc.hint, required=False)
+    text = f"outbound: {BACKEND_TEXT.get(choice.backend, choice.backend)}"
+    if choice.exposure is None:
+        return _check("network", True, f"{text}; the guest reaches nothing of this host", required=False)
+    return _check("network", False, f"{text}; the guest can reach {choice.exposure}",
+                  "make /dev/net/tun usable by this user (Debian's udev makes it 0666) and allow user namespaces, "
+                  "or run as root, or use --network isolated", required=False)
+
+
 def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
     from jvmkit import jdk as jdks
 
@@ -81,6 +102,7 @@ def report(jdk_path: Path | None = None, probe_kvm: bool = False) -> dict:
         checks.append(_check("jpype", True, f"JPype {jpype.__version__} (for the balloon's JMX client)", required=False))
     except ImportError:
         checks.append(_check("jpype", False, "not importable", "pip install jpype1", required=False))
+    checks.append(network_check())
     entries = cache.list_entries()
     by_kind: dict[str, int] = {}
     for e in entries:

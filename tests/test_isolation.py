@@ -591,3 +591,26 @@ def test_pastas_namespace_keeps_the_host_out_and_lets_published_ports_in():
         subprocess.run(["ip", "link", "del", dummy], capture_output=True)
         lo.close()
         anyaddr.close()
+
+
+def test_doctor_says_which_network_outbound_gets_and_what_it_leaves_open(monkeypatch):
+    """`jvmkit doctor`'s network line, for each backend a host can give (plan_network replaced:
+    which one this host gives is the backend choice's test)."""
+    from jvmkit import doctor
+    from jvmkit.vm import launch
+
+    for choice, ok, words in ((network.Choice("slirp", host_filter=True), True, "behind jvmkit's host filter"),
+                              (network.Choice("pasta"), True, "joined to the host by pasta"),
+                              (network.Choice("passt", exposure="services on this host's own addresses"), False,
+                               "the guest can reach services on this host's own addresses")):
+        monkeypatch.setattr(launch, "plan_network", lambda policy, c=choice: c)
+        check = doctor.network_check()
+        assert check["ok"] is ok and words in check["detail"] and check["required"] is False, check
+        assert (check["fix"] is None) is ok and (ok or "/dev/net/tun" in check["fix"]), check
+
+    def refuse(policy):
+        raise JvmkitError("--network outbound: passt is not installed", hint="apt-get install passt")
+
+    monkeypatch.setattr(launch, "plan_network", refuse)
+    check = doctor.network_check()
+    assert not check["ok"] and check["fix"] == "apt-get install passt"

@@ -349,18 +349,20 @@ publish = ["{base}+:8080"]
     assert down.returncode == 0, down.stderr
 
 
-def test_without_root_the_snapshot_and_its_restores_run_on_passt(jars, tmp_path):
-    """A run without root uses passt (vm/network.py), which takes its port forwards at start, not
-    over QMP: the restore publishes the run's port that way and answers. A snapshot saved on one
-    backend is not restored on the other (saved on slirp, the guest did not answer passt): one
-    notice, a cold boot. JVMKIT_NETWORK_BACKEND forces passt here, where the tests run as root."""
+@pytest.mark.parametrize("backend", ["pasta", "passt"])
+def test_without_root_the_snapshot_and_its_restores_run_on_its_network(jars, tmp_path, backend):
+    """A run without root uses QEMU's user network in pasta's namespace, or passt (vm/network.py);
+    both take their port forwards at start, not over QMP (pasta's on the host must be known when it
+    starts): the restore publishes the run's port that way and answers. A snapshot saved on one
+    backend is not restored on another (saved on slirp, the guest did not answer passt): one
+    notice, a cold boot. JVMKIT_NETWORK_BACKEND forces the backend here, where the tests run as root."""
     image = pack(jars["httpd"], "linux", tmp_path / "httpd.jvmkit")
-    passt = {**os.environ, "JVMKIT_NETWORK_BACKEND": "passt"}
-    taken = subprocess.run([*JVMKIT, "snapshot", str(image), "--ready-url", "http://127.0.0.1:8080/"], env=passt,
+    forced = {**os.environ, "JVMKIT_NETWORK_BACKEND": backend}
+    taken = subprocess.run([*JVMKIT, "snapshot", str(image), "--ready-url", "http://127.0.0.1:8080/"], env=forced,
                            capture_output=True, text=True, timeout=BOOT_S, stdin=subprocess.DEVNULL)
     assert taken.returncode == 0, explained(taken)
-    assert json.loads((image / "manifest.json").read_text())["snapshot"]["network"] == "passt"
-    warm = Run(image, env=passt)
+    assert json.loads((image / "manifest.json").read_text())["snapshot"]["network"] == backend
+    warm = Run(image, env=forced)
     try:
         assert warm.get() == "hello from jvmkit httpd\n"
         assert warm.exit(6) == 6
@@ -376,4 +378,4 @@ def test_without_root_the_snapshot_and_its_restores_run_on_passt(jars, tmp_path)
         finally:
             other.kill()
         assert not other.restored
-        assert [n for n in other.notices() if "taken on the passt network" in n], other.err
+        assert [n for n in other.notices() if f"taken on the {backend} network" in n], other.err

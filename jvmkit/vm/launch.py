@@ -4,8 +4,9 @@
 is one line, exit status 1). `start(config, run, choice)` then, in order: puts up the host filter
 (hostfilter.py) when the choice needs it, decides QEMU's confinement (sandbox.py), starts passt
 when it is the backend, opens the console pipe, starts QEMU (in the filter's cgroup, its own
-process group, umask 077, parent-death signal) and, when QEMU drops to a dynamic user, the
-lifeline that stands in for the parent-death signal that drop clears. `Launched.finish()` undoes
+process group, umask 077, parent-death signal; on pasta inside `unshare` and the namespace's
+shell, which `exec`s it), then pasta once QEMU's namespace exists, and, when QEMU drops to a
+dynamic user, the lifeline that stands in for the parent-death signal that drop clears. `Launched.finish()` undoes
 it all once QEMU has ended.
 """
 
@@ -29,7 +30,9 @@ from jvmkit.vm.qemu import VmConfig, qemu_argv
 
 
 def plan_network(policy: network.Policy, filter_reason: str | None = "") -> network.Choice:
-    """The backend for `policy` on this host (raises a one-line error where none is safe)."""
+    """The backend for `policy` on this host (raises a one-line error where none is safe).
+    `filter_reason`: why the host filter is not available, when already known ("": find out).
+    The namespace is probed only where it would be chosen."""
     filter_reason = filter_unavailable() if filter_reason == "" else filter_reason
     forced = os.environ.get(network.BACKEND_ENV)
     wants_namespace = policy.mode == "outbound" and not policy.allow_host_loopback and (

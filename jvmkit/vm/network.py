@@ -197,10 +197,10 @@ def namespace_argv(qemu_argv: list[str], *, root: bool, prohibit: tuple[str, ...
 def pasta_argv(pasta: str, pid: int, ports: tuple[PortForward, ...], *, netns_fd: int | None = None) -> list[str]:
     """pasta joining the network namespace of process `pid` to the host (pure): the namespace
     gets the host's address and routes (`--config-net`), IPv4 only, the gateway not mapped to the
-    host, nothing of the host's loopback forwarded in (`-T none -U none`: their default, `auto`,
-    would forward the host's bound loopback ports, where slirp's 10.0.2.2 leads), nothing of
-    UDP out, and the published ports as TCP forwards into the namespace, where slirp's forwards
-    listen. Not root, it joins QEMU's user and network namespaces by `pid`. As root
+    host, no port of the namespace's loopback leading to the host's (`-T none -U none`: their
+    default, `auto`, forwards the ports bound on the host's loopback, and slirp's 10.0.2.2 is the
+    namespace's loopback), no UDP forwarded in (`-u none`), and the published ports as TCP
+    forwards into the namespace, where slirp's forwards listen. Not root, it joins QEMU's user and network namespaces by `pid`. As root
     (`netns_fd`: jvmkit opened the namespace) it joins the network namespace alone, through the
     inherited descriptor, and keeps root (`--runas 0:0`). Measured: given the pid, pasta as root
     also tries the user namespace, here the host's ("Couldn't open user namespace ... Permission
