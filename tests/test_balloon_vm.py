@@ -13,6 +13,7 @@ Marked `vm` (about 4 minutes under TCG).
 from __future__ import annotations
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from jvmkit.vm.qmp import QmpClient
+from support.servers import free_port
 from support.vms import read_log, wait_for
 from support.images import build_samples, pack_image
 
@@ -29,8 +31,23 @@ pytestmark = pytest.mark.vm
 
 JVMKIT = [sys.executable, "-m", "jvmkit"]
 GROW_MB = 300
-IDLE_S = 150   # reclaim, lost contact and reconnection, two sets and a watch of the guest stats
+IDLE_S = 150   # at most: reclaim, lost contact and reconnection, two sets and a watch of the guest stats
+WAKE_GUEST_PORT = 9099  # ...which the test cuts short by a connection here once it has seen them all
 LOW_MARK_MIB = 24  # policy.Settings.guest_low_available_mib
+
+
+def wake_app(port: int) -> None:
+    """End the app's idle phase (samples/phases: the first connection to its PORT does)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.recv(1)  # the app closes it: the connection reached the guest
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def cli(*args, timeout=120):
@@ -84,8 +101,10 @@ def test_set_on_a_vm_without_balloon_says_it_has_no_agent(phases_image):
 def test_balloon_gives_idle_heap_back_and_never_starves(phases_image, tmp_path):
     log = tmp_path / "balloon.jsonl"
     name = f"balloon-{os.getpid()}"
+    wake = free_port()  # the idle phase ends at a connection here, once the checks of the idle phase are done
     proc = subprocess.Popen([*JVMKIT, "run", "--balloon", "--balloon-log", str(log), "--balloon-interval", "1.5",
-                             "--name", name, str(phases_image), "--", str(GROW_MB), "3", str(IDLE_S)],
+                             "--name", name, "-p", f"{wake}:{WAKE_GUEST_PORT}", str(phases_image), "--", str(GROW_MB),
+                             "3", str(IDLE_S), str(WAKE_GUEST_PORT)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         out_lines: list[str] = []
@@ -179,6 +198,7 @@ def test_balloon_gives_idle_heap_back_and_never_starves(phases_image, tmp_path):
 
         # The second growth completes without OutOfMemoryError, getting memory back above the set
         # ceiling; the app exits 0.
+        wake_app(wake)
         rest, err = proc.communicate(timeout=300)
         output = "".join(out_lines) + rest
         assert proc.returncode == 0, err

@@ -1,14 +1,19 @@
 package phases;
 
+import java.io.IOException;
+import java.net.ServerSocket;
+import java.net.SocketTimeoutException;
 import java.util.ArrayList;
 import java.util.List;
 
 /**
  * A workload in phases, for the balloon: grow the heap, hold it, drop it, idle, grow again.
  *
- * <p>Usage: {@code Phases [GROW_MB [HOLD_S [IDLE_S]]]} (defaults 300, 5, 30). Prints one line per
- * phase, {@code phase NAME t=SECONDS}, so a test or benchmark can line the phases up with what the
- * host saw. The second growth must complete: an OutOfMemoryError exits with status 3.
+ * <p>Usage: {@code Phases [GROW_MB [HOLD_S [IDLE_S [PORT]]]]} (defaults 300, 5, 30, none). Prints
+ * one line per phase, {@code phase NAME t=SECONDS}, so a test or benchmark can line the phases up
+ * with what the host saw. With PORT, the idle phase also ends at the first connection to it (a
+ * test that has seen what it waited for need not sit out IDLE_S). The second growth must
+ * complete: an OutOfMemoryError exits with status 3.
  */
 public final class Phases {
     private static final long START = System.nanoTime();
@@ -36,10 +41,27 @@ public final class Phases {
         return held;
     }
 
-    public static void main(String[] args) throws InterruptedException {
+    private static void idle(int seconds, ServerSocket wake) throws InterruptedException, IOException {
+        if (wake == null) {
+            Thread.sleep(seconds * 1000L);
+            return;
+        }
+        wake.setSoTimeout(seconds * 1000);
+        try {
+            wake.accept().close();
+            phase("woken");
+        } catch (SocketTimeoutException timedOut) {
+            // the whole idle phase
+        } finally {
+            wake.close();
+        }
+    }
+
+    public static void main(String[] args) throws InterruptedException, IOException {
         int growMb = args.length > 0 ? Integer.parseInt(args[0]) : 300;
         int holdS = args.length > 1 ? Integer.parseInt(args[1]) : 5;
         int idleS = args.length > 2 ? Integer.parseInt(args[2]) : 30;
+        ServerSocket wake = args.length > 3 ? new ServerSocket(Integer.parseInt(args[3])) : null;
         try {
             phase("start");
             List<byte[]> held = grow(growMb);
@@ -48,7 +70,7 @@ public final class Phases {
             held.clear();
             held = null;
             phase("dropped");
-            Thread.sleep(idleS * 1000L);
+            idle(idleS, wake);
             phase("idle-end");
             List<byte[]> again = grow(growMb);
             phase("regrown");
