@@ -228,6 +228,66 @@ def test_through_pastas_namespace_the_backend_of_a_non_root_run(isolation_images
         assert "UnknownHost" not in result[target_], result
 
 
+@contextlib.contextmanager
+def dns_relay(addr: str, upstream: str):
+    """A DNS relay on UDP addr:53 to upstream:53, one query at a time; yields the list of the
+    queries' sources."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((addr, 53))
+    seen = []
+
+    def serve():
+        while True:
+            try:
+                query, peer = sock.recvfrom(4096)
+            except OSError:
+                return
+            seen.append(peer)
+            up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            up.settimeout(5)
+            try:
+                up.sendto(query, (upstream, 53))
+                sock.sendto(up.recvfrom(4096)[0], peer)
+            except OSError:
+                pass
+            finally:
+                up.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield seen
+    finally:
+        sock.close()
+
+
+def test_a_resolver_on_the_hosts_loopback_is_reached_from_pastas_namespace(isolation_images, tmp_path):
+    """A host whose resolver is on its loopback (systemd-resolved's 127.0.0.53): slirp inside pasta's
+    namespace cannot reach it there, so the namespace gets a resolv.conf naming pasta's DNS relay.
+    Made here by running jvmkit in a mount namespace whose /etc/resolv.conf names 127.0.0.77, where
+    this test relays to the host's real resolver (linux only: the path is the host's)."""
+    from jvmkit.vm.hostfilter import resolvers
+
+    name = "deb.debian.org"
+    upstream = [r for r in resolvers(Path("/etc/resolv.conf").read_text()) if not r.startswith("127.")]
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET)
+    except OSError:
+        upstream = []
+    if not upstream or not shutil.which("unshare"):
+        pytest.skip(f"this host resolves nothing through a non-loopback resolver (or has no unshare)")
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.77\n")
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(conf),
+            *JVMKIT, "run", str(isolation_images[("netprobe", "linux")]), "--", "connect", f"{name}:80"]
+    with dns_relay("127.0.0.77", upstream[0]) as queries:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "JVMKIT_NETWORK_BACKEND": "pasta"})
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"probe {name}:80 open" in done.stdout, done.stdout
+    assert queries, "the guest's name was not resolved through the host's loopback resolver"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_through_passt_the_backend_of_a_non_root_run(isolation_images, target, host_services, egress):
     lo, anyaddr = host_services

@@ -54,9 +54,7 @@ def namespace_unavailable() -> str | None:
         done = proc.run([tools["unshare"], "--user", "--map-root-user", "--net", "true"], what="unshare",
                         check=False, timeout=10)
         userns = done.returncode == 0
-    return network.namespace_problem(root=root, tools=tools, tun_usable=tun, userns_works=userns,
-                                     resolvers=hostfilter.resolvers(_read("/etc/resolv.conf")),
-                                     host_addresses=_host_addresses())
+    return network.namespace_problem(root=root, tools=tools, tun_usable=tun, userns_works=userns)
 
 
 def _read(path: str) -> str:
@@ -188,7 +186,15 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
             choice = plan_network(policy, filter_reason=str(exc))
     if choice.exposure:
         say_once("network", f"note: the guest can reach {choice.exposure}", verbose)
-    decision = sandbox.decide(config.qemu, run.path, rundir.uids_in_use())
+    resolv_conf = None
+    if choice.backend == network.PASTA and network.resolver_on_host(hostfilter.resolvers(_read("/etc/resolv.conf")),
+                                                                    _host_addresses()):
+        # slirp in the namespace cannot reach a resolver on the host: it gets pasta's relay instead
+        resolv_conf = run.path / "resolv.conf"
+        fileio.atomic_write_bytes(resolv_conf, f"nameserver {network.DNS_RELAY}\n".encode())
+        os.chmod(resolv_conf, 0o644)  # read through the bind mount by QEMU, whatever its user
+    decision = sandbox.decide(config.qemu, run.path, rundir.uids_in_use(),
+                              resolv_conf=resolv_conf.read_text() if resolv_conf else None)
     if decision.note:
         say_once("sandbox", f"note: {decision.note}", verbose)
     confinement = decision.confinement
@@ -199,7 +205,8 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
     try:
         passt_ids = (confinement.runas[0] + 1,) * 2 if confinement.runas else None
         net = network.start(choice, config.ports, passt=network.find_passt(), preexec=setup, runas=passt_ids,
-                            host_addresses=_host_addresses() if choice.backend == network.PASTA else ())
+                            host_addresses=_host_addresses() if choice.backend == network.PASTA else (),
+                            resolv_conf=resolv_conf)
         pass_fds = list(net.pass_fds) + list(extra_pass_fds)  # + a restore's `-incoming fd:N` (vm/snapshot.py)
         if not config.console_stdio:
             console_r, console_w = os.pipe()

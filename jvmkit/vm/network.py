@@ -41,10 +41,12 @@ only IPv4, and the host filter covers IPv4.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from jvmkit import proc
 from jvmkit.errors import JvmkitError, UsageError
@@ -59,6 +61,10 @@ PASST, PASTA = "passt", "pasta"
 BACKEND_ENV = "JVMKIT_NETWORK_BACKEND"
 BACKENDS = ("auto", "slirp", "passt", "pasta")
 ROUTE_WAIT_S = 10  # how long the namespace waits for pasta's default route before QEMU gives up
+# The resolver that QEMU's namespace is given when the host's is on the host (resolver_on_host):
+# a link-local address, routed out of the namespace to pasta, whose `--dns-forward` maps it to the
+# host's first resolver (measured: a query to it from the namespace was answered).
+DNS_RELAY = "169.254.0.53"
 
 
 @dataclass(frozen=True)
@@ -124,15 +130,13 @@ def choose(policy: Policy, *, filter_reason: str | None, passt: str | None, forc
     return Choice("slirp", host_filter=True)
 
 
-def namespace_problem(*, root: bool, tools: dict[str, str | None], tun_usable: bool, userns_works: bool | None,
-                      resolvers: tuple[str, ...], host_addresses: tuple[str, ...]) -> str | None:
+def namespace_problem(*, root: bool, tools: dict[str, str | None], tun_usable: bool,
+                      userns_works: bool | None) -> str | None:
     """Why QEMU cannot run in pasta's namespace here (pure; None: it can). `tools`: the paths of
     pasta, unshare, ip and nsenter (None: missing); `tun_usable`: whether this user can open
     /dev/net/tun (pasta opens it inside the namespace, where it is not root over the host's
     file); `userns_works`: whether `unshare -Urn true` succeeded (None: not tried, as root, who
-    needs no user namespace); `resolvers`: the host's nameservers, which slirp reads from
-    resolv.conf inside the namespace: one on this host (127.0.0.53, a dnsmasq on a bridge) is out
-    of its reach there."""
+    needs no user namespace)."""
     for name in (PASTA, "unshare", "ip", "nsenter"):
         if not tools.get(name):
             return f"{name} is not installed" + (" (apt-get install passt)" if name == PASTA else "")
@@ -141,10 +145,15 @@ def namespace_problem(*, root: bool, tools: dict[str, str | None], tun_usable: b
             return "/dev/net/tun cannot be opened by this user"
         if not userns_works:
             return "this user cannot create a user namespace (unshare -Urn failed)"
-    on_host = [r for r in resolvers if r.startswith("127.") or r in host_addresses]
-    if on_host:
-        return f"the host's resolver {on_host[0]} is on this host, which the namespace does not reach"
     return None
+
+
+def resolver_on_host(resolvers: tuple[str, ...], host_addresses: tuple[str, ...]) -> bool:
+    """Whether the host's first resolver is on the host itself (pure): 127.0.0.53 (systemd-resolved),
+    a dnsmasq on one of its addresses. slirp in pasta's namespace cannot reach it there (its
+    loopback is the namespace's, the host's addresses are routed to `prohibit`), so the namespace
+    gets a resolv.conf naming DNS_RELAY, which pasta's `--dns-forward` maps to that resolver."""
+    return bool(resolvers) and (resolvers[0].startswith("127.") or resolvers[0] in host_addresses)
 
 
 def find_passt() -> str | None:
@@ -174,13 +183,16 @@ def passt_argv(passt: str, fd: int, ports: tuple[PortForward, ...], *, map_gatew
 
 # ---- pasta: QEMU in a network namespace of its own ----------------------------------------------
 
-def namespace_argv(qemu_argv: list[str], *, root: bool, prohibit: tuple[str, ...]) -> list[str]:
+def namespace_argv(qemu_argv: list[str], *, root: bool, prohibit: tuple[str, ...],
+                   resolv_conf: str | None = None) -> list[str]:
     """QEMU's argv, run in a new network namespace (pure): `unshare -n` (and, when not root, a
     user namespace mapping this user to root, which is what may configure the namespace), then a
     shell that brings the namespace's loopback up, waits for pasta's default route (at most
     ROUTE_WAIT_S), adds a `prohibit` route for each of the host's addresses in `prohibit`
     (connects to them fail with EACCES inside), and `exec`s QEMU: the same process all along, so
-    its parent-death signal, its pid (`ps`, the lifeline) and its command line stay QEMU's."""
+    its parent-death signal, its pid (`ps`, the lifeline) and its command line stay QEMU's.
+    With `resolv_conf` (a file's path) also a mount namespace, in which that file is
+    /etc/resolv.conf (see resolver_on_host)."""
     for addr in prohibit:
         socket.inet_aton(addr)  # only addresses reach the shell
     tries = ROUTE_WAIT_S * 20
@@ -189,12 +201,16 @@ def namespace_argv(qemu_argv: list[str], *, root: bool, prohibit: tuple[str, ...
               f'echo "jvmkit: pasta did not connect the network namespace within {ROUTE_WAIT_S} s" >&2; exit 1; fi; '
               "sleep 0.05; done; "
               + "".join(f"ip route add prohibit {addr}/32 || exit 1; " for addr in prohibit)
+              + (f"mount --bind {shlex.quote(resolv_conf)} /etc/resolv.conf || exit 1; " if resolv_conf else "")
               + 'exec "$@"')
     flags = ["--net"] if root else ["--user", "--map-root-user", "--net"]
+    if resolv_conf:
+        flags.append("--mount")
     return ["unshare", *flags, "--", "/bin/sh", "-c", script, "jvmkit-netns", *qemu_argv]
 
 
-def pasta_argv(pasta: str, pid: int, ports: tuple[PortForward, ...], *, netns_fd: int | None = None) -> list[str]:
+def pasta_argv(pasta: str, pid: int, ports: tuple[PortForward, ...], *, netns_fd: int | None = None,
+               dns_forward: str | None = None) -> list[str]:
     """pasta joining the network namespace of process `pid` to the host (pure): the namespace
     gets the host's address and routes (`--config-net`), IPv4 only, the gateway not mapped to the
     host, no port of the namespace's loopback leading to the host's (`-T none -U none`: their
@@ -206,9 +222,12 @@ def pasta_argv(pasta: str, pid: int, ports: tuple[PortForward, ...], *, netns_fd
     also tries the user namespace, here the host's ("Couldn't open user namespace ... Permission
     denied"); given /proc/PID/ns/net, it cannot open it (EACCES: the ptrace check of a process
     whose capabilities, having dropped most, are not a superset of QEMU's); through its own
-    /proc/self/fd it can."""
+    /proc/self/fd it can. `dns_forward`: the address whose DNS queries go to the host's first
+    resolver (resolver_on_host)."""
     argv = [pasta, "--foreground", "--quiet", "--config-net", "--ipv4-only", "--no-map-gw",
             "--tcp-ns", "none", "--udp-ns", "none", "--udp-ports", "none"]
+    if dns_forward:
+        argv += ["--dns-forward", dns_forward]
     if not ports:
         argv += ["--tcp-ports", "none"]
     for fwd in ports:
@@ -249,13 +268,15 @@ class Network:
     prohibited: tuple[str, ...] = ()        # pasta: the host addresses the namespace has routes against
     root: bool = False
     pid: int | None = None                  # pasta: QEMU's, whose namespace it is
+    resolv_conf: Path | None = None         # pasta: the namespace's resolv.conf, when the host's resolver is on the host
     _error: str | None = None
 
     def qemu_argv(self, argv: list[str]) -> list[str]:
         """QEMU's argv as this backend runs it: in the namespace for pasta."""
         if self.choice.backend != PASTA:
             return argv
-        return namespace_argv(argv, root=self.root, prohibit=self.prohibited)
+        return namespace_argv(argv, root=self.root, prohibit=self.prohibited,
+                              resolv_conf=str(self.resolv_conf) if self.resolv_conf else None)
 
     def qemu_ports(self, ports: tuple[PortForward, ...]) -> tuple[PortForward, ...]:
         """The forwards on QEMU's command line: inside the namespace for pasta."""
@@ -279,7 +300,8 @@ class Network:
             time.sleep(0.005)
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC) if self.root else None
         try:
-            self.helper = proc.start(pasta_argv(find_pasta() or PASTA, pid, self.ports, netns_fd=fd), what="pasta",
+            self.helper = proc.start(pasta_argv(find_pasta() or PASTA, pid, self.ports, netns_fd=fd,
+                                                dns_forward=DNS_RELAY if self.resolv_conf else None), what="pasta",
                                      stdout=proc.DEVNULL, stderr=proc.PIPE, preexec_fn=preexec,
                                      pass_fds=() if fd is None else (fd,))
         finally:
@@ -333,13 +355,15 @@ def find_pasta() -> str | None:
 
 
 def start(choice: Choice, ports: tuple[PortForward, ...], *, passt: str | None, preexec=None,
-          runas: tuple[int, int] | None = None, host_addresses: tuple[str, ...] = ()) -> Network:
+          runas: tuple[int, int] | None = None, host_addresses: tuple[str, ...] = (),
+          resolv_conf: Path | None = None) -> Network:
     """Start what `choice` needs before QEMU: nothing for slirp, passt for passt; for pasta, the
-    plan of the namespace (pasta itself starts once QEMU has made it: `Network.attach`)."""
+    plan of the namespace (pasta itself starts once QEMU has made it: `Network.attach`), with
+    `resolv_conf` as its /etc/resolv.conf when given (a file naming DNS_RELAY)."""
     if choice.backend == "slirp":
         return Network(choice, NetDev("user", restrict=choice.restrict))
     if choice.backend == PASTA:
-        return Network(choice, NetDev("user"), ports=ports, root=os.geteuid() == 0,
+        return Network(choice, NetDev("user"), ports=ports, root=os.geteuid() == 0, resolv_conf=resolv_conf,
                        prohibited=tuple(a for a in host_addresses if not a.startswith("127.")))
     ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

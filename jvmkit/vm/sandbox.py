@@ -151,9 +151,10 @@ class Decision:
     note: str | None              # what is missing, for the user (None: fully confined)
 
 
-def decide(qemu: str, run_path: Path | None, taken: set[int]) -> Decision:
+def decide(qemu: str, run_path: Path | None, taken: set[int], resolv_conf: str | None = None) -> Decision:
     """QEMU's confinement for one VM whose run directory is `run_path` (None: no chroot, for the
-    KVM probe, whose only file is opened before QEMU drops to its user)."""
+    KVM probe, whose only file is opened before QEMU drops to its user). `resolv_conf`: the
+    nameservers QEMU's slirp is to read in its root (default: the host's)."""
     v = verdict(qemu)
     if v.get("failed") and not v.get("seccomp") and is_root():
         # QEMU accepted none of it, not even the user and root: confine nothing rather than fail
@@ -164,7 +165,8 @@ def decide(qemu: str, run_path: Path | None, taken: set[int]) -> Decision:
     if not is_root():
         return Decision(Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"]), note)
     uid = allocate_ids(taken)
-    chroot = None if run_path is None else make_root(run_path / "root", _read("/etc/resolv.conf"))
+    chroot = None if run_path is None else make_root(run_path / "root", resolv_conf if resolv_conf is not None
+                                                     else _read("/etc/resolv.conf"))
     return Decision(Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"], runas=(uid, uid), chroot=chroot),
                     note)
 
