@@ -11,9 +11,10 @@ Backends (vm/network.py), each through `jvmkit run -p PORT:8080` of samples/http
   as root keeps the filter on).
 For each: the time from starting `jvmkit run` to the first HTTP answer through the published port
 (polled every 50 ms), then sequential GETs of `/` (a new connection each) for a fixed time (10 s,
-5 s with --quick; a GET refused, reset or cut short is counted as failed), the RSS of the backend's helper process (pasta, passt) while it serves, and
-`GET /exit`. Interleaved: for each round, for each target, the backends in an order rotated each
-round. Medians with min/max. Writes network.json and network.png under --out.
+5 s with --quick; a GET refused, reset or cut short is counted as failed), the RSS of the
+backend's helper process (pasta, passt) while it serves, and `GET /exit`. Interleaved: for each
+round, for each target, the backends in an order rotated each round. Medians with min/max.
+Writes network.json and network.png under --out.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def one_run(image: Path, env: dict, serve_s: float) -> dict:
                 break
             time.sleep(0.05)
         if first is None:
-            return {"failed": f"no answer (exit {proc.poll()}): {(proc.stderr.read() if proc.poll() is not None else '')[-300:]}"}
+            said = proc.stderr.read() if proc.poll() is not None else ""
+            return {"failed": f"no answer (exit {proc.poll()}): {said[-300:]}"}
         rss = helper_rss_mib(proc.pid)
         n, errors, end = 0, 0, time.monotonic() + serve_s
         while time.monotonic() < end:

@@ -216,13 +216,13 @@ def pasta_argv(pasta: str, pid: int, ports: tuple[PortForward, ...], *, netns_fd
     host, no port of the namespace's loopback leading to the host's (`-T none -U none`: their
     default, `auto`, forwards the ports bound on the host's loopback, and slirp's 10.0.2.2 is the
     namespace's loopback), no UDP forwarded in (`-u none`), and the published ports as TCP
-    forwards into the namespace, where slirp's forwards listen. Not root, it joins QEMU's user and network namespaces by `pid`. As root
-    (`netns_fd`: jvmkit opened the namespace) it joins the network namespace alone, through the
-    inherited descriptor, and keeps root (`--runas 0:0`). Measured: given the pid, pasta as root
-    also tries the user namespace, here the host's ("Couldn't open user namespace ... Permission
-    denied"); given /proc/PID/ns/net, it cannot open it (EACCES: the ptrace check of a process
-    whose capabilities, having dropped most, are not a superset of QEMU's); through its own
-    /proc/self/fd it can. `dns_forward`: the address whose DNS queries go to the host's first
+    forwards into the namespace, where slirp's forwards listen. Not root, it joins QEMU's user
+    and network namespaces by `pid`. As root (`netns_fd`: jvmkit opened the namespace) it joins
+    the network namespace alone, through the inherited descriptor, and keeps root (`--runas 0:0`).
+    Measured: given the pid, pasta as root also tries the user namespace, here the host's
+    ("Couldn't open user namespace ... Permission denied"); given /proc/PID/ns/net, it cannot open
+    it (EACCES: the ptrace check of a process whose capabilities, having dropped most, are not a
+    superset of QEMU's); through its own /proc/self/fd it can. `dns_forward`: the address whose DNS queries go to the host's first
     resolver (resolver_on_host)."""
     argv = [pasta, "--foreground", "--quiet", "--config-net", "--ipv4-only", "--no-map-gw",
             "--tcp-ns", "none", "--udp-ns", "none", "--udp-ports", "none"]
@@ -268,7 +268,7 @@ class Network:
     prohibited: tuple[str, ...] = ()        # pasta: the host addresses the namespace has routes against
     root: bool = False
     pid: int | None = None                  # pasta: QEMU's, whose namespace it is
-    resolv_conf: Path | None = None         # pasta: the namespace's resolv.conf, when the host's resolver is on the host
+    resolv_conf: Path | None = None         # pasta: the namespace's resolv.conf (the host's resolver is on the host)
     _error: str | None = None
 
     def qemu_argv(self, argv: list[str]) -> list[str]:
