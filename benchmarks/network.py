@@ -36,14 +36,6 @@ BACKENDS = {"slirp+filter": {}, "pasta": {"JVMKIT_NETWORK_BACKEND": "pasta"},
             "passt": {"JVMKIT_NETWORK_BACKEND": "passt"}}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, timeout: float = 2.0) -> bytes | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
@@ -69,7 +61,7 @@ def helper_rss_mib(jvmkit_pid: int) -> float | None:
 
 
 def one_run(image: Path, env: dict, serve_s: float) -> dict:
-    port = free_port()
+    port = C.free_port()
     t0 = time.monotonic()
     proc = subprocess.Popen([*C.JVMKIT, "run", "-p", f"{port}:8080", str(image)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

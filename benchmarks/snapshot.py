@@ -42,19 +42,11 @@ CONCURRENCY = (1, 4, 8)
 RESTORED = re.compile(r"restored from the image's snapshot: state loaded in ([\d.]+) s, identity renewed in ([\d.]+) s")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Run:
     """One `jvmkit run` with port 8080 published; `answer_s` is the time to the first answer."""
 
     def __init__(self, image: Path, env: dict, *, cold: bool, path: str):
-        self.port = free_port()
+        self.port = C.free_port()
         argv = [*C.JVMKIT, "run", "-p", f"{self.port}:8080", *(["--cold"] if cold else ["--verbose"]), str(image)]
         self.cold, self.path = cold, path
         self.t0 = time.monotonic()

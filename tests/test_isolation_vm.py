@@ -136,9 +136,9 @@ def egress():
 
 
 def host_addresses() -> list[str]:
-    from jvmkit.vm.hostfilter import local_addresses
+    from jvmkit.vm.hostfilter import new_addresses
 
-    return [a for a in local_addresses(Path("/proc/net/fib_trie").read_text()) if not a.startswith("127.")]
+    return list(new_addresses((), Path("/proc/net/fib_trie").read_text()))
 
 
 def probe(image: Path, targets_: list[str], *options: str, env=None) -> dict[str, str]:
@@ -274,7 +274,7 @@ def test_a_resolver_on_the_hosts_loopback_is_reached_from_pastas_namespace(isola
     except OSError:
         upstream = []
     if not upstream or not shutil.which("unshare"):
-        pytest.skip(f"this host resolves nothing through a non-loopback resolver (or has no unshare)")
+        pytest.skip("this host resolves nothing through a non-loopback resolver (or has no unshare)")
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 127.0.0.77\n")
     argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",

@@ -168,7 +168,8 @@ def resolvers(resolv_conf: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _read(path: str) -> str:
+def read_or_empty(path: str) -> str:
+    """A host file's text (/proc/net/fib_trie, /etc/resolv.conf), or "" when it cannot be read."""
     try:
         return Path(path).read_text(errors="replace")
     except OSError:
@@ -236,10 +237,10 @@ class HostFilter:
         """Deny the addresses this host gained since the filter was set up (an interface came up,
         a VPN, DHCP): one more program on the cgroup for them alone (the kernel runs every program
         attached with BPF_F_ALLOW_MULTI, and any of them denies). Returns the new addresses."""
-        new = new_addresses(self.denied, fib_trie if fib_trie is not None else _read("/proc/net/fib_trie"))
+        new = new_addresses(self.denied, fib_trie if fib_trie is not None else read_or_empty("/proc/net/fib_trie"))
         if not new:
             return ()
-        conf = resolv_conf if resolv_conf is not None else _read("/etc/resolv.conf")
+        conf = resolv_conf if resolv_conf is not None else read_or_empty("/etc/resolv.conf")
         _attach(self.cgroup, program(new, dns_allowed(conf, new)))
         self.denied += new
         return new
@@ -260,13 +261,13 @@ def open_filter(name: str, alive=lambda name: False) -> HostFilter:
     whether another VM of that name still runs (its cgroup is kept)."""
     if os.geteuid() != 0:
         raise FilterUnavailable("the host filter needs root (a cgroup and BPF programs)")
-    mount = cgroup2_mount(_read("/proc/self/mountinfo"))
+    mount = cgroup2_mount(read_or_empty("/proc/self/mountinfo"))
     if mount is None:
         raise FilterUnavailable("no cgroup v2 hierarchy is mounted")
-    denied = new_addresses((), _read("/proc/net/fib_trie"))
-    allowed = dns_allowed(_read("/etc/resolv.conf"), denied)
+    denied = new_addresses((), read_or_empty("/proc/net/fib_trie"))
+    allowed = dns_allowed(read_or_empty("/etc/resolv.conf"), denied)
     code = program(denied, allowed)
-    parents = [Path(mount + own_cgroup(_read("/proc/self/cgroup")).rstrip("/")), Path(mount)]
+    parents = [Path(mount + own_cgroup(read_or_empty("/proc/self/cgroup")).rstrip("/")), Path(mount)]
     prune_stale(parents, alive)
     cgroup = None
     for parent in parents:

@@ -16,12 +16,12 @@ import ctypes
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from jvmkit import cache, fileio, proc, ui
@@ -44,8 +44,6 @@ def plan_network(policy: network.Policy, filter_reason: str | None = "") -> netw
 def namespace_unavailable() -> str | None:
     """Why QEMU cannot run in pasta's network namespace here (None: it can); probes only what it
     must (a user namespace: one `unshare -Urn true`, a few ms)."""
-    import shutil
-
     root = os.geteuid() == 0
     tools = {name: shutil.which(name) for name in (network.PASTA, "unshare", "ip", "nsenter")}
     tun = os.access("/dev/net/tun", os.R_OK | os.W_OK)
@@ -57,26 +55,16 @@ def namespace_unavailable() -> str | None:
     return network.namespace_problem(root=root, tools=tools, tun_usable=tun, userns_works=userns)
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
 def _host_addresses() -> tuple[str, ...]:
-    return tuple(a for a in hostfilter.local_addresses(_read("/proc/net/fib_trie")) if not a.startswith("127."))
+    """This host's IPv4 addresses but loopback, as the host filter reads them."""
+    return hostfilter.new_addresses((), hostfilter.read_or_empty("/proc/net/fib_trie"))
 
 
 def filter_unavailable() -> str | None:
     """Why the host filter cannot be set up here, from what is cheap to know (None: try it)."""
     if os.geteuid() != 0:
         return "it needs root"
-    try:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        mountinfo = ""
-    if hostfilter.cgroup2_mount(mountinfo) is None:
+    if hostfilter.cgroup2_mount(hostfilter.read_or_empty("/proc/self/mountinfo")) is None:
         return "no cgroup v2 hierarchy is mounted"
     return None
 
@@ -146,7 +134,10 @@ class Launched:
             return
         self.filter_checked = now
         try:
-            added = self.network.refresh(_host_addresses()) if pasta else self.host_filter.refresh()
+            if pasta:
+                added = self.network.refresh(hostfilter.read_or_empty("/proc/net/fib_trie"))
+            else:
+                added = self.host_filter.refresh()
         except (hostfilter.FilterUnavailable, OSError) as exc:
             say_once("filter-refresh", f"warning: the host gained an address that the guest may reach ({exc})", True)
             self.filter_checked = float("inf")  # the kernel takes no more programs: stop trying
@@ -186,15 +177,16 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
             choice = plan_network(policy, filter_reason=str(exc))
     if choice.exposure:
         say_once("network", f"note: the guest can reach {choice.exposure}", verbose)
-    resolv_conf = None
-    if choice.backend == network.PASTA and network.resolver_on_host(hostfilter.resolvers(_read("/etc/resolv.conf")),
-                                                                    _host_addresses()):
+    host_addresses = _host_addresses() if choice.backend == network.PASTA else ()
+    resolv_conf = relay_conf = None
+    if choice.backend == network.PASTA and network.resolver_on_host(
+            hostfilter.resolvers(hostfilter.read_or_empty("/etc/resolv.conf")), host_addresses):
         # slirp in the namespace cannot reach a resolver on the host: it gets pasta's relay instead
+        relay_conf = f"nameserver {network.DNS_RELAY}\n"
         resolv_conf = run.path / "resolv.conf"
-        fileio.atomic_write_bytes(resolv_conf, f"nameserver {network.DNS_RELAY}\n".encode())
+        fileio.atomic_write_bytes(resolv_conf, relay_conf.encode())
         os.chmod(resolv_conf, 0o644)  # read through the bind mount by QEMU, whatever its user
-    decision = sandbox.decide(config.qemu, run.path, rundir.uids_in_use(),
-                              resolv_conf=resolv_conf.read_text() if resolv_conf else None)
+    decision = sandbox.decide(config.qemu, run.path, rundir.uids_in_use(), resolv_conf=relay_conf)
     if decision.note:
         say_once("sandbox", f"note: {decision.note}", verbose)
     confinement = decision.confinement
@@ -205,8 +197,7 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
     try:
         passt_ids = (confinement.runas[0] + 1,) * 2 if confinement.runas else None
         net = network.start(choice, config.ports, passt=network.find_passt(), preexec=setup, runas=passt_ids,
-                            host_addresses=_host_addresses() if choice.backend == network.PASTA else (),
-                            resolv_conf=resolv_conf)
+                            host_addresses=host_addresses, resolv_conf=resolv_conf)
         pass_fds = list(net.pass_fds) + list(extra_pass_fds)  # + a restore's `-incoming fd:N` (vm/snapshot.py)
         if not config.console_stdio:
             console_r, console_w = os.pipe()

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from jvmkit import proc
 from jvmkit.errors import JvmkitError, UsageError
+from jvmkit.vm import hostfilter
 from jvmkit.vm.qemu import NetDev, PortForward
 
 MODES = ("outbound", "isolated")
@@ -308,12 +309,12 @@ class Network:
             if fd is not None:
                 os.close(fd)
 
-    def refresh(self, addresses: tuple[str, ...]) -> tuple[str, ...]:
-        """pasta: route the host's addresses that are new since the start into `prohibit` too
-        (returns them; an address that cannot be routed is raised as OSError)."""
+    def refresh(self, fib_trie: str) -> tuple[str, ...]:
+        """pasta: route the host's addresses (from /proc/net/fib_trie's text) that are new since
+        the start into `prohibit` too (returns them; one that cannot be routed is raised as OSError)."""
         if self.choice.backend != PASTA or self.pid is None:
             return ()
-        new = tuple(a for a in addresses if not a.startswith("127.") and a not in self.prohibited)
+        new = hostfilter.new_addresses(self.prohibited, fib_trie)
         for addr in new:
             done = proc.run(prohibit_command(self.pid, addr, root=self.root), what="nsenter", check=False, timeout=10)
             if done.returncode != 0 and "File exists" not in (done.stderr or ""):
@@ -358,13 +359,14 @@ def start(choice: Choice, ports: tuple[PortForward, ...], *, passt: str | None, 
           runas: tuple[int, int] | None = None, host_addresses: tuple[str, ...] = (),
           resolv_conf: Path | None = None) -> Network:
     """Start what `choice` needs before QEMU: nothing for slirp, passt for passt; for pasta, the
-    plan of the namespace (pasta itself starts once QEMU has made it: `Network.attach`), with
-    `resolv_conf` as its /etc/resolv.conf when given (a file naming DNS_RELAY)."""
+    plan of the namespace: `prohibit` routes for `host_addresses` (this host's but loopback),
+    `resolv_conf` as its /etc/resolv.conf when given (a file naming DNS_RELAY); pasta itself
+    starts once QEMU has made it (`Network.attach`)."""
     if choice.backend == "slirp":
         return Network(choice, NetDev("user", restrict=choice.restrict))
     if choice.backend == PASTA:
         return Network(choice, NetDev("user"), ports=ports, root=os.geteuid() == 0, resolv_conf=resolv_conf,
-                       prohibited=tuple(a for a in host_addresses if not a.startswith("127.")))
+                       prohibited=host_addresses)
     ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         child = proc.start(passt_argv(passt, ours.fileno(), ports, runas=runas), what="passt",

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from jvmkit import cache, fileio, proc
 from jvmkit.errors import JvmkitError
+from jvmkit.vm import hostfilter
 from jvmkit.vm import qemu as qemu_argvs
 from jvmkit.vm.qemu import Confinement, host_key
 
@@ -166,7 +167,7 @@ def decide(qemu: str, run_path: Path | None, taken: set[int], resolv_conf: str |
         return Decision(Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"]), note)
     uid = allocate_ids(taken)
     chroot = None if run_path is None else make_root(run_path / "root", resolv_conf if resolv_conf is not None
-                                                     else _read("/etc/resolv.conf"))
+                                                     else hostfilter.read_or_empty("/etc/resolv.conf"))
     return Decision(Confinement(seccomp=v["seccomp"], deny_elevate=v["deny_elevate"], runas=(uid, uid), chroot=chroot),
                     note)
 
@@ -175,13 +176,6 @@ def probe_confinement(qemu: str, taken: set[int]) -> Confinement:
     """The KVM probe's QEMU, which boots the image's kernel: a VM's seccomp filter and (as root)
     user, without the chroot."""
     return decide(qemu, None, taken).confinement
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 # ---- the lifeline ---------------------------------------------------------------------------------
