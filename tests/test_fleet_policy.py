@@ -138,7 +138,7 @@ def test_every_move_names_giver_and_taker_and_why():
     assert between, d.summary
     for m in between:
         assert m.taker == "hot" and "GC overhead" in m.why
-        assert f"to hot (GC overhead" in d.get(m.giver).reason, d.get(m.giver).reason
+        assert "to hot (GC overhead" in d.get(m.giver).reason, d.get(m.giver).reason
         assert f"from {m.giver}" in d.get("hot").reason or "more as" in d.get("hot").reason
         assert m.describe() in d.summary
 
@@ -234,6 +234,9 @@ class ScriptedAgent:
         return SimpleNamespace(heap_used=self.used, heap_committed=self.committed, heap_max=700 * MIB,
                                gc_time_millis=0)
 
+    def guest_memory(self):
+        return None  # as a JVM that reports no guest memory
+
     def shrink_to(self, target):
         self.shrinks += 1
         if self.freed:
@@ -309,6 +312,51 @@ def test_the_controller_keeps_non_heap_only_from_stats_taken_after_the_heap_move
     assert controller.non_heap_seen == 120 * MIB
     step(150, _time.time() + 10)   # settled again: a real growth counts
     assert controller.non_heap_seen == 150 * MIB
+
+
+def test_the_jvms_reading_fills_in_only_where_the_balloon_reports_no_guest_memory():
+    from jvmkit.balloon.host import with_jvm_memory
+
+    stats = {"actual": 1024 * MIB, "updated": 5.0, "total": 1000 * MIB, "available": 700 * MIB, "free": None}
+    assert with_jvm_memory(stats, (2000 * MIB, 10 * MIB), now=9.0) is stats   # the balloon's own stats win
+    bare = {"actual": 900 * MIB, "updated": 0, "total": None, "available": None, "free": None}
+    assert with_jvm_memory(bare, None, now=9.0) is bare                         # the JVM says nothing
+    filled = with_jvm_memory(bare, (1000 * MIB, 300 * MIB), now=9.0)
+    assert filled == {"actual": 900 * MIB, "updated": 9.0, "total": 1000 * MIB, "available": 300 * MIB,
+                      "free": 300 * MIB, "source": "jvm"}
+    assert bare["total"] is None  # not changed in place
+
+
+def test_a_guest_without_balloon_stats_is_steered_by_what_its_jvm_reads(tmp_path):
+    """An OSv guest: its virtio-balloon has no stats queue, so the guest's memory comes from its
+    JVM (OperatingSystem MXBean) and the non-heap estimate is measured, not the 192M guess."""
+    import time as _time
+
+    from jvmkit.balloon.host import BalloonDevice
+
+    class Device(BalloonDevice):
+        actual = 1024 * MIB
+
+        def read(self):
+            return {"actual": self.actual, "updated": 0, "total": None, "available": None, "free": None}
+
+        def set(self, target_bytes):
+            self.actual = target_bytes  # the guest gives the pages at once; changed_at stays 0
+
+    device, agent = Device(), ScriptedAgent(100, 200)
+    free = {"mib": 1000 - 80 - 200}      # OSv itself and the JVM's non-heap: 80M; the heap: 200M
+    agent.guest_memory = lambda: (1000 * MIB, free["mib"] * MIB)
+    controller = scripted_controller(tmp_path, agent, device)
+    controller.committed_at = (agent.committed, _time.time() - 60)  # the heap has not moved for a minute
+    controller.step()
+    assert controller.non_heap_seen == 80 * MIB
+    # Without the JVM's reading the policy falls back to its guess.
+    guessing = scripted_controller(tmp_path, ScriptedAgent(100, 200), Device())
+    guessing.committed_at = (200 * MIB, _time.time() - 60)
+    guessing.step()
+    assert guessing.non_heap_seen is None
+    assert policy.non_heap_bytes(replace(reading(100, 200), guest_total=None, guest_available=None),
+                                 guessing.settings) == 192 * MIB
 
 
 def test_a_shrink_that_stopped_at_its_floor_is_not_retried_while_the_heap_is_unchanged():

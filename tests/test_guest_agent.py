@@ -368,6 +368,20 @@ def test_jmx_single_port_and_advertised_address(g1_app, g1_client):
     assert app.expect("ready").endswith("agent.jar")
 
 
+def test_guest_memory_is_what_the_jvm_reads_of_its_machine(g1_client):
+    """The reading OSv guests are steered by (their balloon has no stats queue): here the app runs
+    on the host, so it is the host's memory as sysinfo(2) gives it (or its cgroup's, where the JVM
+    runs in one with a limit): non-zero, free within total, and both near what /proc/meminfo says."""
+    from jvmkit.balloon.host import read_host_memory
+
+    reading = g1_client.guest_memory()
+    assert reading is not None
+    total, free = reading
+    assert 0 < free <= total
+    host = read_host_memory()
+    assert total <= host["total"] * 1.01 and free <= host["total"]
+
+
 def test_wrong_credentials_are_refused(g1_app):
     _, forwarder, _ = g1_app
     with pytest.raises(JmxAuthError) as info:

@@ -353,6 +353,9 @@ class AgentStub:
 
         return SimpleNamespace(heap_used=10 << 20, heap_committed=20 << 20, heap_max=40 << 20, gc_time_millis=0)
 
+    def guest_memory(self):
+        return None  # as a JVM that reports no guest memory
+
     def close(self):
         pass
 

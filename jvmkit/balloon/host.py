@@ -103,6 +103,20 @@ class BalloonDevice:
         return guest.get("total") is None or guest.get("updated", 0) >= self.changed_at + self.settle_s
 
 
+def with_jvm_memory(guest: dict, reading: tuple[int, int] | None, now: float | None = None) -> dict:
+    """The balloon's reading, with the guest's total and available memory taken from its JVM
+    where the balloon reports none (pure but for the clock): OSv's virtio-balloon has no stats
+    queue, and its JVM's OperatingSystem MXBean reads OSv's own counters (sysinfo: all memory,
+    and what is free of it). Free is what is available there: OSv keeps no page cache that it
+    gives back on demand. The reading is taken now, so it is as fresh as the balloon it sits beside.
+    Without it the policy assumes Settings.no_stats_non_heap_mib besides the heap, a guess."""
+    if reading is None or guest.get("total") is not None:
+        return guest
+    total, free = reading
+    return {**guest, "total": total, "available": free, "free": free,
+            "updated": time.time() if now is None else now, "source": "jvm"}
+
+
 class VmHandle(Protocol):
     """A started VM as the balloon sees it (runner.RunningVm, engines.libvirt.LibvirtVm)."""
 
@@ -273,6 +287,13 @@ class Controller:
         except (QmpError, OSError, KeyError, TypeError) as exc:
             self._lost(f"the balloon device ({exc})")
             return
+        if guest.get("total") is None:
+            try:
+                guest = with_jvm_memory(guest, self.client.guest_memory())
+            except JvmkitError as exc:
+                self._close_jmx()
+                self._lost(f"the guest agent ({exc})")
+                return
         now = time.monotonic()
         gc_ms = float(stats.gc_time_millis)
         delta = 0.0 if self.last_gc_ms is None else max(0.0, gc_ms - self.last_gc_ms)

@@ -85,6 +85,8 @@ _ATTRIBUTES = {
     "GcTimeMillis": "gc_time_millis",
     "LastShrink": "last_shrink",
 }
+# java.lang:type=OperatingSystem attributes (JDK 14+; jvmkit's runtimes are 17+) for guest_memory
+_OS_MEMORY = ("TotalMemorySize", "FreeMemorySize")
 
 
 def find_libjvm(java_home: Path | None = None) -> Path:
@@ -275,6 +277,23 @@ class JmxClient:
             value = values[attr]
             fields[field] = str(value) if field in ("gc_name", "last_shrink") else int(value)
         return BalloonStats(**fields)
+
+    def guest_memory(self, timeout: float = CALL_TIMEOUT) -> tuple[int, int] | None:
+        """(total, free) bytes of the guest's memory as its JVM sees it (the platform
+        OperatingSystem MXBean: sysinfo(2) on a kernel without cgroups, OSv's included), or None
+        where the JVM does not report them. For guests whose balloon has no stats queue (OSv)."""
+        import jpype
+
+        def read() -> dict[str, Any]:
+            name = jpype.JClass("javax.management.ObjectName")("java.lang:type=OperatingSystem")
+            attrs = self._connection.getAttributes(name, jpype.JArray(jpype.JString)(list(_OS_MEMORY)))
+            return {str(a.getName()): a.getValue() for a in attrs.asList()}
+
+        values = self._call("reading the guest's memory", read, timeout)
+        total, free = values.get("TotalMemorySize"), values.get("FreeMemorySize")
+        if total is None or free is None or int(total) <= 0 or int(free) < 0:
+            return None
+        return int(total), int(free)
 
     def _invoke_long(self, operation: str, value: int, timeout: float) -> int:
         import jpype

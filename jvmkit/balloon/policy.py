@@ -50,7 +50,9 @@ class Settings:
     host_low_ratio: float = 0.10
     host_psi_high: float = 10.0
     hysteresis_mib: int = 32
-    no_stats_non_heap_mib: int = 192  # what the guest is assumed to use besides the heap without stats
+    # What the guest is assumed to use besides the heap where neither its balloon (stats queue) nor
+    # its JVM (OperatingSystem MXBean, host.with_jvm_memory) reports its memory: a generous guess.
+    no_stats_non_heap_mib: int = 192
     rising_mib: int = 32            # heap use growing by more than this (and rising_ratio) since the
     rising_ratio: float = 0.25      #   last decision means the app is growing again: grow at once
 
@@ -176,7 +178,7 @@ def non_heap_bytes(i: Inputs, s: Settings) -> int:
             # seen from settled readings stands.
             return i.non_heap_seen
         return max(reading, i.non_heap_seen or 0)
-    return s.no_stats_non_heap_mib * MIB  # no guest stats (e.g. OSv): assume a generous share
+    return s.no_stats_non_heap_mib * MIB  # no reading of the guest's memory: assume a generous share
 
 
 def kernel_reserved_bytes(i: Inputs, s: Settings) -> int:
