@@ -171,6 +171,34 @@ def test_final_target_never_takes_committed_heap():
     assert target >= need
 
 
+def test_a_guest_that_cannot_deflate_on_oom_keeps_room_for_its_whole_heap():
+    """OSv's balloon driver does not give pages back when the guest runs out (an OSv guest stalled
+    or hung regrowing its heap under a squeezed balloon): every floor holds the heap's max."""
+    from dataclasses import replace
+
+    from jvmkit.balloon.policy import floor_for, guest_need, squeeze_floor_mib, with_manual_ceiling
+
+    idle = inputs(heap_used=5 * MIB, heap_committed=10 * MIB, guest_available=900 * MIB)
+    osv = replace(S, deflate_on_oom=False)
+    need = guest_need(idle, osv)
+    assert need.to_heap_max and need.heap_live_mib + need.headroom_mib == 700
+    assert "to the heap's max" in need.describe()
+    assert floor_for(idle, osv).mib >= 700 + need.non_heap_mib + need.reserve_mib
+    assert squeeze_floor_mib(idle, osv) == floor_for(idle, osv).mib
+    assert decide(idle, osv).balloon_target_mib >= floor_for(idle, osv).mib
+    request = with_manual_ceiling(osv, 100)
+    assert decide(idle, request, request=True).balloon_target_mib >= floor_for(idle, osv).mib
+    # Its first reading, taken while committed heap was still untouched, says 0M besides the heap:
+    # the generous share holds until a settled reading is seen.
+    from jvmkit.balloon.policy import non_heap_bytes, non_heap_reading
+
+    first = inputs(heap_used=270 * MIB, heap_committed=483 * MIB, guest_available=517 * MIB)
+    assert non_heap_reading(first, osv) == 0
+    assert non_heap_bytes(first, osv) == 192 * MIB and non_heap_bytes(first, S) == 0
+    assert non_heap_bytes(replace(first, non_heap_seen=101 * MIB), osv) == 101 * MIB
+    # With deflate-on-OOM (Linux) the same idle guest goes down to its floor of 256M.
+    assert not guest_need(idle, S).to_heap_max and decide(idle, S).balloon_target_mib == 256
+
 # ---- `balloon set`: the floor, the low-memory mark, growth above the ceiling -----------------------
 #
 # The guest below is laid out like the 1 GiB `--balloon` guest of issue 13: MemTotal 1000 MiB

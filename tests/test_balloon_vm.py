@@ -13,7 +13,6 @@ Marked `vm` (about 4 minutes under TCG).
 from __future__ import annotations
 
 import json
-import socket
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 
 from jvmkit.vm.qmp import QmpClient
 from support.servers import free_port
-from support.vms import read_log, wait_for
+from support.vms import read_log, wait_for, wake_app
 from support.images import build_samples, pack_image
 
 pytestmark = pytest.mark.vm
@@ -34,20 +33,6 @@ GROW_MB = 300
 IDLE_S = 150   # at most: reclaim, lost contact and reconnection, two sets and a watch of the guest stats
 WAKE_GUEST_PORT = 9099  # ...which the test cuts short by a connection here once it has seen them all
 LOW_MARK_MIB = 24  # policy.Settings.guest_low_available_mib
-
-
-def wake_app(port: int) -> None:
-    """End the app's idle phase (samples/phases: the first connection to its PORT does)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-                conn.recv(1)  # the app closes it: the connection reached the guest
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def cli(*args, timeout=120):

@@ -312,7 +312,7 @@ class Controller:
             recheck_live=self.shrink_stop_expired)
         if inputs.stats_fresh and inputs.heap_settled and inputs.guest_total is not None:
             # Only consistent readings are kept (policy.non_heap_bytes says why).
-            self.non_heap_seen = max(self.non_heap_seen or 0, policy.non_heap_bytes(inputs, self.settings))
+            self.non_heap_seen = max(self.non_heap_seen or 0, policy.non_heap_reading(inputs, self.settings) or 0)
         self.last_heap_used = stats.heap_used
         request = self._take_request()
         settings = self.settings
@@ -482,7 +482,8 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
     from jvmkit.vm import runner
 
     manifest = bundles.load(image, verify=False).manifest
-    warning = targets.get(manifest.target, "image target").balloon_warning(manifest)
+    target = targets.get(manifest.target, "image target")
+    warning = target.balloon_warning(manifest)
     if warning:
         ui.current().warn(warning)
     state: dict = {}
@@ -496,7 +497,7 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
         st = vm.run.read_state()
         st["balloon"] = {"floor_mib": floor, "ceiling_mib": vm.memory_mib, "interval": interval, "weight": weight,
                          "log": str(log_path.resolve()) if log_path else None, "brain": 1,
-                         "exit_marker": manifest.boot.exit_marker}
+                         "exit_marker": manifest.boot.exit_marker, "deflate_on_oom": target.balloon_deflates_on_oom}
         vm.run.write_state(st)
         watch = LeaseWatch(vm.name, vm.run.path, vm.run.qmp_socket, vm.memory_mib, log_path)
         state["watch"] = watch

@@ -55,6 +55,10 @@ class Settings:
     no_stats_non_heap_mib: int = 192
     rising_mib: int = 32            # heap use growing by more than this (and rising_ratio) since the
     rising_ratio: float = 0.25      #   last decision means the app is growing again: grow at once
+    # The guest takes ballooned pages back itself when it runs out (Linux: virtio_balloon's
+    # deflate-on-oom). Where it cannot (OSv: see jvmkit.packager.targets.osv), the heap may grow to
+    # its max between two decisions, so every floor holds all of it.
+    deflate_on_oom: bool = True
 
     @property
     def ceiling(self) -> int:
@@ -116,15 +120,19 @@ class Need:
     non_heap_mib: int               # the guest besides the heap: the kernel's own, runtime files in RAM,
                                     #   metaspace, threads (from the guest's stats, or assumed)
     reserve_mib: int                # kept available, above the guest's low-memory mark
-    from_stats: bool                # non_heap_mib comes from the guest's virtio-balloon stats
+    from_stats: bool                # non_heap_mib comes from the guest's reading of its memory (its
+                                    #   virtio-balloon stats, or its JVM's where the balloon has none)
+    to_heap_max: bool = False       # the headroom reaches the heap's max (Settings.deflate_on_oom off)
 
     @property
     def total_mib(self) -> int:
         return self.heap_live_mib + self.headroom_mib + self.non_heap_mib + self.reserve_mib
 
     def describe(self) -> str:
-        assumed = "" if self.from_stats else " (assumed: the guest reports no memory stats)"
-        return (f"live heap {self.heap_live_mib}M + headroom {self.headroom_mib}M + guest non-heap "
+        assumed = "" if self.from_stats else " (assumed: neither the balloon nor the JVM reports the guest's memory)"
+        to_max = " (to the heap's max: this guest cannot take ballooned memory back when it runs out)" \
+            if self.to_heap_max else ""
+        return (f"live heap {self.heap_live_mib}M + headroom {self.headroom_mib}M{to_max} + guest non-heap "
                 f"{self.non_heap_mib}M{assumed} + reserve {self.reserve_mib}M")
 
 
@@ -162,23 +170,36 @@ def clamp_mib(value_mib: float, s: Settings) -> int:
     return int(max(floor, min(s.ceiling, value_mib)))
 
 
+def non_heap_reading(i: Inputs, s: Settings) -> int | None:
+    """What the guest's reading of its memory says it uses besides the heap (bytes), or None
+    without a reading."""
+    if i.guest_total is None or i.guest_available is None:
+        return None
+    # Pages the balloon holds count as used inside the guest: take them out.
+    inflated = max(0, s.memory_mib - i.balloon_actual_mib) * MIB
+    guest_used = i.guest_total - i.guest_available - inflated
+    return max(0, guest_used - i.heap_committed)
+
+
 def non_heap_bytes(i: Inputs, s: Settings) -> int:
     """What the guest uses besides the heap: kernel, runtime files in RAM, metaspace, threads."""
-    if i.guest_total is not None and i.guest_available is not None:
-        # Pages the balloon holds count as used inside the guest: take them out.
-        inflated = max(0, s.memory_mib - i.balloon_actual_mib) * MIB
-        guest_used = i.guest_total - i.guest_available - inflated
-        # Heap the JVM has committed but not touched yet is free memory to the guest, so this
-        # reads low right after the heap grew (measured: 51M instead of ~200M after a 100 MiB
-        # cache fill, which then starved the guest): never less than the most seen before.
-        reading = max(0, guest_used - i.heap_committed)
-        if not i.heap_settled and i.non_heap_seen:
-            # Stats taken before the heap last moved are off either way (after an uncommit they
-            # still count the freed heap as used: measured 271M against a steady 124M): the most
-            # seen from settled readings stands.
-            return i.non_heap_seen
-        return max(reading, i.non_heap_seen or 0)
-    return s.no_stats_non_heap_mib * MIB  # no reading of the guest's memory: assume a generous share
+    reading = non_heap_reading(i, s)
+    if reading is None:
+        return s.no_stats_non_heap_mib * MIB  # no reading of the guest's memory: assume a generous share
+    # Heap the JVM has committed but not touched yet is free memory to the guest, so the reading
+    # is low right after the heap grew (measured: 51M instead of ~200M after a 100 MiB cache fill,
+    # which then starved the guest): never less than the most seen before.
+    if not i.heap_settled and i.non_heap_seen:
+        # Stats taken before the heap last moved are off either way (after an uncommit they still
+        # count the freed heap as used: measured 271M against a steady 124M): the most seen from
+        # settled readings stands.
+        return i.non_heap_seen
+    if not s.deflate_on_oom and not i.non_heap_seen:
+        # Nothing settled seen yet, and a guest that cannot deflate on OOM does not survive an
+        # underestimate (OSv's first reading after a 200 MiB heap drop: 0M, against 101M settled):
+        # the generous share until a settled reading is seen.
+        return max(reading, s.no_stats_non_heap_mib * MIB)
+    return max(reading, i.non_heap_seen or 0)
 
 
 def kernel_reserved_bytes(i: Inputs, s: Settings) -> int:
@@ -195,16 +216,20 @@ def _up(value_bytes: float) -> int:
 def guest_need(i: Inputs, s: Settings, *, committed: bool = True) -> Need:
     """What the guest needs (pure): the live heap with minimal headroom — and, with `committed`,
     never less than what the heap has committed (the balloon cannot take pages the JVM holds;
-    trying starves the guest) — plus what the guest uses besides the heap, plus the reserve."""
+    trying starves the guest) — plus what the guest uses besides the heap, plus the reserve. Without
+    `Settings.deflate_on_oom` the heap counts at its max, committed or not."""
     used = i.heap_used
     heap = used + max(s.min_headroom_mib * MIB, used * s.pressure_headroom)
     if committed:
         heap = max(heap, i.heap_committed)
+    to_max = not s.deflate_on_oom and i.heap_max > heap
+    if to_max:
+        heap = i.heap_max
     live = _up(used)
     stats = i.guest_total is not None and i.guest_available is not None
     return Need(heap_live_mib=live, headroom_mib=max(0, _up(heap) - live),
                 non_heap_mib=_up(kernel_reserved_bytes(i, s) + non_heap_bytes(i, s)),
-                reserve_mib=s.reserve_mib, from_stats=stats)
+                reserve_mib=s.reserve_mib, from_stats=stats, to_heap_max=to_max)
 
 
 def floor_for(i: Inputs, s: Settings) -> Floor:
@@ -354,6 +379,8 @@ def decide(i: Inputs, s: Settings, *, request: bool = False) -> Decision:
     wanted_mib = (reserved + non_heap + heap_target) / MIB + s.reserve_mib
     target = clamp_mib(wanted_mib, s)
     numbers["wanted_mib"] = round(wanted_mib, 1)
+    if not s.deflate_on_oom:  # never aim below room for the heap's max (Settings.deflate_on_oom)
+        target = max(target, min(s.memory_mib, guest_need(i, s, committed=False).total_mib))
     above = False
     if s.set_ceiling and not request and not pressure:
         # A `balloon set` ceiling is a wish, not a starvation: the guest keeps what its live heap

@@ -213,7 +213,8 @@ class Brain:
         except OSError:
             return  # written right after the state: next scan
         jmx = dict(state.get("jmx") or {}, password=password)
-        settings = policy.Settings(memory_mib=int(b["ceiling_mib"]), min_memory_mib=int(b["floor_mib"]))
+        settings = policy.Settings(memory_mib=int(b["ceiling_mib"]), min_memory_mib=int(b["floor_mib"]),
+                                   deflate_on_oom=bool(b.get("deflate_on_oom", True)))
         qmp = Path(state.get("qmp") or run.qmp_socket)
         controller = Controller(run.name, run.path, qmp, jmx, settings,
                                 float(b.get("interval") or 2.0), Path(b["log"]) if b.get("log") else None,

@@ -1,9 +1,11 @@
-"""Helpers the VM tests share: an OSv kernel to boot, a balloon log to read, a bounded wait."""
+"""Helpers the VM tests share: an OSv kernel to boot, a balloon log to read, a bounded wait, the
+phases sample's wake-up."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -40,3 +42,18 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.5)
     pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def wake_app(port: int) -> None:
+    """End the idle phase of samples/phases (the first connection to its PORT does), through a
+    host port forwarded to it."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.recv(1)  # the app closes it: the connection reached the guest
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

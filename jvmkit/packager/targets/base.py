@@ -154,6 +154,8 @@ class Target(ABC):
     file_roles: ClassVar[tuple[str, ...]] = ()   # the bundle files its boot plan reads (a manifest must list them)
     uses_launcher: ClassVar[bool] = False        # main runs through jvmkit's Launcher
     export_formats: ClassVar[tuple[str, ...]] = ENGINE_FORMATS   # libvirt, kubevirt: every target
+    # The guest's balloon driver gives pages back itself when the guest runs out (policy.Settings.deflate_on_oom)
+    balloon_deflates_on_oom: ClassVar[bool] = True
 
     # ---- pack time ----
     @abstractmethod
