@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -353,7 +352,7 @@ def test_the_agent_signals_prepares_and_restores_with_new_credentials(agent, tmp
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     alive = lambda: app.poll() is None  # noqa: E731
     try:
-        bad, answer = None, None
+        answer = None
         with pytest.raises(snapctl.ControlError, match="wrong token"):
             snapctl.open_session("127.0.0.1", port, snapctl.snapshot_request("x" * 32), deadline=time.monotonic() + 30,
                                  alive=alive)

@@ -328,7 +328,7 @@ def _apply_steps(entries: list[_Entry], fixed: int, ctx: _Ctx) -> list[Target]:
 
 
 def _target(e: _Entry, step: int, ctx: _Ctx) -> Target:
-    i, s, local = e.view.inputs, e.view.settings, e.local
+    s, local = e.view.settings, e.local
     given = [m for m in e.moves if m.giver == e.name and m.taker != FREE]
     taken = [m for m in e.moves if m.taker == e.name]
     if e.role in ("idle", "needs") and step != e.actual and abs(step - e.actual) < s.hysteresis_mib \

@@ -165,6 +165,14 @@ class Launched:
         self.log.close()
 
 
+def _to_stream(stream):
+    """A console pump's forward: the guest's own lines to `stream` (--verbose), carriage returns dropped."""
+    def forward(chunk: bytes) -> None:
+        stream.write(chunk.replace(b"\r", b""))
+        stream.flush()
+    return forward
+
+
 def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: network.Choice, *, verbose: bool,
           stderr=None, console_cap: int = consolelog.CAP, extra_pass_fds: tuple[int, ...] = ()) -> Launched:
     """Start QEMU for `config` (see the module docstring); the caller waits for it."""
@@ -229,11 +237,7 @@ def start(config: VmConfig, run: rundir.RunDir, policy: network.Policy, choice: 
     threads = []
     if console_w is not None:
         os.close(console_w)
-        forward = None
-        if verbose and stderr is not None:
-            def forward(chunk: bytes) -> None:
-                stderr.write(chunk.replace(b"\r", b""))
-                stderr.flush()
+        forward = _to_stream(stderr) if verbose and stderr is not None else None
         threads.append(threading.Thread(target=consolelog.pump, args=(console_r, log, forward), daemon=True,
                                         name="console"))
         app_fd = os.dup(process.stdout.fileno())

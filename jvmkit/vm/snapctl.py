@@ -122,7 +122,7 @@ class ControlClient:
                 chunk = self.sock.recv(4096)
             except socket.timeout:
                 raise ControlTimeout(f"the guest agent did not answer within {timeout:g} s") from None
-            except OSError as exc:
+            except OSError:
                 if self._buf:
                     break
                 return None  # reset by the forward: nothing listened
