@@ -70,6 +70,36 @@ def test_admission_arithmetic():
     assert vm_floor_mib(False, 1024, 384) == 1024
 
 
+def test_the_heap_max_a_guest_jvm_will_have():
+    from jvmkit.fleet.state import heap_max_mib
+
+    assert heap_max_mib(["java", "-XX:MaxRAMPercentage=75"], 1024) == 768
+    assert heap_max_mib(["java", "-XX:MaxRAMPercentage=75", "-Xmx600m"], 1024) == 600   # the user's -Xmx wins
+    assert heap_max_mib(["java", "-Xmx1g", "-XX:MaxHeapSize=536870912"], 2048) == 512    # the last one, in bytes
+    assert heap_max_mib(["java", "-Xmx2G", "-XX:MaxRAMPercentage=50"], 2048) == 1024     # ...whichever comes last
+    assert heap_max_mib(["java"], 2048) == 512                                            # HotSpot's default 25%
+    assert heap_max_mib(["java", "-Xmxbogus"], 1024) == 256
+
+
+def test_a_guest_that_cannot_deflate_on_oom_is_admitted_with_room_for_its_heap():
+    """An OSv VM's floor holds its heap's max (policy.Settings.deflate_on_oom): admitting it at its
+    --min-memory let a third OSv cache-service VM into a 3G budget whose floors then came to 3423M
+    (benchmarks/density.py). Linux guests are admitted at --min-memory as before."""
+    from types import SimpleNamespace
+
+    from jvmkit.fleet.state import start_floor_mib
+
+    def image(target, *java):
+        return SimpleNamespace(target=target, command=SimpleNamespace(java=("/jvm/bin/java", *java)))
+
+    assert start_floor_mib(image("osv", "-XX:MaxRAMPercentage=75"), 1024) == 1008     # 768 + 192 + 48
+    assert start_floor_mib(image("osv", "-XX:MaxRAMPercentage=75", "-Xmx600m"), 1024) == 840
+    assert start_floor_mib(image("osv", "-Xmx4g"), 1024) == 1024                       # never above --memory
+    assert start_floor_mib(image("linux", "-XX:MaxRAMPercentage=75"), 1024) is None
+    assert vm_floor_mib(True, 1024, 256, 840) == 840 and vm_floor_mib(True, 1024, 900, 840) == 900
+    assert vm_floor_mib(False, 1024, 256, 840) == 1024
+
+
 def test_restart_policy_and_backoff():
     assert [backoff_s(n) for n in (1, 2, 3, 4, 7, 20)] == [1, 2, 4, 8, 60, 60]
     assert wants_restart("always", 0) and wants_restart("on-failure", 3) and not wants_restart("on-failure", 0)

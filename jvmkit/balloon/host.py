@@ -476,6 +476,7 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
     The brain (jvmkit.fleet.brain, one per host) reads this VM's heap over JMX and its balloon
     over QMP and decides for every VM together; this process stays the VM's supervisor and
     deflates its balloon if the brain goes away (jvmkit.fleet.lease)."""
+    from jvmkit.fleet import state as fleet_state
     from jvmkit.fleet.lease import LeaseWatch
     from jvmkit.packager import bundle as bundles
     from jvmkit.packager import targets
@@ -497,7 +498,8 @@ def run_with_balloon(image: Path, options, *, min_memory_mib: int | None, interv
         st = vm.run.read_state()
         st["balloon"] = {"floor_mib": floor, "ceiling_mib": vm.memory_mib, "interval": interval, "weight": weight,
                          "log": str(log_path.resolve()) if log_path else None, "brain": 1,
-                         "exit_marker": manifest.boot.exit_marker, "deflate_on_oom": target.balloon_deflates_on_oom}
+                         "exit_marker": manifest.boot.exit_marker, "deflate_on_oom": target.balloon_deflates_on_oom,
+                         "start_floor_mib": fleet_state.start_floor_mib(manifest, vm.memory_mib)}
         vm.run.write_state(st)
         watch = LeaseWatch(vm.name, vm.run.path, vm.run.qmp_socket, vm.memory_mib, log_path)
         state["watch"] = watch

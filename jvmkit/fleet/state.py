@@ -79,12 +79,48 @@ class Admission:
                 f"{self.budget_from}): {self.missing_mib}M missing")
 
 
-def vm_floor_mib(balloon: bool, memory_mib: int, min_memory_mib: int | None) -> int:
+def vm_floor_mib(balloon: bool, memory_mib: int, min_memory_mib: int | None, heap_room_mib: int | None = None) -> int:
     """What a VM reserves when it starts (pure): its --min-memory (or the default share) with the
-    balloon, all of --memory without."""
+    balloon, all of --memory without; and never less than `heap_room_mib` (`start_floor_mib`)."""
     if not balloon:
         return memory_mib
-    return min(memory_mib, min_memory_mib or policy.default_floor_mib(memory_mib))
+    return min(memory_mib, max(min_memory_mib or policy.default_floor_mib(memory_mib), heap_room_mib or 0))
+
+
+_JVM_SIZE = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def heap_max_mib(java_argv: list[str] | tuple[str, ...], memory_mib: int) -> int:
+    """The heap's max of a JVM started with `java_argv` in a guest of `memory_mib` (pure): the last
+    -Xmx or -XX:MaxHeapSize (a plain number is bytes, as the JVM reads it), else the last
+    -XX:MaxRAMPercentage of the memory (HotSpot's default: 25)."""
+    size, percent = None, 25.0
+    for arg in java_argv:
+        for prefix in ("-Xmx", "-XX:MaxHeapSize="):
+            if arg.startswith(prefix):
+                value = arg[len(prefix):].strip().lower()
+                number, unit = value.rstrip("kmgt"), value[len(value.rstrip("kmgt")):]
+                if number.isdigit() and len(unit) <= 1:
+                    size = int(number) * _JVM_SIZE[unit] // 2**20
+        if arg.startswith("-XX:MaxRAMPercentage="):
+            try:
+                percent, size = float(arg.split("=", 1)[1]), None
+            except ValueError:
+                pass
+    return size if size is not None else int(memory_mib * percent / 100)
+
+
+def start_floor_mib(manifest, memory_mib: int) -> int | None:
+    """The floor a balloon VM of `manifest` holds before its JVM reports (pure): None where the
+    guest deflates on OOM (--min-memory then); else room for the heap's max besides the assumed
+    non-heap share and the reserve (policy.guest_need with Settings.deflate_on_oom off), measured
+    on OSv: the brain's floor for cache-service at 1G was 1009M, for phases with -Xmx600m 841M."""
+    from jvmkit.packager import targets
+
+    if targets.get(manifest.target, "image target").balloon_deflates_on_oom:
+        return None
+    s = policy.Settings(memory_mib, memory_mib)
+    return min(memory_mib, heap_max_mib(manifest.command.java, memory_mib) + s.no_stats_non_heap_mib + s.reserve_mib)
 
 
 def reserved_now(root: Path, brain_status: dict | None, pending: dict[str, int]) -> int:
@@ -99,7 +135,9 @@ def reserved_now(root: Path, brain_status: dict | None, pending: dict[str, int])
         b = state.get("balloon") or {}
         memory = int(state.get("memory_mib") or 0)
         if b.get("brain"):
-            floor = max(int(b.get("floor_mib") or 0), int(vms.get(run.name, {}).get("floor_mib") or 0))
+            # the brain's floor once it has one; before, what the VM was started with
+            seen = int(vms.get(run.name, {}).get("floor_mib") or 0) or int(b.get("start_floor_mib") or 0)
+            floor = max(int(b.get("floor_mib") or 0), seen)
             total += min(memory, floor) if memory else floor
         else:
             total += memory

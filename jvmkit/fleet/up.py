@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jvmkit import proc, ui
-from jvmkit.errors import UsageError
+from jvmkit.errors import JvmkitError, UsageError
 from jvmkit.fleet import lease, state
 from jvmkit.fleet.file import Fleet, VmSpec, load
 from jvmkit.vm import rundir
@@ -74,6 +74,18 @@ def image_memory_mib(image: Path) -> int:
     return bundles.load(image, verify=False).manifest.defaults.memory_mib
 
 
+def image_start_floor_mib(image: Path, memory_mib: int) -> int | None:
+    """state.start_floor_mib of IMAGE's manifest; None where it cannot be read (its `jvmkit run`
+    then says why, in its own words)."""
+    from jvmkit.packager import bundle as bundles
+
+    try:
+        manifest = bundles.load(image, verify=False).manifest
+    except JvmkitError:
+        return None
+    return state.start_floor_mib(manifest, memory_mib)
+
+
 def accel_guess(spec: VmSpec) -> str:
     """The accelerator `jvmkit run` will pick (for the QEMU overhead in the budget)."""
     if spec.accel != "auto":
@@ -94,6 +106,7 @@ class Supervisor:
         self.width = max(len(v.name) for v in fleet.vms)
         self.parallel = fleet.parallel or len(self.members)
         self.memory: dict[str, int] = {}
+        self.start_floor: dict[str, int | None] = {}  # state.start_floor_mib by VM name
         self.started_at = time.time()
 
     # -- the fleet's state file --
@@ -123,7 +136,8 @@ class Supervisor:
         result = {}
         for m in self.members:
             if m.phase in ("booting", "running") and m.spec.name in self.memory:
-                floor = state.vm_floor_mib(m.spec.balloon, self.memory[m.spec.name], m.spec.min_memory_mib)
+                floor = state.vm_floor_mib(m.spec.balloon, self.memory[m.spec.name], m.spec.min_memory_mib,
+                                           self.start_floor.get(m.spec.name))
                 result[m.spec.name] = floor + state.overhead_mib({"accel": accel_guess(m.spec),
                                                                   "tcg_tb_mib": m.spec.tcg_cache_mib})
         return result
@@ -133,7 +147,9 @@ class Supervisor:
         if spec.name not in self.memory:
             self.memory[spec.name] = spec.memory_mib or image_memory_mib(spec.image)
         memory = self.memory[spec.name]
-        floor = state.vm_floor_mib(spec.balloon, memory, spec.min_memory_mib)
+        if spec.balloon and spec.name not in self.start_floor:
+            self.start_floor[spec.name] = image_start_floor_mib(spec.image, memory)
+        floor = state.vm_floor_mib(spec.balloon, memory, spec.min_memory_mib, self.start_floor.get(spec.name))
         verdict = state.admit(spec.name, floor, accel_guess(spec), self.fleet.host_memory_mib, self.fleet.name,
                               self.pending_reservations(), tcg_tb_mib=spec.tcg_cache_mib)
         if verdict.admitted:
