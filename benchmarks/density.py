@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", action="append", default=[], help="density or crowd (repeatable)")
     p.add_argument("--ways", default=",".join(WAYS), help=f"density ways to run [{','.join(WAYS)}]")
     p.add_argument("--tcg-cache", default=None, help="the VMs' --tcg-cache (both VM ways) [jvmkit's default]")
+    p.add_argument("--jvm-arg", action="append", default=[],
+                   help="a JVM option packed into both images, so also the containers' and host JVMs' (repeatable; "
+                        "e.g. -Xmx320m: an OSv guest's balloon floor keeps room for the heap's max)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("density.py needs root for its memory cgroups and namespaces", file=sys.stderr)
@@ -440,11 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, str(C.REPO / "samples/cache-service/build.py"), str(ws.dir / "cs")], env=env,
                        check=True, stdout=subprocess.DEVNULL)
         linux = ws.dir / "cs-linux.jvmkit"
-        C.jvmkit(["pack", ws.dir / "cs/cache-service.jar", "--target", "linux", "--memory", "1G", "-o", linux], env)
+        jvm_args = [f"--jvm-arg={a}" for a in args.jvm_arg]
+        C.jvmkit(["pack", ws.dir / "cs/cache-service.jar", "--target", "linux", "--memory", "1G", *jvm_args,
+                  "-o", linux], env)
         osv = ws.dir / "cs-osv.jvmkit"
         osv_note = None
         try:
-            C.jvmkit(["pack", ws.dir / "cs/cache-service.jar", "--target", "osv", "--memory", "1G", "-o", osv], env)
+            C.jvmkit(["pack", ws.dir / "cs/cache-service.jar", "--target", "osv", "--memory", "1G", *jvm_args,
+                      "-o", osv], env)
         except RuntimeError as exc:
             osv, osv_note = None, f"osv pack failed (no OSv kernel?): {str(exc)[-300:]}"
         manifest = json.loads((linux / "manifest.json").read_text())
@@ -454,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                "max_vms": 12, "max_cgroup": 40, "quick": args.quick, "out": args.out, "tcg_cache": args.tcg_cache}
         result: dict = {"benchmark": "density", "quick": args.quick, "machine": C.machine(env), "setup": {
             "budget": args.budget, "fill_mb": args.fill_mb, "move_mb": args.move_mb, "reps": reps,
-            "tcg_cache": args.tcg_cache or "jvmkit's default (128M)",
+            "tcg_cache": args.tcg_cache or "jvmkit's default (128M)", "jvm_args": args.jvm_arg,
             "vm_memory": "1G", "min_memory": "256M", "crowd_memory": "512M", "osv": osv_note or "packed",
             "containers": "unshare --mount --pid --fork --uts --ipc + chroot into the linux image's initramfs, "
                           "cgroup v1 memory limit 1G each under a parent limited to the budget; host network, one "
