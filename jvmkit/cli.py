@@ -241,7 +241,8 @@ def up(file, detach, supervise):
     budget, which one balloon brain per host divides among all VMs. A VM whose floor does not fit
     in what is left of host_memory is not started. Output lines are prefixed with the VM's name;
     Ctrl-C stops them all. With -d the command returns once the VMs have booted (exit status 1 if
-    one was not admitted); `jvmkit down FILE|NAME` stops them.
+    one was not admitted or ended, with one line each saying why); `jvmkit down FILE|NAME` stops
+    them.
     """
     from jvmkit.fleet import up as fleets
 
@@ -250,13 +251,14 @@ def up(file, detach, supervise):
     if not detach:
         sys.exit(fleets.foreground(file))
     status, data = fleets.detach(file)
-    lines = [f"fleet {data['fleet']} is up (supervisor pid {data['supervisor_pid']}, log {data['log']})"]
+    lines = [f"fleet {data['fleet']} {'ended' if data['ended'] else 'is up'} (supervisor pid "
+             f"{data['supervisor_pid']}, log {data['log']})"]
     for name, vm in data["vms"].items():
         if vm.get("phase") == "refused":
             continue
         ports = f"  {', '.join(vm.get('publish') or [])}" if vm.get("publish") else ""
         lines.append(f"  {name:<28} {vm.get('phase')}{ports}")
-    for note in data["refused"]:
+    for note in data["refused"] + ([data["ended"]] if data["ended"] else []):
         ui.current().notice(f"jvmkit up: {note}")
     ui.current().result("\n".join(lines), data)
     sys.exit(status)

@@ -54,6 +54,21 @@ def test_without_the_balloon_a_vm_reserves_all_of_its_memory(run_root):
     assert proc.returncode == 1 and "its floor 1024M + 100M for QEMU" in proc.stderr and "100M missing" in proc.stderr
 
 
+def test_up_d_of_a_fleet_whose_vm_ends_at_once_says_so_and_why(run_root):
+    """`jvmkit up -d` used to exit 1 with nothing on stderr when a VM ended while booting (seen in
+    benchmarks/density.py); the stand-in image makes its `jvmkit run` end at once with status 2."""
+    fleet = run_root / "short.toml"
+    fleet.write_text('host_memory = "4G"\n[[vm]]\nname = "short"\nimage = "app.jvmkit"\nmemory = "512M"\n'
+                     'accel = "tcg"\n')
+    proc = jvmkit("up", "-d", fleet)
+    assert proc.returncode == 1, proc
+    assert proc.stdout.startswith("fleet short ended"), proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("jvmkit up: short ended before the fleet was up (exit status 2): jvmkit: error: image ")
+    assert "manifest format" in lines[0] and ".fleet/short.log" in lines[0], lines[0]
+
+
 def test_down_of_a_fleet_that_is_not_up(run_root):
     proc = jvmkit("down", "nope")
     assert proc.returncode == 2 and proc.stderr.strip() == ("jvmkit: error: no fleet named 'nope' is up "

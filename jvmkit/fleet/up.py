@@ -298,6 +298,18 @@ def _refuse_if_up(fleet: Fleet) -> None:
                          hint=f"`jvmkit down {fleet.name}` first, or give the file another `name`")
 
 
+def _last_said(log_text: str) -> dict[str, str]:
+    """Each VM's last line in a supervisor's output (`NAME | line`), but for the supervisor's own
+    "starting" and "exited with status N" (pure)."""
+    said: dict[str, str] = {}
+    for line in log_text.splitlines():
+        name, sep, text = line.partition(" | ")
+        text = text.strip()
+        if sep and text and text != "starting" and not text.startswith("exited with status"):
+            said[name.strip()] = text
+    return said
+
+
 def detach(path: Path, timeout: float = 900.0) -> tuple[int, dict]:
     """`up -d`: start a supervisor that outlives this process, wait until the fleet is up."""
     fleet = load(path)
@@ -324,6 +336,14 @@ def detach(path: Path, timeout: float = 900.0) -> tuple[int, dict]:
         raise UsageError(f"the fleet supervisor ended at once (exit status {child.returncode}): "
                          f"{proc.last_line(log_path.read_text(errors='replace'))}")
     refused = [v["note"] for v in vms.values() if v.get("phase") == "refused"]
+    ended = None
+    if child.poll() is not None and not refused:
+        # The supervisor ended before the fleet was up, with no VM refused: its VMs ended. Say so,
+        # with what each said last (a VM that ended at once said why).
+        said = _last_said(log_path.read_text(errors="replace"))
+        ended = "; ".join(f"{name} ended before the fleet was up (exit status {v.get('status')})"
+                          + (f": {said[name]}" if name in said else "") for name, v in vms.items())
+        ended += f" (the fleet's output: {log_path})"
     status = 1 if refused or child.poll() is not None else 0
     return status, {"fleet": fleet.name, "supervisor_pid": child.pid, "log": str(log_path), "vms": vms,
-                    "refused": refused}
+                    "refused": refused, "ended": ended}
