@@ -115,6 +115,23 @@ def test_a_guest_that_cannot_deflate_on_oom_is_admitted_with_room_for_its_heap()
     assert vm_floor_mib(False, 1024, 256, 840) == 1024
 
 
+def test_a_running_osv_vm_counts_at_its_start_floor_until_the_brain_has_one(tmp_path, monkeypatch):
+    from jvmkit.fleet.state import overhead_mib, reserved_now
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    run = tmp_path / "jvmkit" / "osv-1"
+    run.mkdir(parents=True, mode=0o700)
+    state = {"name": "osv-1", "qemu_pid": os.getpid(), "jvmkit_pid": os.getpid(), "memory_mib": 1024,
+             "accel": "kvm", "balloon": {"brain": 1, "floor_mib": 256, "ceiling_mib": 1024, "start_floor_mib": 1008}}
+    (run / "state.json").write_text(json.dumps(state))
+    qemu = overhead_mib(state)
+    assert reserved_now(tmp_path, None, {}) == 1008 + qemu
+    assert reserved_now(tmp_path, {"vms": {"osv-1": {"floor_mib": 917}}}, {}) == 917 + qemu  # measured since
+    state["balloon"].pop("start_floor_mib")                                                    # a linux guest
+    (run / "state.json").write_text(json.dumps(state))
+    assert reserved_now(tmp_path, None, {}) == 256 + qemu
+
+
 def test_restart_policy_and_backoff():
     assert [backoff_s(n) for n in (1, 2, 3, 4, 7, 20)] == [1, 2, 4, 8, 60, 60]
     assert wants_restart("always", 0) and wants_restart("on-failure", 3) and not wants_restart("on-failure", 0)
