@@ -119,17 +119,21 @@ def test_a_running_osv_vm_counts_at_its_start_floor_until_the_brain_has_one(tmp_
     from jvmkit.fleet.state import overhead_mib, reserved_now
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    plain = tmp_path / "jvmkit" / "plain-1"   # a VM without the balloon: its --memory
+    plain.mkdir(parents=True, mode=0o700)
+    (plain / "state.json").write_text(json.dumps({"name": "plain-1", "qemu_pid": os.getpid(), "accel": "kvm",
+                                                  "jvmkit_pid": os.getpid(), "memory_mib": 512}))
     run = tmp_path / "jvmkit" / "osv-1"
     run.mkdir(parents=True, mode=0o700)
     state = {"name": "osv-1", "qemu_pid": os.getpid(), "jvmkit_pid": os.getpid(), "memory_mib": 1024,
              "accel": "kvm", "balloon": {"brain": 1, "floor_mib": 256, "ceiling_mib": 1024, "start_floor_mib": 1008}}
     (run / "state.json").write_text(json.dumps(state))
     qemu = overhead_mib(state)
-    assert reserved_now(tmp_path, None, {}) == 1008 + qemu
-    assert reserved_now(tmp_path, {"vms": {"osv-1": {"floor_mib": 917}}}, {}) == 917 + qemu  # measured since
-    state["balloon"].pop("start_floor_mib")                                                    # a linux guest
+    assert reserved_now(tmp_path, None, {}) == 512 + 1008 + 2 * qemu
+    assert reserved_now(tmp_path, {"vms": {"osv-1": {"floor_mib": 917}}}, {}) == 512 + 917 + 2 * qemu  # measured
+    state["balloon"].pop("start_floor_mib")                                                             # linux
     (run / "state.json").write_text(json.dumps(state))
-    assert reserved_now(tmp_path, None, {}) == 256 + qemu
+    assert reserved_now(tmp_path, None, {"new-1": 300, "osv-1": 999}) == 512 + 256 + 2 * qemu + 300
 
 
 def test_restart_policy_and_backoff():

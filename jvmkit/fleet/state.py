@@ -136,8 +136,8 @@ def reserved_now(root: Path, brain_status: dict | None, pending: dict[str, int])
         memory = int(state.get("memory_mib") or 0)
         if b.get("brain"):
             # the brain's floor once it has one; before, what the VM was started with
-            seen = int(vms.get(run.name, {}).get("floor_mib") or 0) or int(b.get("start_floor_mib") or 0)
-            floor = max(int(b.get("floor_mib") or 0), seen)
+            known = int(vms.get(run.name, {}).get("floor_mib") or 0) or int(b.get("start_floor_mib") or 0)
+            floor = max(int(b.get("floor_mib") or 0), known)
             total += min(memory, floor) if memory else floor
         else:
             total += memory

@@ -340,10 +340,12 @@ def detach(path: Path, timeout: float = 900.0) -> tuple[int, dict]:
     if child.poll() is not None and not refused:
         # The supervisor ended before the fleet was up, with no VM refused: its VMs ended. Say so,
         # with what each said last (a VM that ended at once said why).
-        said = _last_said(log_path.read_text(errors="replace"))
+        text = log_path.read_text(errors="replace")
+        said = _last_said(text)
         ended = "; ".join(f"{name} ended before the fleet was up (exit status {v.get('status')})"
                           + (f": {said[name]}" if name in said else "") for name, v in vms.items())
-        ended += f" (the fleet's output: {log_path})"
+        own = [line for line in text.splitlines() if line.strip() and " | " not in line]
+        ended += (f"; the supervisor said: {own[-1].strip()}" if own else "") + f" (the fleet's output: {log_path})"
     status = 1 if refused or child.poll() is not None else 0
     return status, {"fleet": fleet.name, "supervisor_pid": child.pid, "log": str(log_path), "vms": vms,
                     "refused": refused, "ended": ended}
