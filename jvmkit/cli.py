@@ -251,8 +251,9 @@ def up(file, detach, supervise):
     if not detach:
         sys.exit(fleets.foreground(file))
     status, data = fleets.detach(file)
-    lines = [f"fleet {data['fleet']} {'ended' if data['ended'] else 'is up'} (supervisor pid "
-             f"{data['supervisor_pid']}, log {data['log']})"]
+    none = data["vms"] and all(vm.get("phase") == "refused" for vm in data["vms"].values())
+    how = "ended" if data["ended"] else "started no VM" if none else "is up"
+    lines = [f"fleet {data['fleet']} {how} (supervisor pid {data['supervisor_pid']}, log {data['log']})"]
     for name, vm in data["vms"].items():
         if vm.get("phase") == "refused":
             continue

@@ -38,6 +38,7 @@ def test_a_vm_whose_floor_does_not_fit_is_not_started(run_root):
     for argv in (("up", fleet), ("up", "-d", fleet)):
         proc = jvmkit(*argv)
         assert proc.returncode == 1, proc
+        assert "-d" not in argv or proc.stdout.startswith("fleet tight started no VM"), proc.stdout
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, proc.stderr
         assert lines[0] == ("jvmkit up: big not started: its floor 512M + 228M for QEMU does not fit in what is "
