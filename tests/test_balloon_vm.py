@@ -23,7 +23,7 @@ import pytest
 
 from jvmkit.vm.qmp import QmpClient
 from support.servers import free_port
-from support.vms import read_log, wait_for, wake_app
+from support.vms import PhasesRun, read_log, wait_for, wake_app
 from support.images import build_samples, pack_image
 
 pytestmark = pytest.mark.vm
@@ -87,19 +87,10 @@ def test_balloon_gives_idle_heap_back_and_never_starves(phases_image, tmp_path):
     log = tmp_path / "balloon.jsonl"
     name = f"balloon-{os.getpid()}"
     wake = free_port()  # the idle phase ends at a connection here, once the checks of the idle phase are done
-    proc = subprocess.Popen([*JVMKIT, "run", "--balloon", "--balloon-log", str(log), "--balloon-interval", "1.5",
-                             "--name", name, "-p", f"{wake}:{WAKE_GUEST_PORT}", str(phases_image), "--", str(GROW_MB),
-                             "3", str(IDLE_S), str(WAKE_GUEST_PORT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    run = PhasesRun(phases_image, log, name, wake, GROW_MB, IDLE_S, WAKE_GUEST_PORT)
+    proc = run.proc
     try:
-        out_lines: list[str] = []
-
-        def phase(name_):
-            line = proc.stdout.readline()
-            out_lines.append(line)
-            return line.startswith(f"phase {name_}")
-
-        wait_for(lambda: phase("dropped"), 240, "the app to drop its heap")
+        run.wait_phase("dropped", 240)
         dropped_at = time.time()
         decisions = lambda: [r for r in read_log(log) if r["event"] == "decision"]  # noqa: E731
         peak_rss = max((r.get("qemu_rss_mib", 0) for r in read_log(log)), default=0)
@@ -184,8 +175,7 @@ def test_balloon_gives_idle_heap_back_and_never_starves(phases_image, tmp_path):
         # The second growth completes without OutOfMemoryError, getting memory back above the set
         # ceiling; the app exits 0.
         wake_app(wake)
-        rest, err = proc.communicate(timeout=300)
-        output = "".join(out_lines) + rest
+        output, err = run.finish(300)
         assert proc.returncode == 0, err
         assert f"regrew {GROW_MB} MiB" in output and "OutOfMemoryError" not in output
         records = read_log(log)
@@ -200,6 +190,4 @@ def test_balloon_gives_idle_heap_back_and_never_starves(phases_image, tmp_path):
                 assert 256 <= r["balloon_target_mib"] <= 1024
                 assert "heap_used_mib" in r["numbers"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        run.kill()

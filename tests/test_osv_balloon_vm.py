@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,17 +23,12 @@ import pytest
 
 from support.images import pack_image
 from support.servers import free_port
-from support.vms import osv_kernel_path, read_log, wait_for, wake_app
+from support.vms import PhasesRun, read_log, require_osv_kernel, wait_for, wake_app
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 
 JVMKIT = [sys.executable, "-m", "jvmkit"]
-KERNEL = osv_kernel_path()
-if KERNEL is None:
-    pytest.skip("no OSv kernel: set JVMKIT_OSV_KERNEL=/path/to/loader-stripped.elf or run "
-                "`jvmkit kernel import osv PATH` (OSv balloon test skipped)", allow_module_level=True)
-if shutil.which("qemu-system-x86_64") is None:
-    pytest.skip("qemu-system-x86_64 is not installed (OSv balloon test skipped)", allow_module_level=True)
+KERNEL = require_osv_kernel("the OSv balloon test")
 
 GROW_MB = 200
 XMX_MIB = 600
@@ -54,19 +48,9 @@ def test_an_osv_guest_is_steered_by_its_jvms_reading_and_never_starves(samples, 
     log = tmp_path / "balloon.jsonl"
     name = f"osv-balloon-{os.getpid()}"
     wake = free_port()
-    proc = subprocess.Popen([*JVMKIT, "run", "--balloon", "--balloon-log", str(log), "--balloon-interval", "1.5",
-                             "--name", name, "-p", f"{wake}:{WAKE_GUEST_PORT}", str(image), "--", str(GROW_MB),
-                             "3", str(IDLE_S), str(WAKE_GUEST_PORT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    run = PhasesRun(image, log, name, wake, GROW_MB, IDLE_S, WAKE_GUEST_PORT)
     try:
-        out_lines: list[str] = []
-
-        def phase(name_):
-            line = proc.stdout.readline()
-            out_lines.append(line)
-            return line.startswith(f"phase {name_}")
-
-        wait_for(lambda: phase("dropped"), 300, "the app to drop its heap")
+        run.wait_phase("dropped", 300)
         decisions = lambda: [r for r in read_log(log) if r["event"] == "decision"]  # noqa: E731
         # The controller has a reading of the guest's memory although the balloon reports none.
         seen = wait_for(lambda: [r for r in decisions() if r["numbers"].get("guest_available_mib") is not None],
@@ -107,14 +91,11 @@ def test_an_osv_guest_is_steered_by_its_jvms_reading_and_never_starves(samples, 
 
         # The second growth gets memory back and completes; the app exits 0.
         wake_app(wake)
-        rest, err = proc.communicate(timeout=300)
-        output = "".join(out_lines) + rest
-        assert proc.returncode == 0, err
+        output, err = run.finish(300)
+        assert run.proc.returncode == 0, err
         assert f"regrew {GROW_MB} MiB" in output and "OutOfMemoryError" not in output
         for r in read_log(log):
             if r["event"] == "decision":
                 assert 256 <= r["balloon_target_mib"] <= 1024, r
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        run.kill()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -18,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from jvmkit.packager.kernels import osv
 from support.images import pack_image
 from support.servers import free_port, http_body_when_up
+from support.vms import require_osv_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 
@@ -28,22 +26,7 @@ JVMKIT = [sys.executable, "-m", "jvmkit"]
 BOOT_TIMEOUT = 180
 
 
-def _kernel() -> str | None:
-    if os.environ.get(osv.KERNEL_ENV):
-        return os.environ[osv.KERNEL_ENV]
-    try:
-        cached = osv.cached_osv_kernel()  # the user's cache, read before the tests switch caches
-    except Exception:  # noqa: BLE001 - an unreadable cache just means no kernel
-        return None
-    return str(cached.path) if cached is not None else None
-
-
-KERNEL = _kernel()
-if KERNEL is None:
-    pytest.skip("no OSv kernel: set JVMKIT_OSV_KERNEL=/path/to/loader-stripped.elf or run "
-                "`jvmkit kernel import osv PATH` (OSv CLI tests skipped)", allow_module_level=True)
-if shutil.which("qemu-system-x86_64") is None:
-    pytest.skip("qemu-system-x86_64 is not installed (OSv CLI tests skipped)", allow_module_level=True)
+KERNEL = require_osv_kernel("OSv CLI tests")  # the user's cache, read before the tests switch caches
 
 
 def jvmkit(*args, timeout=BOOT_TIMEOUT) -> subprocess.CompletedProcess:
