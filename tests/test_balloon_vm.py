@@ -102,14 +102,21 @@ def test_balloon_gives_idle_heap_back_and_never_starves(phases_image, tmp_path):
             return shrinks and min(r["qemu_rss_mib"] for r in late)
 
         wait_for(reclaimed, 45, "a shrink decision after the drop")
-        time.sleep(6)
-        records = read_log(log)
-        peak_rss = max(peak_rss, max(r.get("qemu_rss_mib", 0) for r in records if r["time"] <= dropped_at + 2))
-        late = [r for r in records if r["event"] == "decision" and r["time"] >= dropped_at]
-        low_rss = min(r["qemu_rss_mib"] for r in late)
+
+        # ...and QEMU's RSS falls by at least half the drop. Not within a fixed time: a first
+        # decision that lands while the app is still dropping can shrink, see the guest run low as
+        # G1 expands again, deflate and shrink once more (seen when the brain was already up from
+        # an earlier test and connected at once: RSS 965 -> 951M six seconds after the first shrink).
+        def rss_fell():
+            records = read_log(log)
+            peak = max(peak_rss, max(r.get("qemu_rss_mib", 0) for r in records if r["time"] <= dropped_at + 2))
+            late = [r for r in records if r["event"] == "decision" and r["time"] >= dropped_at]
+            low = min(r["qemu_rss_mib"] for r in late)
+            return (peak, low, late) if peak - low >= GROW_MB / 2 else None
+
+        peak_rss, low_rss, late = wait_for(rss_fell, 60, f"QEMU's RSS to fall by {GROW_MB // 2} MiB after the drop")
         committed = [r["achieved"].get("heap_committed") for r in late if "heap_committed" in r.get("achieved", {})]
         assert committed and min(committed) / 2**20 <= 600 - GROW_MB / 2, committed
-        assert peak_rss - low_rss >= GROW_MB / 2, (peak_rss, low_rss)
 
         # Cut the guest's network link: the host agent loses the guest agent and must deflate;
         # with the link back, it finds the agent again.
