@@ -196,6 +196,11 @@ def test_a_guest_that_cannot_deflate_on_oom_keeps_room_for_its_whole_heap():
     assert non_heap_reading(first, osv) == 0
     assert non_heap_bytes(first, osv) == 192 * MIB and non_heap_bytes(first, S) == 0
     assert non_heap_bytes(replace(first, non_heap_seen=101 * MIB), osv) == 101 * MIB
+    # Before any reading the floor is what a fleet admits such a VM at.
+    from jvmkit.balloon.policy import unmeasured_floor_mib
+
+    unread = inputs(heap_used=0, heap_committed=0, guest_total=None, guest_available=None)
+    assert guest_need(unread, osv).total_mib == unmeasured_floor_mib(700, osv) == 700 + 192 + 48
     # With deflate-on-OOM (Linux) the same idle guest goes down to its floor of 256M.
     assert not guest_need(idle, S).to_heap_max and decide(idle, S).balloon_target_mib == 256
 

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from support.images import pack_image
+from support.images import jvmkit, pack_image
 from support.servers import free_port
 from support.vms import PhasesRun, read_log, require_osv_kernel, wait_for, wake_app
 
 pytestmark = [pytest.mark.vm, pytest.mark.osv]
 
-JVMKIT = [sys.executable, "-m", "jvmkit"]
 KERNEL = require_osv_kernel("the OSv balloon test")
 
 GROW_MB = 200
@@ -35,11 +32,6 @@ XMX_MIB = 600
 IDLE_S = 150   # at most: the test ends the idle phase once it has checked the set
 WAKE_GUEST_PORT = 9099
 LOW_MARK_MIB = 24  # policy.Settings.guest_low_available_mib
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([*JVMKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def test_an_osv_guest_is_steered_by_its_jvms_reading_and_never_starves(samples, tmp_path):
@@ -59,7 +51,7 @@ def test_an_osv_guest_is_steered_by_its_jvms_reading_and_never_starves(samples, 
                                        r["numbers"].get("non_heap_mib")) for r in seen[:3]])
 
         asked = time.time()
-        result = cli("balloon", "set", name, "100M", "--json")
+        result = jvmkit("balloon", "set", name, "100M", "--json", timeout=120)
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
         floor = answer["floor"]

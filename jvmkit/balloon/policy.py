@@ -232,6 +232,13 @@ def guest_need(i: Inputs, s: Settings, *, committed: bool = True) -> Need:
                 reserve_mib=s.reserve_mib, from_stats=stats, to_heap_max=to_max)
 
 
+def unmeasured_floor_mib(heap_max_mib: int, s: Settings) -> int:
+    """What `guest_need` comes to, without `deflate_on_oom`, before the guest's memory or heap has
+    been read (pure): the heap's max + the assumed non-heap share + the reserve, at most --memory.
+    A fleet admits such a VM at this floor (jvmkit.fleet.state.start_floor_mib)."""
+    return min(s.memory_mib, heap_max_mib + s.no_stats_non_heap_mib + s.reserve_mib)
+
+
 def floor_for(i: Inputs, s: Settings) -> Floor:
     """The floor a target stops at (pure): what the guest needs or --min-memory, whichever is
     higher, and never more than --memory."""

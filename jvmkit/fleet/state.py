@@ -112,15 +112,15 @@ def heap_max_mib(java_argv: list[str] | tuple[str, ...], memory_mib: int) -> int
 
 def start_floor_mib(manifest, memory_mib: int) -> int | None:
     """The floor a balloon VM of `manifest` holds before its JVM reports (pure): None where the
-    guest deflates on OOM (--min-memory then); else room for the heap's max besides the assumed
-    non-heap share and the reserve (policy.guest_need with Settings.deflate_on_oom off), measured
-    on OSv: the brain's floor for cache-service at 1G was 1009M, for phases with -Xmx600m 841M."""
+    guest deflates on OOM (--min-memory then); else policy.unmeasured_floor_mib for the heap's max
+    its java command gives (measured on OSv: the brain's floor for cache-service at 1G was 1009M,
+    for phases with -Xmx600m 841M)."""
     from jvmkit.packager import targets
 
     if targets.get(manifest.target, "image target").balloon_deflates_on_oom:
         return None
-    s = policy.Settings(memory_mib, memory_mib)
-    return min(memory_mib, heap_max_mib(manifest.command.java, memory_mib) + s.no_stats_non_heap_mib + s.reserve_mib)
+    return policy.unmeasured_floor_mib(heap_max_mib(manifest.command.java, memory_mib),
+                                       policy.Settings(memory_mib, memory_mib, deflate_on_oom=False))
 
 
 def reserved_now(root: Path, brain_status: dict | None, pending: dict[str, int]) -> int:
