@@ -247,6 +247,17 @@ class ScriptedAgent:
         pass
 
 
+@pytest.fixture(autouse=True)
+def calm_host(monkeypatch):
+    """The Controller tests below read the host's memory in each step: this host's own (a busy
+    machine's PSI once made a shrink of the held-at-its-floor test a host-pressure one) is replaced
+    by a calm host with 20 of 24 GiB available."""
+    from jvmkit.balloon import host
+
+    monkeypatch.setattr(host, "read_host_memory", lambda *a, **k: {
+        "total": 24 * 1024 * MIB, "available": 20 * 1024 * MIB, "psi_some_avg10": 0.0})
+
+
 def scripted_controller(tmp_path, agent, device):
     from jvmkit.balloon.host import Controller
 
@@ -426,3 +437,46 @@ def test_a_recheck_that_finds_garbage_lets_the_next_step_shrink(tmp_path, monkey
     controller.step()
     assert controller.decisions[-1]["action"] == "shrink", controller.decisions[-1]["reason"]
     assert controller.balloon.actual < 400 * MIB
+
+
+# ---- a VM waiting for admission (`jvmkit up`) ----------------------------------------------------
+
+def idle_pair():
+    a, b = vm("a", 120, 140, 600), vm("b", 120, 140, 600)
+    return [a, b], floor_of(a) + floor_of(b)
+
+
+def test_a_vm_waiting_for_admission_has_the_idle_vms_hooks_asked_for_what_it_lacks():
+    vms, floors = idle_pair()
+    budget = floors + 100
+    assert not decide(vms, budget).hooks_asked, "nothing waits: the idle caches stay"
+    d = decide(vms, budget, waiting_mib=388)
+    assert d.waiting_mib == 388 and d.admit_short_mib == 288
+    assert set(d.hooks_asked) == {"a", "b"}
+    asked = sum(t.decision.numbers["hooks_asked_mib"] for t in d.targets)
+    assert asked >= 288 - 2 or all(t.decision.numbers["hooks_asked_mib"] == 60 for t in d.targets)  # max_release caps
+    for t in d.targets:
+        assert t.role == "release" and "288M short for a VM waiting to be admitted" in t.reason, t.reason
+    assert "388M waiting for admission, 288M of it asked of the hooks of a, b" in d.summary
+
+
+def test_a_waiting_vm_that_fits_beside_the_floors_asks_no_hooks_and_the_idle_vms_keep_the_rest():
+    vms, floors = idle_pair()
+    budget = floors + 500
+    d = decide(vms, budget, waiting_mib=388)
+    assert not d.hooks_asked and d.admit_short_mib == 0
+    assert sum(t.allot_mib for t in d.targets) <= budget - 388
+
+
+def test_running_vms_grow_before_a_waiting_vm_is_made_room_for():
+    hot, idle = busy("hot", 500), vm("c", 120, 140, 420)
+    budget = floor_of(idle) + floor_of(hot) + 200
+    d = decide([hot, idle], budget, waiting_mib=300)
+    t = d.get("hot")
+    assert t.want_mib > t.floor_mib and t.allot_mib - t.floor_mib == min(t.want_mib - t.floor_mib, 200)
+    assert d.hooks_asked == ("c",) and d.admit_short_mib == 100
+
+
+def test_nothing_idle_to_ask_says_so():
+    d = decide([busy("hot", 500)], 600, waiting_mib=300)
+    assert not d.hooks_asked and "with no idle VM's hooks to ask" in d.summary

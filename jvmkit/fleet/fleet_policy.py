@@ -18,6 +18,9 @@ non-heap + reserve, or --min-memory). Then, within the budget:
 4. If a VM still cannot get what it wants, the shrinker hooks of idle VMs at their floor are asked
    for the shortfall (`release`: a heap shrink below the live heap), in proportion to their heap and
    weight; only when no idle VM is left to ask is growth denied.
+5. A VM waiting to be admitted (`jvmkit up`: its floor + overhead, `waiting_mib`) comes after the
+   running VMs' growth: the idle VMs keep only what is left beyond it, and what the floors leave too
+   little of is asked of the idle VMs' hooks, so an idle cache makes room for one more service.
 A VM only grows into memory that is free now; memory a VM gives follows at its next step (the
 brain wakes it at once), so the targets never add up to more than the budget.
 """
@@ -102,6 +105,8 @@ class FleetDecision:
     short_mib: int       # growth wanted that the budget could not give this round
     hooks_asked: tuple[str, ...] = ()
     summary: str = ""
+    waiting_mib: int = 0  # VMs waiting for admission (floor + overhead)
+    admit_short_mib: int = 0  # what of it the floors leave too little of: asked of the hooks
 
     def get(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -109,6 +114,7 @@ class FleetDecision:
     def to_dict(self) -> dict:
         return {"budget_mib": self.budget_mib, "fixed_mib": self.fixed_mib, "allotted_mib": self.allotted_mib,
                 "floors_mib": self.floors_mib, "short_mib": self.short_mib, "hooks_asked": list(self.hooks_asked),
+                "waiting_mib": self.waiting_mib, "admit_short_mib": self.admit_short_mib,
                 "summary": self.summary, "moves": [asdict(m) for m in self.moves],
                 "targets": [t.to_dict() for t in self.targets]}
 
@@ -198,8 +204,9 @@ def _entry(v: VmView) -> _Entry:
     return _Entry(v, local, actual, floor, want, "needs" if want > actual else "idle", local.reason)
 
 
-def decide(vms: Sequence[VmView], budget_mib: int) -> FleetDecision:
-    """Targets for every VM on the host within `budget_mib` (pure; see the module's rules)."""
+def decide(vms: Sequence[VmView], budget_mib: int, waiting_mib: int = 0) -> FleetDecision:
+    """Targets for every VM on the host within `budget_mib` (pure; see the module's rules), with
+    `waiting_mib` wanted by VMs waiting for admission."""
     fixed, outside = 0, []
     entries: list[_Entry] = []
     for v in vms:
@@ -225,6 +232,8 @@ def decide(vms: Sequence[VmView], budget_mib: int) -> FleetDecision:
     pool = budget_mib - fixed - sum(e.floor for e in entries)
     over = max(0, -pool)
     pool = max(0, pool)
+    waiting_mib = max(0, waiting_mib)
+    admit_short = max(0, waiting_mib - pool)  # admission counts the running VMs at their floors
     # 2. growth: VMs under heap pressure first, then the ones that want more
     for kind in GROWING:
         group = [e for e in entries if e.kind == kind]
@@ -234,20 +243,20 @@ def decide(vms: Sequence[VmView], budget_mib: int) -> FleetDecision:
         pool -= sum(got.values())
     # 3. what is left stays with the idle VMs
     idle = [e for e in entries if e.kind not in GROWING]
-    kept = water_fill({e.name: e.want - e.floor for e in idle}, weights, pool)
+    kept = water_fill({e.name: e.want - e.floor for e in idle}, weights, max(0, pool - waiting_mib))
     for e in idle:
         e.allot = e.floor + kept[e.name]
         e.role = "settling" if e.kind == "settling" else "idle" if e.allot >= e.want else "squeezed"
     short = sum(e.want - e.allot for e in entries if e.kind in GROWING)
     # 4. still short (or the floors alone are over the budget): ask the shrinker hooks of idle VMs
-    #    at their floor, then deny
+    #    at their floor (also for what a waiting VM lacks), then deny
     hooks: list[str] = []
-    if short + over > 0:
+    if short + over + admit_short > 0:
         askable = [e for e in idle if e.kind == "idle" and e.allot <= e.floor and not e.view.hooks_tried
                    and e.view.inputs.heap_used >= MIN_RELEASE_HEAP_MIB * MIB]
         caps = {e.name: int(e.view.inputs.heap_used * e.view.settings.max_release / MIB) for e in askable}
         factors = {e.name: e.view.inputs.heap_used / weights[e.name] for e in askable}
-        asks = proportional(caps, factors, short + over)
+        asks = proportional(caps, factors, short + over + admit_short)
         for e in askable:
             if asks[e.name] > 0:
                 e.ask_mib, e.role = asks[e.name], "release"
@@ -257,7 +266,7 @@ def decide(vms: Sequence[VmView], budget_mib: int) -> FleetDecision:
         if e.kind in GROWING:
             e.role = e.kind if e.allot >= e.want else ("waiting-hooks" if hooks else "denied")
     ctx = _Ctx(budget_mib, short, tuple(e.name for e in entries if e.kind in GROWING and e.allot < e.want),
-               tuple(hooks), over)
+               tuple(hooks), over, admit_short)
     targets = _apply_steps(entries, fixed, ctx)
     allotted = fixed + sum(e.allot for e in entries)
     floors = fixed + sum(e.floor for e in entries)
@@ -268,10 +277,15 @@ def decide(vms: Sequence[VmView], budget_mib: int) -> FleetDecision:
         summary += f"; {short}M of growth short" + (f", hooks asked of {', '.join(hooks)}" if hooks else ", denied")
     if over:
         summary += f"; the floors alone are {over}M over the budget"
+    if waiting_mib:
+        summary += f"; {waiting_mib}M waiting for admission"
+        if admit_short:
+            summary += f", {admit_short}M of it " + (f"asked of the hooks of {', '.join(hooks)}" if hooks
+                                                     else "with no idle VM's hooks to ask")
     if moves:
         summary += "; " + "; ".join(m.describe() for m in moves)
     return FleetDecision(budget_mib, tuple(outside) + tuple(targets), moves, fixed, allotted, floors, short,
-                         tuple(hooks), summary)
+                         tuple(hooks), summary, waiting_mib, admit_short)
 
 
 def _outside(v: VmView, role: str, counted: int, reason: str) -> Target:
@@ -287,6 +301,7 @@ class _Ctx:
     short_names: tuple[str, ...]  # the VMs that did not get what they want
     hooks: tuple[str, ...]        # the VMs whose shrinker hooks are asked
     over: int                     # how far the floors alone are over the budget
+    admit_short: int = 0          # what a VM waiting for admission lacks
 
 
 def _apply_steps(entries: list[_Entry], fixed: int, ctx: _Ctx) -> list[Target]:
@@ -361,7 +376,9 @@ def _moved(e: _Entry, step: int, ctx: _Ctx, given, taken):
         heap = max(0, i.heap_used - e.ask_mib * MIB)
         numbers["hooks_asked_mib"] = e.ask_mib
         short = (f"short by {ctx.short}M for {', '.join(ctx.short_names)}" if ctx.short
-                 else f"{ctx.over}M under what the floors need")
+                 else f"{ctx.over}M under what the floors need" if ctx.over else "")
+        if ctx.admit_short:
+            short += (", and " if short else "") + f"{ctx.admit_short}M short for a VM waiting to be admitted"
         reason = (f"fleet budget {ctx.budget}M {short}: shrinker hooks asked for {e.ask_mib}M of the "
                   f"{i.heap_used / MIB:.0f}M live heap, guest {e.actual} -> {step}M")
         return policy.Decision("shrink", heap, step, reason, local.host_pressure, numbers), reason
