@@ -148,3 +148,81 @@ def test_up_and_down_appear_in_help():
     out = jvmkit("--help").stdout
     assert " up " in out and " down " in out
     assert "18080+:8080" in jvmkit("up", "--help").stdout
+
+
+def test_a_vm_that_does_not_fit_waits_while_the_brain_makes_room(run_root, monkeypatch):
+    """`jvmkit up` claims room for a VM that does not fit when the brain could free it from the idle
+    VMs' live heaps, then starts it once the floors dropped, or refuses it after ADMIT_WAIT_S. The
+    brain is stood in for by its lock, heartbeat and status files (the real one needs running VMs:
+    benchmarks/density.py runs it); admission, claims and the supervisor are the real ones."""
+    import fcntl
+    import io
+    import time
+
+    from jvmkit.fleet import lease, up
+    from jvmkit.fleet.file import load
+    from jvmkit.fleet.state import overhead_mib
+
+    root = run_root / "xdg" / "jvmkit"
+    run = root / "idle-1"                     # a running balloon VM (its floor: the brain status below)
+    run.mkdir(parents=True, mode=0o700)
+    state = {"name": "idle-1", "qemu_pid": os.getpid(), "jvmkit_pid": os.getpid(), "memory_mib": 1024,
+             "accel": "kvm", "balloon": {"brain": 1, "floor_mib": 256, "ceiling_mib": 1024}}
+    (run / "state.json").write_text(json.dumps(state))
+    bdir = lease.brain_dir(root)
+    lock = os.open(bdir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)          # held, as by a live brain
+
+    def brain(floor, releasable):
+        lease.write_json(bdir / "heartbeat.json", {"pid": os.getpid(), "time": time.time()})
+        lease.write_json(bdir / "status.json", {"vms": {"idle-1": {"floor_mib": floor, "role": "idle"}},
+                                                "releasable_mib": releasable})
+
+    fleet_file = run_root / "more.toml"
+    fleet_file.write_text('host_memory = "1400M"\n[[vm]]\nname = "new"\nimage = "app.jvmkit"\nmemory = "1G"\n'
+                          'min_memory = "300M"\naccel = "kvm"\n')
+    qemu = overhead_mib({"accel": "kvm"})
+    try:
+        out = io.StringIO()
+        sup = up.Supervisor(load(fleet_file), out=out)
+        m = sup.members[0]
+        brain(800, 400)                       # 1400 - 800 - 100 = 500M left; new needs 300 + 100
+        assert sup.admit(m)
+        brain(1000, 400)                      # 300M left: 100M missing, 400M could be released
+        assert not sup.admit(m) and m.phase == "admitting"
+        assert lease.read_claims(root) == {"new": 300 + qemu}
+        assert "new | waiting for 100M of the host budget: the idle VMs' shrinker hooks are asked" in out.getvalue()
+        assert not sup.admit(m) and m.phase == "admitting"   # still short: still waiting
+        brain(900, 300)                       # the hooks released 100M
+        assert sup.admit(m)
+        assert "new | admitted after" in out.getvalue() and lease.read_claims(root) == {}
+        # the wait runs out
+        m.phase = "pending"
+        brain(1000, 400)
+        assert not sup.admit(m) and m.phase == "admitting"
+        m.admit_until = 0.0
+        assert not sup.admit(m) and m.phase == "refused"
+        assert m.note.endswith("100M missing (after 60s of asking the idle VMs to make room)"), m.note
+        assert lease.read_claims(root) == {}
+        # nothing to release that would cover it: refused at once, no claim
+        m.phase = "pending"
+        brain(1000, 50)
+        assert not sup.admit(m) and m.phase == "refused" and "after" not in m.note
+        assert not list(lease.claims_dir(root).iterdir())
+    finally:
+        os.close(lock)
+
+
+def test_claims_of_a_dead_writer_or_out_of_time_count_no_more(tmp_path):
+    import time
+
+    from jvmkit.fleet import lease
+
+    lease.write_claim("live", 400, time.time() + 60, tmp_path)
+    lease.write_claim("late", 400, time.time() - 1, tmp_path)
+    lease.write_json(lease.claims_dir(tmp_path) / "dead.json", {"name": "dead", "mib": 400, "pid": 2**22 + 12345,
+                                                                "until": time.time() + 60})
+    assert lease.read_claims(tmp_path) == {"live": 400}
+    assert sorted(p.name for p in lease.claims_dir(tmp_path).iterdir()) == ["live.json"]
+    lease.remove_claim("live", tmp_path)
+    assert lease.read_claims(tmp_path) == {}

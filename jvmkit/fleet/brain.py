@@ -93,6 +93,7 @@ class Brain:
         self.last: fleet_policy.FleetDecision | None = None
         self.budget, self.budget_from = default_budget_mib(read_host_memory()["total"]), "MemTotal minus a reserve"
         self.members: dict[str, str] = {}
+        self.claims: dict[str, int] = {}     # VMs waiting for admission (lease.read_claims)
         self.ticked = time.monotonic()
         self.empty_since = time.monotonic()
 
@@ -117,7 +118,7 @@ class Brain:
             self.views[name] = view
             views = [replace(v, request=request) if v.name == name else v for v in self.views.values()]
             views += [v for n, v in self.outside.items() if n not in self.views]
-            decision = fleet_policy.decide(views, self.budget)
+            decision = fleet_policy.decide(views, self.budget, sum(self.claims.values()))
             self.last = decision
             target = decision.get(name)
             if target.role == "release":
@@ -127,7 +128,7 @@ class Brain:
         for other in givers:
             self._wake(other)
         if decision.moves and any(fleet_policy.FREE not in (m.giver, m.taker) for m in decision.moves) \
-                or decision.hooks_asked or decision.short_mib:
+                or decision.hooks_asked or decision.short_mib or decision.admit_short_mib:
             self._record(decision, name)
         extra = {"fleet": {"role": target.role, "floor_mib": target.floor_mib, "want_mib": target.want_mib,
                            "allot_mib": target.allot_mib, "weight": target.weight, "budget_mib": self.budget,
@@ -152,6 +153,7 @@ class Brain:
         path = self.dir / "decisions.jsonl"
         record = {"time": round(time.time(), 3), "stepped": by, "budget_mib": d.budget_mib,
                   "allotted_mib": d.allotted_mib, "floors_mib": d.floors_mib, "short_mib": d.short_mib,
+                  "waiting_mib": d.waiting_mib, "admit_short_mib": d.admit_short_mib,
                   "hooks_asked": list(d.hooks_asked), "summary": d.summary,
                   "moves": [m.__dict__ for m in d.moves],
                   "targets": {t.name: {"role": t.role, "actual_mib": t.actual_mib, "allot_mib": t.allot_mib,
@@ -170,6 +172,7 @@ class Brain:
         host = read_host_memory()
         budget, source = budget_for(fleets, host["total"])
         members = {vm: f["name"] for f in fleets for vm in f.get("members", [])}
+        claims = lease.read_claims(self.root)
         seen, outside = set(), {}
         for run in rundir.running():
             state = run.read_state()
@@ -190,6 +193,7 @@ class Brain:
                 self._start(run, state)
         with self.lock:
             self.budget, self.budget_from, self.members, self.outside = budget, source, members, outside
+            self.claims = {n: mib for n, mib in claims.items() if n not in seen}
             for name in [n for n in self.controllers if n not in seen]:
                 controller, _thread = self.controllers.pop(name)
                 controller.stop()
@@ -248,7 +252,21 @@ class Brain:
             return {"pid": os.getpid(), "time": round(time.time(), 3), "budget_mib": self.budget,
                     "budget_from": self.budget_from, "counted_mib": counted,
                     "allotted_mib": d.allotted_mib if d else None, "floors_mib": d.floors_mib if d else None,
-                    "short_mib": d.short_mib if d else 0, "summary": d.summary if d else "", "vms": vms}
+                    "short_mib": d.short_mib if d else 0, "summary": d.summary if d else "", "vms": vms,
+                    "waiting": dict(self.claims), "releasable_mib": self._releasable_mib()}
+
+    def _releasable_mib(self) -> int:
+        """At most what the shrinker hooks of the reporting VMs could take off their floors: each
+        one's live heap, down to its --min-memory (an upper bound: `jvmkit up` waits for room only
+        when this covers what a VM lacks)."""
+        total = 0
+        for v in self.views.values():
+            if v.inputs is None:
+                continue
+            floor = policy.squeeze_floor_mib(v.inputs, v.settings)
+            least = min(v.settings.min_memory_mib, v.settings.memory_mib)
+            total += max(0, min(v.inputs.heap_used // policy.MIB, floor - least))
+        return total
 
     def tick(self) -> None:
         self.scan()

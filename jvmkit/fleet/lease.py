@@ -103,6 +103,40 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, json.dumps(data, sort_keys=True).encode())
 
 
+# ---- claims: VMs waiting for admission ----------------------------------------------------------
+# `jvmkit up` writes `.brain/claims/NAME.json` ({"mib": floor + overhead, "pid", "until"}) for a VM
+# that does not fit yet; the brain counts the claims in its decisions (fleet_policy's waiting_mib),
+# so the idle VMs' shrinker hooks make room. A claim whose writer died or whose time ran out counts
+# no more and is removed by the next reader.
+
+def claims_dir(root: Path | None = None) -> Path:
+    path = brain_dir(root) / "claims"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def write_claim(name: str, mib: int, until: float, root: Path | None = None) -> None:
+    write_json(claims_dir(root) / f"{name}.json", {"name": name, "mib": int(mib), "pid": os.getpid(),
+                                                    "until": until})
+
+
+def remove_claim(name: str, root: Path | None = None) -> None:
+    (claims_dir(root) / f"{name}.json").unlink(missing_ok=True)
+
+
+def read_claims(root: Path | None = None, now: float | None = None) -> dict[str, int]:
+    """name -> MiB of the live claims (dead or expired ones are removed)."""
+    now = time.time() if now is None else now
+    result = {}
+    for path in sorted(claims_dir(root).glob("*.json")):
+        data = read_json(path)
+        if not data or not rundir.pid_alive(data.get("pid")) or float(data.get("until") or 0) < now:
+            path.unlink(missing_ok=True)
+            continue
+        result[str(data.get("name") or path.stem)] = max(0, int(data.get("mib") or 0))
+    return result
+
+
 class LeaseWatch:
     """The dead man's switch of one VM: deflate when the brain goes away (see the module)."""
 

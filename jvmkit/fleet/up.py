@@ -3,8 +3,11 @@
 The supervisor (this process, or with `-d` one it leaves running, its output in
 `<run root>/.fleet/NAME.log`) starts each VM as its own `jvmkit run` process, so each VM keeps its
 own supervisor for QEMU, its console and its balloon lease. It
-- admits each VM before starting it (jvmkit.fleet.state.admit): a VM whose floor does not fit in
-  what is left of the budget is not started, with one line saying how much is missing;
+- admits each VM before starting it (jvmkit.fleet.state.admit). A VM whose floor does not fit in
+  what is left of the budget waits up to ADMIT_WAIT_S while the balloon brain has the idle VMs'
+  shrinker hooks make room (a claim, jvmkit.fleet.lease.write_claim; the VMs after it wait their
+  turn); if it still does not fit, or no brain runs VMs to ask, it is not started, with one line
+  saying how much is missing;
 - starts at most `parallel` VMs at a time (default: all of them): the next one starts when a
   booting VM printed its first line, or after BOOT_SLOT_S. Measured on this 2-core TCG host
   (benchmarks/density.py, crowd boot), all at once was done sooner than 2 at a time: 8 linux
@@ -39,13 +42,17 @@ BACKOFF_MAX_S = 60.0
 STEADY_S = 60.0        # a VM that ran this long starts its backoff again at 1 s
 STOP_TIMEOUT_S = 30.0
 EXIT_INTERRUPTED = 130
+# How long a VM that does not fit waits for the idle VMs to make room. Measured with density.py's
+# cache-service fleet (TCG): the hooks' release shows in the floors after one or two controller
+# steps plus the guest's settling, ~5-15 s.
+ADMIT_WAIT_S = 60.0
 
 
 @dataclass
 class Member:
     spec: VmSpec
     process: proc.Popen | None = None
-    phase: str = "pending"       # pending, booting, running, waiting (to restart), exited, refused
+    phase: str = "pending"       # pending, admitting, booting, running, waiting (to restart), exited, refused
     started: float = 0.0
     first_line: float | None = None
     restarts: int = 0
@@ -53,6 +60,8 @@ class Member:
     status: int | None = None
     note: str = ""
     readers: list = field(default_factory=list)
+    admit_until: float = 0.0     # admitting: monotonic time it gives up at
+    admit_since: float = 0.0
 
 
 def backoff_s(restarts: int) -> float:
@@ -152,11 +161,36 @@ class Supervisor:
         floor = state.vm_floor_mib(spec.balloon, memory, spec.min_memory_mib, self.start_floor.get(spec.name))
         verdict = state.admit(spec.name, floor, accel_guess(spec), self.fleet.host_memory_mib, self.fleet.name,
                               self.pending_reservations(), tcg_tb_mib=spec.tcg_cache_mib)
+        now = time.monotonic()
+        waited = m.phase == "admitting"
         if verdict.admitted:
+            if waited:
+                lease.remove_claim(spec.name)
+                self.say(spec.name, f"admitted after {now - m.admit_since:.0f}s: the idle VMs made room")
             return True
-        m.phase, m.note = "refused", verdict.refusal()
+        if not waited and self.others_can_give(verdict.missing_mib):
+            m.phase, m.admit_since, m.admit_until = "admitting", now, now + ADMIT_WAIT_S
+            lease.write_claim(spec.name, verdict.floor_mib + verdict.overhead_mib, time.time() + ADMIT_WAIT_S + 5)
+            self.say(spec.name, f"waiting for {verdict.missing_mib}M of the host budget: the idle VMs' shrinker "
+                                f"hooks are asked to make room (up to {ADMIT_WAIT_S:g}s)")
+            return False
+        if waited and now < m.admit_until:
+            return False
+        if waited:
+            lease.remove_claim(spec.name)
+        m.phase, m.note = "refused", verdict.refusal() + (
+            f" (after {ADMIT_WAIT_S:g}s of asking the idle VMs to make room)" if waited else "")
         ui.current().notice(f"jvmkit up: {m.note}")
         return False
+
+    def others_can_give(self, missing_mib: int) -> bool:
+        """The balloon brain is up, and the live heaps of the VMs it decides for could cover
+        `missing_mib` (its status' releasable_mib)."""
+        alive, _why = lease.brain_alive()
+        if not alive:
+            return False
+        status = lease.read_json(lease.brain_dir() / "status.json") or {}
+        return int(status.get("releasable_mib") or 0) >= missing_mib
 
     def start(self, m: Member) -> None:
         if m.spec.balloon_log:
@@ -210,10 +244,12 @@ class Supervisor:
         if self.stopping.is_set():
             return
         for m in self.members:
-            ready = m.phase == "pending" or (m.phase == "waiting" and now >= m.next_start)
+            ready = m.phase in ("pending", "admitting") or (m.phase == "waiting" and now >= m.next_start)
             if ready and self.booting() < self.parallel:
                 if self.admit(m):
                     self.start(m)
+                elif m.phase == "admitting":
+                    break  # the VMs after it wait their turn: what is freed is for this one
 
     def done(self) -> bool:
         return all(m.phase in ("exited", "refused") for m in self.members)
@@ -277,6 +313,10 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            for m in self.members:
+                if m.phase == "admitting":
+                    lease.remove_claim(m.spec.name)
+                    m.phase, m.note = "refused", f"{m.spec.name} not started: the fleet stopped while it waited for room"
             self.save("ended")
             last = state.state_path(self.fleet.name)
             try:
