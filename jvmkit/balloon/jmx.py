@@ -139,6 +139,23 @@ def ensure_jvm(java_home: Path | None = None) -> None:
                     system.setProperty(key, value)
 
 
+def _detach_thread() -> None:
+    """Detach the calling thread from the JVM. JPype attaches every Python thread that calls Java
+    and never detaches one by itself: each JMX call's thread stayed a Java thread, with the
+    temporary direct buffers its socket I/O cached (measured: 300 calls, 300 more Java threads;
+    the balloon brain of 8 VMs ran out of its 62M of direct memory after ~15 min, and every VM
+    lost contact with it)."""
+    try:
+        import jpype
+
+        if jpype.isJVMStarted():
+            thread = jpype.JClass("java.lang.Thread")
+            if thread.isAttached():
+                thread.detach()
+    except Exception:  # never worse than the leak
+        pass
+
+
 def _bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
     """Run fn on a daemon thread; raise JmxError(kind="timeout") if it takes longer than timeout."""
     result: list[Any] = []
@@ -149,6 +166,8 @@ def _bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
             result.append(fn())
         except BaseException as exc:  # handed to the caller
             error.append(exc)
+        finally:
+            _detach_thread()
 
     worker = threading.Thread(target=run, name=f"jmx-{what}", daemon=True)
     worker.start()
