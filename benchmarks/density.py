@@ -83,7 +83,8 @@ def density_vm(way: str, ctx: dict, rep: int) -> dict:
     tag = f"d{rep}{'o' if way == 'vm_fleet_osv' else 'b' if balloon else 'n'}"
     fleet = F.VmFleet(tag, image, ctx["work"], ctx["env"],
                       balloon=balloon, memory=ctx["vm_memory"], budget=ctx["budget"],
-                      base_port=fresh_ports(ctx["max_vms"]), tcg_cache=ctx.get("tcg_cache"))
+                      base_port=fresh_ports(ctx["max_vms"]), tcg_cache=ctx.get("tcg_cache"),
+                      min_memory=ctx["min_memory"])
     result: dict = {"instances": 0, "stopped_by": None, "per_instance": []}
     try:
         for k in range(ctx["max_vms"]):
@@ -425,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--move-mb", type=int, default=150)
     p.add_argument("--skip", action="append", default=[], help="density or crowd (repeatable)")
     p.add_argument("--ways", default=",".join(WAYS), help=f"density ways to run [{','.join(WAYS)}]")
+    p.add_argument("--min-memory", default="256M",
+                   help="the fleet VMs' min_memory: the least a balloon floor goes to, and what a VM is "
+                        "admitted at before the brain has measured it [256M]")
     p.add_argument("--tcg-cache", default=None, help="the VMs' --tcg-cache (both VM ways) [jvmkit's default]")
     p.add_argument("--jvm-arg", action="append", default=[],
                    help="a JVM option packed into both images, so also the containers' and host JVMs' (repeatable; "
@@ -457,11 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx = {"work": ws.dir, "env": env, "linux_image": linux, "osv_image": osv, "manifest": manifest,
                "rootfs": F.unpack_initramfs(linux, ws.dir / "rootfs"), "budget": args.budget, "vm_memory": "1G",
                "crowd_memory": "512M", "fill_mb": args.fill_mb, "move_mb": args.move_mb,
-               "max_vms": 12, "max_cgroup": 40, "quick": args.quick, "out": args.out, "tcg_cache": args.tcg_cache}
+               "max_vms": 12, "max_cgroup": 40, "quick": args.quick, "out": args.out, "tcg_cache": args.tcg_cache,
+               "min_memory": args.min_memory}
         result: dict = {"benchmark": "density", "quick": args.quick, "machine": C.machine(env), "setup": {
             "budget": args.budget, "fill_mb": args.fill_mb, "move_mb": args.move_mb, "reps": reps,
             "tcg_cache": args.tcg_cache or "jvmkit's default (128M)", "jvm_args": args.jvm_arg,
-            "vm_memory": "1G", "min_memory": "256M", "crowd_memory": "512M", "osv": osv_note or "packed",
+            "vm_memory": "1G", "min_memory": args.min_memory, "crowd_memory": "512M", "osv": osv_note or "packed",
             "containers": "unshare --mount --pid --fork --uts --ipc + chroot into the linux image's initramfs, "
                           "cgroup v1 memory limit 1G each under a parent limited to the budget; host network, one "
                           "port each (podman fails to set rlimits here and crun refuses the hybrid cgroup layout)",

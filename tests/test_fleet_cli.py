@@ -226,3 +226,12 @@ def test_claims_of_a_dead_writer_or_out_of_time_count_no_more(tmp_path):
     assert sorted(p.name for p in lease.claims_dir(tmp_path).iterdir()) == ["live.json"]
     lease.remove_claim("live", tmp_path)
     assert lease.read_claims(tmp_path) == {}
+
+
+def test_balloon_status_names_the_vms_waiting_for_admission():
+    from jvmkit.balloon.control import budget_line
+
+    line = budget_line({"budget_mib": 3072, "budget_from": "host_memory of fleet shop", "counted_mib": 2990,
+                        "floors_mib": 2900, "allotted_mib": 3072, "pid": 42, "waiting": {"cache-8": 388}})
+    assert line.endswith("brain pid 42; waiting for admission: cache-8 (388M)"), line
+    assert "waiting" not in budget_line({"budget_mib": 3072, "counted_mib": 0, "pid": 42, "waiting": {}})

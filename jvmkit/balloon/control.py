@@ -84,6 +84,9 @@ def budget_line(fleet: dict | None) -> str | None:
     line += f" (QEMU overheads included); brain pid {fleet.get('pid')}"
     if fleet.get("short_mib"):
         line += f"; {fleet['short_mib']}M of growth short"
+    waiting = fleet.get("waiting") or {}
+    if waiting:
+        line += "; waiting for admission: " + ", ".join(f"{n} ({mib}M)" for n, mib in sorted(waiting.items()))
     return line
 
 
