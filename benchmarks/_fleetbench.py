@@ -147,7 +147,11 @@ def fincore_mib(paths: list[Path]) -> float:
 
 
 def oom_kills_in(texts: list[str]) -> int:
-    return sum(len(re.findall(r"Out of memory|oom-kill|OutOfMemoryError|invoked oom-killer", t)) for t in texts)
+    """OOM kills and OutOfMemoryErrors of the guests' kernels and apps. The host side's own lines
+    (`jvmkit-balloon: NAME: lost contact ... OutOfMemoryError` of the brain's JMX client, which a
+    VM's output relays) are not the guest's and are left out."""
+    pattern = re.compile(r"Out of memory|oom-kill|OutOfMemoryError|invoked oom-killer")
+    return sum(len(pattern.findall(line)) for t in texts for line in t.splitlines() if "jvmkit-balloon:" not in line)
 
 
 # ---- jvmkit VMs ----------------------------------------------------------------------------------
