@@ -422,6 +422,32 @@ def test_run_directories_state_and_secrets_are_private(isolated_cache):
         run.remove()
 
 
+def test_a_leftover_run_directory_without_state_does_not_keep_its_name_forever(isolated_cache):
+    """CI once found `cache-1/` holding only the brain's balloon.json after `jvmkit down` (its
+    write raced the directory's removal): `--name cache-1` could then never start again. Such a
+    directory goes once it has been without a state file for STATELESS_S; a VM just created (no
+    state yet) and the brain's and fleets' own directories stay."""
+    import time
+
+    root = rundir.run_root()
+    leftover = root / "cache-1"
+    leftover.mkdir(mode=0o700)
+    (leftover / "balloon.json").write_text("{}")
+    starting = rundir.create("vm", explicit=False)
+    (root / ".brain").mkdir(mode=0o700, exist_ok=True)
+    old = time.time() - rundir.STATELESS_S - 5
+    for path in (leftover, root / ".brain"):
+        os.utime(path, (old, old))
+    try:
+        rundir.prune_stale()
+        assert not leftover.exists() and starting.path.exists() and (root / ".brain").exists()
+        run = rundir.create("cache-1", explicit=True)   # the name is free again
+        run.remove()
+        assert not run.path.exists()
+    finally:
+        starting.remove()
+
+
 @given(st.text(min_size=1, max_size=20))
 def test_option_values_are_escaped_or_refused(text):
     try:

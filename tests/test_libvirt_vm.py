@@ -297,7 +297,10 @@ def test_balloon_follows_the_heap_on_a_libvirt_domain(conn, phases_image, tmp_pa
         answer = jvmkit("balloon", "set", name, "300M", "--json", timeout=90)
         assert answer.returncode == 0, answer.stderr
         result = json.loads(answer.stdout)
-        assert result["requested_mib"] == 300 and result["target_mib"] >= 300, result
+        # the request is a ceiling: a guest that needs less goes lower, never below its floor (since
+        # the guest's THP is off, phases idles at a floor under 300M: CI saw 256M, its --min-memory)
+        assert result["requested_mib"] == 300, result
+        assert result["floor"]["floor_mib"] <= result["target_mib"] <= 300, result
         wait_for(lambda: proc.stdout.readline().startswith("phase regrown"), 180, "the app to grow again")
         out, err = proc.communicate(timeout=120)
     finally:

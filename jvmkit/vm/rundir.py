@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,14 @@ class RunDir:
             return {}
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the directory. The balloon brain may write its status file here until it sees the
+        VM gone (~0.5 s): a file it renames into place while rmtree runs leaves the directory
+        behind (CI saw `cache-1/` holding only balloon.json after `jvmkit down`), so try again."""
+        for attempt in range(6):
+            shutil.rmtree(self.path, ignore_errors=True)
+            if not self.path.exists():
+                return
+            time.sleep(0.25)
 
 
 def validate_name(name: str) -> str:
@@ -109,14 +117,27 @@ def create(base_name: str, explicit: bool) -> RunDir:
     raise UsageError(f"a VM named {name!r} is already running", hint="choose another --name or `jvmkit stop` it")
 
 
-def prune_stale() -> None:
+STATELESS_S = 300.0  # a run directory without a state.json this long (since its last change) is a leftover
+
+
+def prune_stale(now: float | None = None) -> None:
+    """Remove the run directories of VMs whose processes are gone, and leftovers without a state
+    file (a VM writes one right after `create`), which would keep their name taken."""
     root = run_root()
+    now = time.time() if now is None else now
     for entry in root.iterdir():
-        if not entry.is_dir():
+        if not entry.is_dir() or entry.name.startswith("."):
             continue
         state = RunDir(entry.name, entry).read_state()
         if state and not pid_alive(state.get("jvmkit_pid")) and not pid_alive(state.get("qemu_pid")):
             shutil.rmtree(entry, ignore_errors=True)
+        elif not state and not (entry / "state.json").exists():
+            try:
+                age = now - entry.stat().st_mtime
+            except OSError:
+                continue
+            if age > STATELESS_S:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def running() -> list[RunDir]:
