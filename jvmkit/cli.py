@@ -239,7 +239,8 @@ def up(file, detach, supervise):
 
     Each VM runs as `jvmkit run --balloon` (unless `balloon = false`) and joins the host's memory
     budget, which one balloon brain per host divides among all VMs. A VM whose floor does not fit
-    in what is left of host_memory is not started. Output lines are prefixed with the VM's name;
+    in what is left of host_memory waits up to 60 s while the idle VMs' shrinker hooks make room
+    (when their live heaps could), else it is not started. Output lines are prefixed with the VM's name;
     Ctrl-C stops them all. With -d the command returns once the VMs have booted (exit status 1 if
     one was not admitted or ended, with one line each saying why); `jvmkit down FILE|NAME` stops
     them.
