@@ -396,8 +396,15 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
             try:
                 resume.attach(vm)
             except RestoreFailed as exc:
+                ended = qemu_proc.poll() is not None
                 stop_vm(vm, graceful=False)
-                console.notice(f"jvmkit: the image's snapshot could not be restored ({exc}); booting cold")
+                detail = str(exc)
+                if ended:  # the VM stopped by itself while restoring: what its console said, and where it is kept
+                    launched.finish()
+                    text = launched.log.text()
+                    why = target.diagnose(text) or _crash(text)
+                    detail += (f"; {why}" if why else "") + f"; console log: {keep_log(run, launched.log)}"
+                console.notice(f"jvmkit: the image's snapshot could not be restored ({detail}); booting cold")
                 return None
             sys.stdout.buffer.write(resume.replay)  # the app's output up to the snapshot, as a cold boot prints it
             sys.stdout.buffer.flush()
