@@ -480,3 +480,53 @@ def test_running_vms_grow_before_a_waiting_vm_is_made_room_for():
 def test_nothing_idle_to_ask_says_so():
     d = decide([busy("hot", 500)], 600, waiting_mib=300)
     assert not d.hooks_asked and "with no idle VM's hooks to ask" in d.summary
+
+
+def quiet(v: VmView, seconds: float = 60.0) -> VmView:
+    """The brain saw the VM's heap not grow for `seconds`."""
+    return replace(v, quiet_s=seconds)
+
+
+def test_floors_over_the_budget_with_no_idle_vm_ask_the_hooks_of_full_but_quiet_vms():
+    """Measured case (benchmarks/density.py, moving load over 8 VMs): every VM kept the cache its
+    turn filled and read as under pressure, so none was idle to ask and the floors stayed far over
+    the budget. A VM whose heap has not grown for QUIET_S gives through its hooks; the one taking
+    load now (its heap grew a moment ago) and one whose hooks gave nothing lately are not asked."""
+    vms = [quiet(busy("old", 450)), quiet(busy("older", 450), 300), quiet(busy("now", 450), 2.0),
+           tried(quiet(busy("gave-nothing", 450)))]
+    d = decide(vms, 1200)
+    assert set(d.hooks_asked) == {"old", "older"}, d.summary
+    old = d.get("old")
+    assert old.role == "release" and old.decision.action == "shrink", old.reason
+    assert "its heap has not grown for 60s" in old.reason and "under what the floors need" in old.reason, old.reason
+    assert old.decision.heap_target < vms[0].inputs.heap_used  # a shrink below the live heap: the hooks
+    assert d.get("now").role == "waiting-hooks" and d.get("gave-nothing").role == "waiting-hooks"
+
+
+def test_full_but_quiet_vms_keep_their_heap_while_the_floors_fit_the_budget():
+    """Only the floors alone over the budget make a VM that asks for more give: a short budget for
+    growth is met by idle VMs or denied, as before."""
+    vms = [quiet(busy("old", 450)), quiet(busy("now", 450), 2.0)]
+    d = decide(vms, 1000)
+    assert d.floors_mib <= 1000 and d.short_mib > 0
+    assert not d.hooks_asked and {t.role for t in d.targets} == {"denied"}, d.summary
+
+
+def test_quiet_unknown_is_not_quiet():
+    """A VM the brain has not watched yet (quiet_s None) is not asked for what it holds."""
+    d = decide([busy("a", 450), busy("b", 450)], 800)
+    assert d.floors_mib > 800 and not d.hooks_asked, d.summary
+
+
+def test_the_brain_times_how_long_a_heap_has_not_grown(tmp_path):
+    """Brain._quiet_s, fed readings by hand: a rise past HEAP_GREW_MIB restarts the clock; wobbles
+    between collections and falls (a release) do not."""
+    from jvmkit.fleet import brain
+
+    b = brain.Brain(tmp_path)
+    grew = brain.HEAP_GREW_MIB * MIB
+    assert b._quiet_s("a", 200 * MIB, 100.0) == 0.0
+    assert b._quiet_s("a", 200 * MIB + grew - MIB, 130.0) == 30.0      # a wobble below the step
+    assert b._quiet_s("a", 100 * MIB, 140.0) == 40.0                   # a fall keeps the time
+    assert b._quiet_s("a", 100 * MIB + grew + MIB, 150.0) == 0.0       # grew from where it fell to
+    assert b._quiet_s("b", 50 * MIB, 150.0) == 0.0                     # each VM its own

@@ -41,6 +41,10 @@ TICK_S = 0.5
 IDLE_EXIT_S = 20.0
 HOOKS_BACKOFF_S = 30.0   # hooks that gave nothing are not asked again for this long
 HEALTHY_S = 2.0          # a controller inflates only if the main loop ticked this recently
+# The heap "grew" when its use rose this far above where it last grew or fell to (fleet_policy's
+# quiet_s): more than what the cache-service's idle replicas moved between collections with a
+# probe a second (6-10 MiB), less than one 10 MiB fill plus its garbage.
+HEAP_GREW_MIB = 16
 # What a VM costs the host besides its guest memory, counted in the budget. Measured here with
 # samples/cache-service on a 1 GiB linux guest under TCG (benchmarks/density.py, smaps of QEMU):
 # QEMU itself ~70 MiB RSS outside guest RAM and the translation cache, the `jvmkit run` process
@@ -90,6 +94,7 @@ class Brain:
         self.meta: dict[str, dict] = {}      # name -> weight, overhead, fleet
         self.outside: dict[str, fleet_policy.VmView] = {}
         self.hooks: dict[str, tuple[float, int]] = {}  # name -> (asked at, floor then)
+        self.heap_marks: dict[str, tuple[int, float]] = {}  # name -> (heap used it last grew or fell to, grew at)
         self.last: fleet_policy.FleetDecision | None = None
         self.budget, self.budget_from = default_budget_mib(read_host_memory()["total"]), "MemTotal minus a reserve"
         self.members: dict[str, str] = {}
@@ -107,6 +112,18 @@ class Brain:
             return False
         return policy.squeeze_floor_mib(inputs, settings) >= asked[1] - 8
 
+    def _quiet_s(self, name: str, heap_used: int, now: float) -> float:
+        """How long the VM's heap has not grown by HEAP_GREW_MIB (a fall moves the mark down, and
+        its time stays)."""
+        mark = self.heap_marks.get(name)
+        step = HEAP_GREW_MIB * policy.MIB
+        if mark is None or heap_used > mark[0] + step:
+            mark = (heap_used, now)
+        elif heap_used < mark[0] - step:
+            mark = (heap_used, mark[1])
+        self.heap_marks[name] = mark
+        return now - mark[1]
+
     def decide_for(self, controller: Controller, inputs: policy.Inputs, settings: policy.Settings,
                    request: bool) -> tuple[policy.Decision, dict]:
         name = controller.name
@@ -114,7 +131,8 @@ class Brain:
             meta = self.meta.get(name, {})
             view = fleet_policy.VmView(name, settings, inputs, weight=meta.get("weight", 1),
                                        overhead_mib=meta.get("overhead", 0), fleet=self.members.get(name),
-                                       hooks_tried=self._hooks_tried(name, inputs, settings))
+                                       hooks_tried=self._hooks_tried(name, inputs, settings),
+                                       quiet_s=self._quiet_s(name, inputs.heap_used, time.monotonic()))
             self.views[name] = view
             views = [replace(v, request=request) if v.name == name else v for v in self.views.values()]
             views += [v for n, v in self.outside.items() if n not in self.views]
@@ -200,6 +218,7 @@ class Brain:
                 self.views.pop(name, None)
                 self.meta.pop(name, None)
                 self.hooks.pop(name, None)
+                self.heap_marks.pop(name, None)
             # a VM whose controller is not connected yet counts at its --min-memory
             for name, (controller, _thread) in self.controllers.items():
                 if name not in self.views:

@@ -17,7 +17,9 @@ non-heap + reserve, or --min-memory). Then, within the budget:
    their weight give first; a heavier VM keeps more.
 4. If a VM still cannot get what it wants, the shrinker hooks of idle VMs at their floor are asked
    for the shortfall (`release`: a heap shrink below the live heap), in proportion to their heap and
-   weight; only when no idle VM is left to ask is growth denied.
+   weight; only when no idle VM is left to ask is growth denied. When the floors alone are over the
+   budget and the idle VMs' hooks cannot cover it, the hooks of VMs that ask for more but whose heap
+   has not grown for QUIET_S are asked too: they hold what they filled earlier, not load now.
 5. A VM waiting to be admitted (`jvmkit up`: its floor + overhead, `waiting_mib`) comes after the
    running VMs' growth: the idle VMs keep only what is left beyond it, and what the floors leave too
    little of is asked of the idle VMs' hooks, so an idle cache makes room for one more service.
@@ -37,6 +39,12 @@ from jvmkit.balloon.policy import MIB
 FREE = "free"            # the budget's unallotted memory, as giver or taker of a move
 MIN_RELEASE_HEAP_MIB = 16  # an idle VM with less live heap than this has nothing for its hooks to give
 GROW_STEP_MIB = 64         # the least a VM under heap pressure grows by in one step
+# A VM whose heap has not grown for this long holds what it filled earlier, not load now. Measured
+# (benchmarks/density.py, 8 cache-service VMs in 3G, moving load): each VM kept the 150 MiB its
+# turn filled; with its cache full in a tight balloon it read as under pressure (guest memory low,
+# GC overhead from the probes' allocations) though its heap stayed within 213-219M, so no VM was
+# idle, no hook was asked, and the floors ended 1.6G over the budget.
+QUIET_S = 30.0
 
 GROWING = ("pressure", "needs")
 
@@ -53,6 +61,7 @@ class VmView:
     request: bool = False                # a `balloon set` is answered this round
     hooks_tried: bool = False            # its hooks were asked lately and its floor did not drop
     fleet: str | None = None
+    quiet_s: float | None = None         # how long its heap has not grown (the brain's watch); None: unknown
 
     @property
     def reserve_mib(self) -> int:
@@ -262,11 +271,25 @@ def decide(vms: Sequence[VmView], budget_mib: int, waiting_mib: int = 0) -> Flee
                 e.ask_mib, e.role = asks[e.name], "release"
                 e.allot = max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib), e.floor - e.ask_mib)
                 hooks.append(e.name)
-    for e in entries:
-        if e.kind in GROWING:
-            e.role = e.kind if e.allot >= e.want else ("waiting-hooks" if hooks else "denied")
-    ctx = _Ctx(budget_mib, short, tuple(e.name for e in entries if e.kind in GROWING and e.allot < e.want),
-               tuple(hooks), over, admit_short)
+        left_over = over - sum(asks.values())
+        if left_over > 0:  # the floors alone over the budget: VMs full but quiet give what they filled
+            full = [e for e in entries if e.kind in GROWING and not e.view.hooks_tried
+                    and (e.view.quiet_s or 0) >= QUIET_S and e.view.inputs.heap_used >= MIN_RELEASE_HEAP_MIB * MIB]
+            caps = {e.name: int(e.view.inputs.heap_used * e.view.settings.max_release / MIB) for e in full}
+            factors = {e.name: e.view.inputs.heap_used / weights[e.name] for e in full}
+            asks = proportional(caps, factors, left_over)
+            for e in full:
+                if asks[e.name] > 0:
+                    e.ask_mib, e.role = asks[e.name], "release"
+                    e.allot = max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib),
+                                  e.floor - e.ask_mib)
+                    hooks.append(e.name)
+    growing = [e for e in entries if e.kind in GROWING and e.role != "release"]
+    short = sum(e.want - e.allot for e in growing)
+    for e in growing:
+        e.role = e.kind if e.allot >= e.want else ("waiting-hooks" if hooks else "denied")
+    ctx = _Ctx(budget_mib, short, tuple(e.name for e in growing if e.allot < e.want), tuple(hooks), over,
+               admit_short)
     targets = _apply_steps(entries, fixed, ctx)
     allotted = fixed + sum(e.allot for e in entries)
     floors = fixed + sum(e.floor for e in entries)
@@ -379,6 +402,9 @@ def _moved(e: _Entry, step: int, ctx: _Ctx, given, taken):
                  else f"{ctx.over}M under what the floors need" if ctx.over else "")
         if ctx.admit_short:
             short += (", and " if short else "") + f"{ctx.admit_short}M short for a VM waiting to be admitted"
+        if e.kind in GROWING:  # asked only for what the floors alone are over the budget
+            short = (f"{ctx.over}M under what the floors need (it asks for more, but its heap has not grown "
+                     f"for {e.view.quiet_s:.0f}s)")
         reason = (f"fleet budget {ctx.budget}M {short}: shrinker hooks asked for {e.ask_mib}M of the "
                   f"{i.heap_used / MIB:.0f}M live heap, guest {e.actual} -> {step}M")
         return policy.Decision("shrink", heap, step, reason, local.host_pressure, numbers), reason
