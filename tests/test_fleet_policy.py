@@ -6,7 +6,7 @@ import pytest
 
 from jvmkit.balloon import policy
 from jvmkit.balloon.policy import MIB, Inputs, Settings
-from jvmkit.fleet.fleet_policy import FREE, VmView, decide, proportional, water_fill
+from jvmkit.fleet.fleet_policy import FREE, QUIET_S, VmView, decide, proportional, water_fill
 
 # Every guest below is laid out like the 1 GiB linux guests of the cache-service fleet: MemTotal
 # 24 MiB under --memory (kept by the kernel) and `non_heap` MiB used besides the heap (runtime
@@ -530,3 +530,56 @@ def test_the_brain_times_how_long_a_heap_has_not_grown(tmp_path):
     assert b._quiet_s("a", 100 * MIB, 140.0) == 40.0                   # a fall keeps the time
     assert b._quiet_s("a", 100 * MIB + grew + MIB, 150.0) == 0.0       # grew from where it fell to
     assert b._quiet_s("b", 50 * MIB, 150.0) == 0.0                     # each VM its own
+
+
+def test_quiet_vms_cover_what_the_idle_vms_hooks_cannot_really_free():
+    """Idle VMs whose --min-memory sits just under their floor free only a few MiB whatever they are
+    asked; the quiet full VMs are asked for the rest, so the allotment fits the budget."""
+    probe = vm("p", 100, 120, 360)
+    least = floor_of(probe) - 5
+    idle = [vm(f"idle{k}", 100, 120, 360, min_memory=least) for k in range(3)]
+    full = [quiet(busy(f"full{k}", 500)) for k in range(2)]
+    budget = 3 * floor_of(probe) + 2 * 500 - 150
+    d = decide(idle + full, budget)
+    assert {"full0", "full1"} <= set(d.hooks_asked), d.summary
+    assert d.allotted_mib <= budget, d.summary
+
+
+def test_a_releasing_vm_is_never_allotted_more_than_it_has():
+    """A VM under pressure may have less than its floor; asked to release, it gives and does not
+    grow in the same step."""
+    v = quiet(vm("full", 100, 110, 280, gc_ms=300))
+    assert floor_of(v) - 50 > 280  # what its hooks can be asked for (half its heap) leaves it above 280
+    d = decide([v, quiet(busy("now", 450), 1.0)], 600)
+    t = d.get("full")
+    assert t.role == "release" and t.allot_mib <= 280 and t.decision.balloon_target_mib <= 280, t.reason
+    assert not [m for m in t.moves if m.taker == "full"], t.moves
+
+
+@pytest.mark.parametrize("seconds,asked", [(QUIET_S, True), (QUIET_S - 0.5, False)])
+def test_quiet_means_at_least_quiet_s(seconds, asked):
+    d = decide([quiet(busy("a", 450), seconds), quiet(busy("b", 450), 1.0)], 700)
+    assert ("a" in d.hooks_asked) == asked, d.summary
+
+
+def test_the_brain_hands_its_quiet_timer_to_the_policy(tmp_path, monkeypatch):
+    """Brain.decide_for, with its clock set by hand: forty seconds after a VM's heap last grew,
+    with the floors over the budget, its hooks are asked; a VM whose heap grew just now is not."""
+    import types
+
+    from jvmkit.fleet import brain
+
+    clock = [1000.0]
+    monkeypatch.setattr(brain.time, "monotonic", lambda: clock[0])
+    b = brain.Brain(tmp_path)
+    b.budget = 700
+    old, now = busy("old", 450), busy("now", 450)
+    for v in (old, now):
+        b.decide_for(types.SimpleNamespace(name=v.name), v.inputs, v.settings, False)
+    clock[0] += 40
+    grown = vm("now", 230, 240, 450, gc_ms=300)
+    _, extra = b.decide_for(types.SimpleNamespace(name="now"), grown.inputs, grown.settings, False)
+    assert extra["fleet"]["role"] != "release", extra
+    _, extra = b.decide_for(types.SimpleNamespace(name="old"), old.inputs, old.settings, False)
+    assert extra["fleet"]["role"] == "release" and "has not grown for 40s" in extra["fleet"]["summary"] + str(
+        b.last.get("old").reason), extra

@@ -43,7 +43,9 @@ GROW_STEP_MIB = 64         # the least a VM under heap pressure grows by in one 
 # (benchmarks/density.py, 8 cache-service VMs in 3G, moving load): each VM kept the 150 MiB its
 # turn filled; with its cache full in a tight balloon it read as under pressure (guest memory low,
 # GC overhead from the probes' allocations) though its heap stayed within 213-219M, so no VM was
-# idle, no hook was asked, and the floors ended 1.6G over the budget.
+# idle, no hook was asked, and the floors ended 1.6G over the budget. The heap is all the brain
+# reads: a VM serving reads from a full cache while allocating little also reads as quiet. So only
+# the floors alone over the budget ask such a VM, and never for more than max_release of its heap.
 QUIET_S = 30.0
 
 GROWING = ("pressure", "needs")
@@ -271,7 +273,8 @@ def decide(vms: Sequence[VmView], budget_mib: int, waiting_mib: int = 0) -> Flee
                 e.ask_mib, e.role = asks[e.name], "release"
                 e.allot = max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib), e.floor - e.ask_mib)
                 hooks.append(e.name)
-        left_over = over - sum(asks.values())
+        # what the idle VMs' floors really drop by (an ask stops at --min-memory), not what was asked
+        left_over = over - sum(e.floor - e.allot for e in askable if e.role == "release")
         if left_over > 0:  # the floors alone over the budget: VMs full but quiet give what they filled
             full = [e for e in entries if e.kind in GROWING and not e.view.hooks_tried
                     and (e.view.quiet_s or 0) >= QUIET_S and e.view.inputs.heap_used >= MIN_RELEASE_HEAP_MIB * MIB]
@@ -281,8 +284,9 @@ def decide(vms: Sequence[VmView], budget_mib: int, waiting_mib: int = 0) -> Flee
             for e in full:
                 if asks[e.name] > 0:
                     e.ask_mib, e.role = asks[e.name], "release"
-                    e.allot = max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib),
-                                  e.floor - e.ask_mib)
+                    # it gives: never more than it has now (its floor may be above what it has)
+                    e.allot = min(e.actual, max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib),
+                                                e.floor - e.ask_mib))
                     hooks.append(e.name)
     growing = [e for e in entries if e.kind in GROWING and e.role != "release"]
     short = sum(e.want - e.allot for e in growing)
@@ -404,7 +408,8 @@ def _moved(e: _Entry, step: int, ctx: _Ctx, given, taken):
             short += (", and " if short else "") + f"{ctx.admit_short}M short for a VM waiting to be admitted"
         if e.kind in GROWING:  # asked only for what the floors alone are over the budget
             short = (f"{ctx.over}M under what the floors need (it asks for more, but its heap has not grown "
-                     f"for {e.view.quiet_s:.0f}s)")
+                     f"for {e.view.quiet_s:.0f}s)"
+                     + (f", and {ctx.admit_short}M short for a VM waiting to be admitted" if ctx.admit_short else ""))
         reason = (f"fleet budget {ctx.budget}M {short}: shrinker hooks asked for {e.ask_mib}M of the "
                   f"{i.heap_used / MIB:.0f}M live heap, guest {e.actual} -> {step}M")
         return policy.Decision("shrink", heap, step, reason, local.host_pressure, numbers), reason

@@ -398,12 +398,14 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
             except RestoreFailed as exc:
                 ended = qemu_proc.poll() is not None
                 stop_vm(vm, graceful=False)
+                os.close(launched.app_fd)  # never read on this path: the console tee must not block on it
                 detail = str(exc)
                 if ended:  # the VM stopped by itself while restoring: what its console said, and where it is kept
                     launched.finish()
                     text = launched.log.text()
                     why = target.diagnose(text) or _crash(text)
-                    detail += (f"; {why}" if why else "") + f"; console log: {keep_log(run, launched.log)}"
+                    kept = keep_log(run, launched.log, name=f"{run.name}.restore.console.log")
+                    detail += (f"; {why}" if why else "") + f"; console log: {kept}"
                 console.notice(f"jvmkit: the image's snapshot could not be restored ({detail}); booting cold")
                 return None
             sys.stdout.buffer.write(resume.replay)  # the app's output up to the snapshot, as a cold boot prints it
@@ -478,11 +480,12 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
 KEPT_LOGS = 32  # the console logs of failed runs kept in the cache's logs/ (each at most 2 x consolelog.CAP)
 
 
-def keep_log(run: rundir.RunDir, log: consolelog.BoundedLog | None = None) -> Path:
+def keep_log(run: rundir.RunDir, log: consolelog.BoundedLog | None = None, name: str | None = None) -> Path:
     """Keep a failed VM's console log in the cache's logs/ (the bounded log jvmkit read the console
-    into, or, for an engine that writes the console file itself (libvirt), that file's last part)."""
+    into, or, for an engine that writes the console file itself (libvirt), that file's last part),
+    as `name` (ending in .console.log) or NAME.console.log."""
     logs = cache.cache_dir("logs")
-    dest = logs / f"{run.name}.console.log"
+    dest = logs / (name or f"{run.name}.console.log")
     try:
         if log is not None:
             data = log.data()
