@@ -185,3 +185,27 @@ def test_kvm_kernel_probe_interpretation():
     assert not ok and "printed nothing" in reason
     assert not kvm.interpret_kernel("Linux version 6.1", "", False)[0]
     assert not kvm.interpret_kernel("", "KVM internal error. Suberror: 1\nemulation failure", True)[0]
+
+
+def test_a_vm_that_ended_while_restoring_with_the_apps_status_ran_to_its_end(tmp_path):
+    """runner._exited_while_restoring: the console of a restored VM that stopped before its restore
+    session was answered decides between "the app exited" (its status is the run's: booting cold
+    would run it twice) and "the restore failed" (boot cold). Fakes stand in for the launched QEMU:
+    tests/test_snapshot_vm.py restores real guests, where the race needs a loaded host."""
+    import threading
+    import types
+
+    from jvmkit.packager import targets
+    from jvmkit.packager.targets.linux.initramfs import EXIT_MARKER
+    from jvmkit.vm import runner
+
+    linux = targets.get("linux", "target")
+    manifest = types.SimpleNamespace(boot=types.SimpleNamespace(exit_marker=EXIT_MARKER))
+    drained = threading.Thread(target=lambda: None)
+    drained.start()
+
+    def launched(text):
+        return types.SimpleNamespace(threads=[drained], log=types.SimpleNamespace(text=lambda: text))
+
+    assert runner._exited_while_restoring(linux, manifest, launched(f"httpd listening\n{EXIT_MARKER}6\n"))
+    assert not runner._exited_while_restoring(linux, manifest, launched("load of migration failed\n"))

@@ -356,6 +356,30 @@ def vm_config(plan: BootPlan, *, name: str, memory_mib: int, cpus: int, accel: s
     )
 
 
+def _exited_while_restoring(target, manifest, launched) -> bool:
+    """Whether the console of a VM that ended while being restored carries the app's exit status
+    (its console pump drained first; QEMU has ended, so it reaches EOF)."""
+    for t in launched.threads:
+        t.join(timeout=2)
+    return target.parse_exit(manifest, launched.log.text()) is not None
+
+
+def _restore_failed(exc, ended: bool, vm, launched, run, target) -> None:
+    """A restore that failed: stop the VM, say why (with what its console said and where it is kept
+    when the VM stopped by itself), and let the caller boot cold (None)."""
+    stop_vm(vm, graceful=False)
+    os.close(launched.app_fd)  # never read on this path: the console tee must not block on it
+    detail = str(exc)
+    if ended:
+        launched.finish()
+        text = launched.log.text()
+        why = target.diagnose(text) or _crash(text)
+        kept = keep_log(run, launched.log, name=f"{run.name}.restore.console.log")
+        detail += (f"; {why}" if why else "") + f"; console log: {kept}"
+    ui.current().notice(f"jvmkit: the image's snapshot could not be restored ({detail}); booting cold")
+    return None
+
+
 def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, on_stopping, net,
           resume=None) -> int | None:
     """Start QEMU and see the VM to its end. With `resume` (vm/snapshot.py's Resume) the VM is
@@ -397,17 +421,16 @@ def _boot(image, target, plan: BootPlan, run, config, options, jmx, on_started, 
                 resume.attach(vm)
             except RestoreFailed as exc:
                 ended = qemu_proc.poll() is not None
-                stop_vm(vm, graceful=False)
-                os.close(launched.app_fd)  # never read on this path: the console tee must not block on it
-                detail = str(exc)
-                if ended:  # the VM stopped by itself while restoring: what its console said, and where it is kept
-                    launched.finish()
-                    text = launched.log.text()
-                    why = target.diagnose(text) or _crash(text)
-                    kept = keep_log(run, launched.log, name=f"{run.name}.restore.console.log")
-                    detail += (f"; {why}" if why else "") + f"; console log: {kept}"
-                console.notice(f"jvmkit: the image's snapshot could not be restored ({detail}); booting cold")
-                return None
+                if ended and _exited_while_restoring(target, image.manifest, launched):
+                    # The restored app ran on and exited before the restore session was answered (a
+                    # published port reaches it from `cont` on passt and pasta; CI saw an /exit land
+                    # there under load). That is this run's end: booting cold would run it twice.
+                    if options.verbose or console.debug:
+                        console.info(f"jvmkit: restored from the image's snapshot: state loaded in "
+                                     f"{resume.loaded_s or 0:.2f} s; the app exited before the restore session "
+                                     "was answered")
+                else:
+                    return _restore_failed(exc, ended, vm, launched, run, target)
             sys.stdout.buffer.write(resume.replay)  # the app's output up to the snapshot, as a cold boot prints it
             sys.stdout.buffer.flush()
         stderr_chunks: list[bytes] = []
