@@ -263,31 +263,12 @@ def decide(vms: Sequence[VmView], budget_mib: int, waiting_mib: int = 0) -> Flee
     #    at their floor (also for what a waiting VM lacks), then deny
     hooks: list[str] = []
     if short + over + admit_short > 0:
-        askable = [e for e in idle if e.kind == "idle" and e.allot <= e.floor and not e.view.hooks_tried
-                   and e.view.inputs.heap_used >= MIN_RELEASE_HEAP_MIB * MIB]
-        caps = {e.name: int(e.view.inputs.heap_used * e.view.settings.max_release / MIB) for e in askable}
-        factors = {e.name: e.view.inputs.heap_used / weights[e.name] for e in askable}
-        asks = proportional(caps, factors, short + over + admit_short)
-        for e in askable:
-            if asks[e.name] > 0:
-                e.ask_mib, e.role = asks[e.name], "release"
-                e.allot = max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib), e.floor - e.ask_mib)
-                hooks.append(e.name)
-        # what the idle VMs' floors really drop by (an ask stops at --min-memory), not what was asked
-        left_over = over - sum(e.floor - e.allot for e in askable if e.role == "release")
-        if left_over > 0:  # the floors alone over the budget: VMs full but quiet give what they filled
-            full = [e for e in entries if e.kind in GROWING and not e.view.hooks_tried
-                    and (e.view.quiet_s or 0) >= QUIET_S and e.view.inputs.heap_used >= MIN_RELEASE_HEAP_MIB * MIB]
-            caps = {e.name: int(e.view.inputs.heap_used * e.view.settings.max_release / MIB) for e in full}
-            factors = {e.name: e.view.inputs.heap_used / weights[e.name] for e in full}
-            asks = proportional(caps, factors, left_over)
-            for e in full:
-                if asks[e.name] > 0:
-                    e.ask_mib, e.role = asks[e.name], "release"
-                    # it gives: never more than it has now (its floor may be above what it has)
-                    e.allot = min(e.actual, max(min(e.view.settings.min_memory_mib, e.view.settings.memory_mib),
-                                                e.floor - e.ask_mib))
-                    hooks.append(e.name)
+        askable = [e for e in idle if e.kind == "idle" and e.allot <= e.floor and _has_heap_to_give(e)]
+        freed = _ask_hooks(askable, short + over + admit_short, weights, hooks)
+        if over > freed:  # the floors alone over the budget: VMs full but quiet give what they filled
+            full = [e for e in entries if e.kind in GROWING and (e.view.quiet_s or 0) >= QUIET_S
+                    and _has_heap_to_give(e)]
+            _ask_hooks(full, over - freed, weights, hooks)
     growing = [e for e in entries if e.kind in GROWING and e.role != "release"]
     short = sum(e.want - e.allot for e in growing)
     for e in growing:
@@ -313,6 +294,29 @@ def decide(vms: Sequence[VmView], budget_mib: int, waiting_mib: int = 0) -> Flee
         summary += "; " + "; ".join(m.describe() for m in moves)
     return FleetDecision(budget_mib, tuple(outside) + tuple(targets), moves, fixed, allotted, floors, short,
                          tuple(hooks), summary, waiting_mib, admit_short)
+
+
+def _has_heap_to_give(e: _Entry) -> bool:
+    """Its hooks were not tried lately, and its live heap is worth asking."""
+    return not e.view.hooks_tried and e.view.inputs.heap_used >= MIN_RELEASE_HEAP_MIB * MIB
+
+
+def _ask_hooks(candidates: list[_Entry], amount: int, weights: dict[str, int], hooks: list[str]) -> int:
+    """Ask the shrinker hooks of `candidates` for `amount` MiB in proportion to their heap and
+    weight, each for at most max_release of its heap (role `release`, named in `hooks`). Returns
+    what their floors really drop by: an ask stops at --min-memory, and a VM asked never gets more
+    than it has now (one under pressure may be below its floor)."""
+    caps = {e.name: int(e.view.inputs.heap_used * e.view.settings.max_release / MIB) for e in candidates}
+    factors = {e.name: e.view.inputs.heap_used / weights[e.name] for e in candidates}
+    asks = proportional(caps, factors, amount)
+    freed = 0
+    for e in candidates:
+        if asks[e.name] > 0:
+            e.ask_mib, e.role = asks[e.name], "release"
+            e.allot = min(e.actual, max(e.view.reserve_mib, e.floor - e.ask_mib))
+            hooks.append(e.name)
+            freed += e.floor - e.allot
+    return freed
 
 
 def _outside(v: VmView, role: str, counted: int, reason: str) -> Target:
@@ -402,14 +406,14 @@ def _moved(e: _Entry, step: int, ctx: _Ctx, given, taken):
     if e.role == "release":
         heap = max(0, i.heap_used - e.ask_mib * MIB)
         numbers["hooks_asked_mib"] = e.ask_mib
-        short = (f"short by {ctx.short}M for {', '.join(ctx.short_names)}" if ctx.short
-                 else f"{ctx.over}M under what the floors need" if ctx.over else "")
-        if ctx.admit_short:
-            short += (", and " if short else "") + f"{ctx.admit_short}M short for a VM waiting to be admitted"
         if e.kind in GROWING:  # asked only for what the floors alone are over the budget
             short = (f"{ctx.over}M under what the floors need (it asks for more, but its heap has not grown "
-                     f"for {e.view.quiet_s:.0f}s)"
-                     + (f", and {ctx.admit_short}M short for a VM waiting to be admitted" if ctx.admit_short else ""))
+                     f"for {e.view.quiet_s:.0f}s)")
+        else:
+            short = (f"short by {ctx.short}M for {', '.join(ctx.short_names)}" if ctx.short
+                     else f"{ctx.over}M under what the floors need" if ctx.over else "")
+        if ctx.admit_short:
+            short += (", and " if short else "") + f"{ctx.admit_short}M short for a VM waiting to be admitted"
         reason = (f"fleet budget {ctx.budget}M {short}: shrinker hooks asked for {e.ask_mib}M of the "
                   f"{i.heap_used / MIB:.0f}M live heap, guest {e.actual} -> {step}M")
         return policy.Decision("shrink", heap, step, reason, local.host_pressure, numbers), reason
